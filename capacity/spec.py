@@ -1,0 +1,260 @@
+"""Format specs (`int4(group=128,scale=absmax)`, `2:4+int4`, `hadamard+mxfp4`) and the format registry.
+
+A spec is components joined by `+`, applied left to right; a component is `name` or `name(args)`.
+Names are registered (`register`) either exactly or as a family pattern (`int<bits>`, `N:M`); a
+component `module:callable` imports a user factory. Every factory returns a Component.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import grids
+from .formats import Component, Format, GridQuantizer, Identity, SpecError
+from .structure import Hadamard, NMSparse, Outliers, Sparse
+from .vq import VectorQuantizer
+
+
+@dataclass
+class Entry:
+    name: str            # shown in listings, e.g. "int<b>"
+    factory: Callable    # factory(match, *args, **kwargs) for patterns, factory(*args, **kwargs) otherwise
+    description: str
+    pattern: re.Pattern | None = None
+    example: str = ""
+
+
+_REGISTRY: dict[str, Entry] = {}
+
+
+def register(name: str, factory: Callable, description: str = "", pattern: str | None = None,
+             example: str | None = None) -> None:
+    """Register a format component: `parse(name)` then calls `factory(**kwargs)`.
+
+    With `pattern` (a regex over the whole name), the factory is called as factory(match, **kwargs),
+    for families such as `int<b>`. The factory must return a `capacity.Component`.
+    """
+    _REGISTRY[name] = Entry(name, factory, description, re.compile(pattern) if pattern else None,
+                            example or name)
+
+
+def registry() -> list[Entry]:
+    return list(_REGISTRY.values())
+
+
+# ---- parsing ---------------------------------------------------------------------------------------
+
+_COMPONENT = re.compile(r"^\s*([A-Za-z_][\w.]*(?::[A-Za-z_][\w.]*)?|\d+:\d+)\s*(?:\((.*)\))?\s*$")
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if depth < 0:
+            raise SpecError(f"unbalanced ')' in '{text}'")
+        if ch == sep and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if depth:
+        raise SpecError(f"unbalanced '(' in '{text}'")
+    return parts + [current]
+
+
+def _value(text: str):
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"none": None, "None": None, "true": True, "false": False}.get(text, text)
+
+
+def _arguments(text: str | None) -> tuple[list, dict]:
+    args, kwargs = [], {}
+    if not text or not text.strip():
+        return args, kwargs
+    for item in _split_top_level(text, ","):
+        if "=" in item:
+            key, val = item.split("=", 1)
+            kwargs[key.strip()] = _value(val)
+        elif kwargs:
+            raise SpecError(f"positional argument '{item.strip()}' after keyword arguments")
+        else:
+            args.append(_value(item))
+    return args, kwargs
+
+
+def _suggest(name: str) -> str:
+    names = [e.example for e in _REGISTRY.values()] + [e.name for e in _REGISTRY.values()]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else "; see `capkit formats`"
+
+
+def _call(factory: Callable, where: str, *args, **kwargs) -> Component:
+    try:
+        component = factory(*args, **kwargs)
+    except TypeError as err:
+        raise SpecError(f"{where}: bad arguments ({err})") from None
+    if not isinstance(component, Component):
+        raise SpecError(f"{where}: factory returned {type(component).__name__}, expected a capacity.Component")
+    return component
+
+
+def parse_component(text: str) -> Component:
+    m = _COMPONENT.match(text)
+    if not m:
+        raise SpecError(f"cannot parse format component '{text.strip()}'" if text.strip()
+                        else "empty format component (a stray '+'?)")
+    name, (args, kwargs) = m.group(1), _arguments(m.group(2))
+    if name in _REGISTRY and _REGISTRY[name].pattern is None:
+        return _call(_REGISTRY[name].factory, name, *args, **kwargs)
+    for entry in _REGISTRY.values():
+        if entry.pattern is not None and (match := entry.pattern.fullmatch(name)):
+            return _call(entry.factory, name, match, *args, **kwargs)
+    if ":" in name and not name[0].isdigit():
+        return _import_component(name, args, kwargs)
+    raise SpecError(f"unknown format '{name}'{_suggest(name)}")
+
+
+def _import_component(name: str, args, kwargs) -> Component:
+    module_name, attr = name.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SpecError(f"cannot import format factory '{name}': {err}") from None
+    component = _call(factory, name, *args, **kwargs)
+    if not getattr(component, "spec_override", None):
+        inner = ",".join([str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()])
+        component.spec_override = f"{name}({inner})" if inner else name
+    return component
+
+
+def parse(spec: "str | Format") -> Format:
+    """Build the Format for a spec string (a Format passes through unchanged)."""
+    if isinstance(spec, Format):
+        return spec
+    if not isinstance(spec, str) or not spec.strip():
+        raise SpecError(f"empty format spec {spec!r}")
+    return Format(parse_component(part) for part in _split_top_level(spec, "+"))
+
+
+# ---- built-in formats ------------------------------------------------------------------------------
+
+SCALED = {"group": None, "scale": "opt", "scale_format": "fp16"}
+
+
+def _bits_from(match, low=1, high=8, family="int") -> int:
+    bits = int(match.group(1))
+    if not low <= bits <= high:
+        raise SpecError(f"{match.group(0)}: {family} bits must be between {low} and {high}, got {bits}")
+    return bits
+
+
+def _int(match, grid="midrise", **kw):
+    """`grid=midrise` (default): 2^b levels +-0.5, +-1.5, ...; `grid=signed`: the 2^b - 1 integers
+    -(2^(b-1) - 1) .. 2^(b-1) - 1, the "symmetric" signed-integer grid with a zero."""
+    bits = _bits_from(match)
+    if grid not in ("midrise", "signed"):
+        raise SpecError(f"int{bits}: grid must be midrise or signed, got {grid!r}")
+    defaults = {**SCALED, "grid": "midrise"}
+    if grid == "midrise":
+        return GridQuantizer(f"int{bits}", grids.uniform_levels(bits), bits, defaults, uniform=True, **kw)
+    if bits == 1:
+        raise SpecError("int1: the signed grid needs at least 2 bits")
+    half = 2 ** (bits - 1) - 1
+    return GridQuantizer(f"int{bits}", np.arange(-half, half + 1.0), bits, defaults, grid=grid, **kw)
+
+
+def _lloydmax(match, **kw):
+    bits = _bits_from(match, family="lloydmax")
+    return GridQuantizer(f"lloydmax{bits}", grids.lloyd_max_levels(bits), bits, dict(SCALED), **kw)
+
+
+def _minifloat(kind: str, name: str):
+    bits = {"e2m1": 4, "e2m3": 6, "e3m2": 6, "e4m3": 8, "e5m2": 8}[kind]
+
+    def factory(**kw):
+        return GridQuantizer(name, grids.minifloat_levels(kind), bits, dict(SCALED),
+                             cast=grids.TORCH_FLOAT8.get(kind), **kw)
+    return factory
+
+
+def _mx(kind: str, name: str):
+    bits = {"e2m1": 4, "e2m3": 6, "e3m2": 6, "e4m3": 8, "e5m2": 8}[kind]
+
+    def factory(**kw):
+        defaults = {"group": 32, "scale": "absmax", "scale_format": "e8m0"}
+        return GridQuantizer(name, grids.minifloat_levels(kind), bits, defaults,
+                             cast=grids.TORCH_FLOAT8.get(kind), **kw)
+    return factory
+
+
+def _nvfp4(**kw):
+    defaults = {"group": 16, "scale": "absmax", "scale_format": "e4m3"}
+    return GridQuantizer("nvfp4", grids.minifloat_levels("e2m1"), 4, defaults, **kw)
+
+
+def _nf4(**kw):
+    defaults = {"group": 64, "scale": "absmax", "scale_format": "fp32"}
+    return GridQuantizer("nf4", grids.NF4_CODEBOOK, 4, defaults, **kw)
+
+
+def _ternary(**kw):
+    return GridQuantizer("ternary", [-1.0, 0.0, 1.0], float(np.log2(3)), dict(SCALED), **kw)
+
+
+def _binary(**kw):
+    return GridQuantizer("binary", [-1.0, 1.0], 1, {**SCALED, "scale": "absmean"}, **kw)
+
+
+def _bf16():
+    values = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = values[torch.isfinite(values) & (values.abs() <= 2 ** 20)].unique().double().numpy()
+    return GridQuantizer("bf16", values, 16, {"scale": "none"}, cast=torch.bfloat16)
+
+
+def _nm(match):
+    return NMSparse(int(match.group(1)), int(match.group(2)))
+
+
+def _register_builtins():
+    register("fp32", lambda: Identity("fp32", 32.0), "identity baseline: no compression (32-bit)")
+    register("none", lambda: Identity("none", 16.0), "identity baseline: no compression (counted as 16-bit)")
+    register("bf16", _bf16, "bfloat16 rounding (round-to-nearest-even), no scale")
+    register("int<b>", _int, "2^b-level symmetric uniform midrise grid, b = 1..8; group=, scale=, grid=signed",
+             pattern=r"int(\d+)", example="int4")
+    register("lloydmax<b>", _lloydmax, "Lloyd-Max MSE-optimal Gaussian grid with 2^b levels",
+             pattern=r"lloydmax(\d+)", example="lloydmax4")
+    register("ternary", _ternary, "{-1, 0, 1} x scale (1.58 bits); scale=absmean is BitNet's")
+    register("binary", _binary, "sign(x) x mean|x| (1 bit)")
+    for kind, name in [("e2m1", "fp4_e2m1"), ("e2m3", "fp6_e2m3"), ("e3m2", "fp6_e3m2"),
+                       ("e4m3", "fp8_e4m3"), ("e5m2", "fp8_e5m2")]:
+        register(name, _minifloat(kind, name), f"{kind.upper()} minifloat elements with one (optimal) scale")
+    for kind, name in [("e2m1", "mxfp4"), ("e2m3", "mxfp6_e2m3"), ("e3m2", "mxfp6_e3m2"),
+                       ("e4m3", "mxfp8_e4m3"), ("e5m2", "mxfp8_e5m2")]:
+        register(name, _mx(kind, name), f"OCP MX: {kind.upper()} elements, blocks of 32, E8M0 power-of-two scale")
+    register("nvfp4", _nvfp4, "E2M1 elements, blocks of 16, E4M3 block scale under an FP32 tensor scale")
+    register("nf4", _nf4, "NormalFloat-4 codebook, absmax per block (default 64, fp32 scale)")
+    register("sparse", Sparse, "unstructured magnitude sparsity at a fraction: sparse(0.5)",
+             example="sparse(0.5)")
+    register("N:M", _nm, "N:M magnitude sparsity along the last dim: 2:4, 4:8", pattern=r"(\d+):(\d+)",
+             example="2:4")
+    register("vq", VectorQuantizer, "vector quantization, k-means Gaussian codebook: vq(dim=2,bits=4)",
+             example="vq(dim=2,bits=4)")
+    register("hadamard", Hadamard, "block Hadamard rotation around what follows: hadamard+int4",
+             example="hadamard+int4")
+    register("outliers", Outliers, "keep the largest fraction exactly, compress the rest: outliers(0.01)+int3",
+             example="outliers(0.01)+int3")
+
+
+_register_builtins()

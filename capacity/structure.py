@@ -1,0 +1,156 @@
+"""Components that change which values are stored or how they are laid out: sparsity, outliers, rotation.
+
+Each wraps the rest of the chain (`inner`): sparsity zeroes entries and lets what follows quantize only
+the kept ones; outlier extraction keeps the largest entries exactly; a Hadamard rotation acts on the
+rotated tensor and rotates back.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import grids
+from .formats import Component, SpecError
+
+INDEX_BITS = 32     # position of an outlier
+OUTLIER_BITS = 16   # value of an outlier (fp16)
+
+
+def _binary_entropy(p: float) -> float:
+    return 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+
+
+def magnitude_mask(x: torch.Tensor, keep: torch.Tensor | None, drop_fraction: float) -> torch.Tensor:
+    """Mask that keeps all but the smallest `drop_fraction` (by magnitude) of the currently kept entries."""
+    mag = x.abs() if keep is None else torch.where(keep, x.abs(), torch.full_like(x, -1.0))
+    n_kept = x.numel() if keep is None else int(keep.sum())
+    n_drop = int(round(drop_fraction * n_kept)) + (x.numel() - n_kept)
+    if n_drop <= 0:
+        return torch.ones_like(x, dtype=torch.bool)
+    threshold = mag.flatten().kthvalue(n_drop).values
+    return mag > threshold
+
+
+class Sparse(Component):
+    """Unstructured magnitude sparsity over the whole tensor; mask storage counted at its entropy H(s)."""
+
+    name = "sparse"
+    defaults = {"fraction": 0.5}
+
+    def __init__(self, fraction=0.5):
+        super().__init__(fraction=fraction)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise SpecError(f"sparse: fraction must be in [0, 1), got {fraction!r}")
+
+    @property
+    def spec(self):
+        return f"sparse({self.params['fraction']})"
+
+    def keep_mask(self, x, keep):
+        mask = magnitude_mask(x, keep, self.params["fraction"])
+        return mask if keep is None else mask & keep
+
+    def apply(self, x, keep, inner):
+        mask = self.keep_mask(x, keep)
+        return inner(x * mask, mask) * mask
+
+    def bits(self, inner_bits):
+        s = self.params["fraction"]
+        return _binary_entropy(s) + (1 - s) * inner_bits
+
+    def exact_mse(self):
+        return grids.sparsity_mse(self.params["fraction"])
+
+
+class NMSparse(Component):
+    """N:M structured sparsity: the N largest of every M consecutive values (last dim) are kept."""
+
+    defaults = {}
+
+    def __init__(self, n: int, m: int):
+        super().__init__()
+        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
+            raise SpecError(f"N:M sparsity needs integers 1 <= N <= M, got {n}:{m}")
+        self.n, self.m = n, m
+        self.name = f"{n}:{m}"
+
+    def keep_mask(self, x, keep):
+        if x.shape[-1] % self.m:
+            raise SpecError(f"{self.name}: last dimension {x.shape[-1]} is not a multiple of {self.m}")
+        mag = x.abs() if keep is None else torch.where(keep, x.abs(), torch.full_like(x, -1.0))
+        groups = mag.reshape(-1, self.m)
+        mask = torch.zeros_like(groups, dtype=torch.bool)
+        mask.scatter_(1, groups.topk(self.n, dim=1).indices, True)
+        mask = mask.reshape(x.shape)
+        return mask if keep is None else mask & keep
+
+    def apply(self, x, keep, inner):
+        mask = self.keep_mask(x, keep)
+        return inner(x * mask, mask) * mask
+
+    def bits(self, inner_bits):
+        index_bits = math.ceil(math.log2(math.comb(self.m, self.n))) if self.n < self.m else 0
+        return index_bits / self.m + self.n / self.m * inner_bits
+
+
+class Outliers(Component):
+    """Keep the largest `fraction` of values exactly (fp16 value + 32-bit index); the rest go on."""
+
+    name = "outliers"
+    defaults = {"fraction": 0.01}
+
+    def __init__(self, fraction=0.01):
+        super().__init__(fraction=fraction)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise SpecError(f"outliers: fraction must be in [0, 1), got {fraction!r}")
+
+    @property
+    def spec(self):
+        return f"outliers({self.params['fraction']})"
+
+    def apply(self, x, keep, inner):
+        inliers = magnitude_mask(x, keep, 1 - self.params["fraction"]).logical_not()
+        if keep is not None:
+            inliers = inliers & keep
+        outlier = ~inliers if keep is None else ~inliers & keep
+        rest = inner(x * inliers, inliers)
+        return torch.where(outlier, x, rest)
+
+    def bits(self, inner_bits):
+        return inner_bits + self.params["fraction"] * (OUTLIER_BITS + INDEX_BITS)
+
+
+def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Orthonormal fast Walsh-Hadamard transform over blocks of the last dim (its own inverse)."""
+    shape = x.shape
+    y = x.reshape(-1, block)
+    h = 1
+    while h < block:
+        y = y.reshape(-1, block // (2 * h), 2, h)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        h *= 2
+    return (y.reshape(shape) / math.sqrt(block))
+
+
+class Hadamard(Component):
+    """Block Hadamard rotation around what follows (`hadamard+int4`): rotate, compress, rotate back.
+
+    The block is the largest power of two dividing both `block` and the last dimension.
+    """
+
+    name = "hadamard"
+    defaults = {"block": 128}
+
+    def __init__(self, block=128):
+        super().__init__(block=block)
+        if not isinstance(block, int) or block < 1 or block & (block - 1):
+            raise SpecError(f"hadamard: block must be a power of two, got {block!r}")
+
+    def block_for(self, dim: int) -> int:
+        return math.gcd(self.params["block"], dim & -dim)
+
+    def apply(self, x, keep, inner):
+        block = self.block_for(x.shape[-1])
+        return fwht(inner(fwht(x, block), None), block)

@@ -1,0 +1,85 @@
+"""Vector quantization: k-means codebooks for N(0, I) in `dim` dimensions at `bits` per value."""
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+
+from .formats import ScaledQuantizer, SpecError
+
+MAX_CODEWORDS = 4096
+TRAIN_VECTORS = 1 << 18
+CHUNK = 16384  # vectors per nearest-codeword block: memory is CHUNK x codewords, never n x codewords
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CAPKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                               / "capkit"))
+
+
+@functools.lru_cache(maxsize=None)
+def gaussian_codebook(dim: int, codewords: int) -> torch.Tensor:
+    """k-means codebook of a standard Gaussian: deterministic (fixed sample and seed), so it is computed
+    once (seconds) and cached on disk under `cache_dir()`."""
+    path = cache_dir() / f"vq-gaussian-d{dim}-k{codewords}-n{TRAIN_VECTORS}.npy"
+    if path.exists():
+        return torch.tensor(np.load(path), dtype=torch.float32)
+    rng = np.random.default_rng(12345)
+    sample = rng.standard_normal((max(TRAIN_VECTORS, 64 * codewords), dim))
+    km = KMeans(n_clusters=codewords, n_init=1, random_state=0, max_iter=300, tol=1e-6).fit(sample)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, km.cluster_centers_)
+    os.replace(tmp, path)
+    return torch.tensor(km.cluster_centers_, dtype=torch.float32)
+
+
+def nearest_codeword(v: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codeword for each row of v, in bounded-memory chunks."""
+    cb = codebook.to(v.device)
+    cb_sq = (cb * cb).sum(1)
+    out = torch.empty(v.shape[0], dtype=torch.long, device=v.device)
+    for start in range(0, v.shape[0], CHUNK):
+        chunk = v[start:start + CHUNK]
+        out[start:start + CHUNK] = (cb_sq - 2 * chunk @ cb.T).argmin(1)
+    return out
+
+
+class VectorQuantizer(ScaledQuantizer):
+    """Groups of `dim` consecutive values (last dim) rounded to the nearest of 2^(dim*bits) codewords."""
+
+    name = "vq"
+    defaults = {"dim": 2, "bits": 4, "group": None, "scale": "rms", "scale_format": "fp16"}
+    gaussian_scale = 1.0  # the codebook is fitted to unit-variance data
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        dim, bits = self.params["dim"], self.params["bits"]
+        if not (isinstance(dim, int) and dim >= 1 and isinstance(bits, (int, float)) and bits > 0):
+            raise SpecError(f"vq: dim must be a positive integer and bits positive, got dim={dim}, bits={bits}")
+        codewords = 2 ** (dim * bits)
+        if codewords != int(codewords) or not 2 <= codewords <= MAX_CODEWORDS:
+            raise SpecError(f"vq: 2^(dim*bits) must be a whole number of codewords in [2, {MAX_CODEWORDS}], "
+                            f"got {codewords}")
+        group = self.params["group"]
+        if group is not None and group % dim:
+            raise SpecError(f"vq: group {group} is not a multiple of dim {dim}")
+        self.codebook = gaussian_codebook(dim, int(codewords))
+        self.element_bits = float(bits)
+        self.top = float(self.codebook.abs().max())
+
+    @property
+    def spec(self):
+        shown = [f"{k}={v}" for k, v in self.params.items() if k in ("dim", "bits") or v != self.defaults[k]]
+        return "vq(" + ",".join(shown) + ")"
+
+    def round(self, u):
+        dim = self.params["dim"]
+        if u.shape[-1] % dim:
+            raise SpecError(f"{self.spec}: {u.shape[-1]} values per group is not a multiple of dim {dim}")
+        vectors = u.reshape(-1, dim)
+        return self.codebook.to(u.device)[nearest_codeword(vectors, self.codebook)].reshape(u.shape)
