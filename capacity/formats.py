@@ -143,6 +143,8 @@ class ScaledQuantizer(Component):
     the Gaussian optimum); `rms` is RMS times the Gaussian-MSE-optimal factor (QuEST's choice, no search);
     `absmax` maps the largest magnitude to the outermost point; `absmean` uses mean |x| (BitNet);
     `none` is scale 1. The scale itself is stored in `scale_format` (rounded accordingly).
+    On fine grids (fp8, int8) `opt` fits each tensor's own optimum, which on 65k Gaussian samples lies
+    ~0.5-1% below the population GMSE; `rms` is unbiased there and costs one rounding instead of ~14.
     """
 
     element_bits: float

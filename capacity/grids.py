@@ -63,8 +63,9 @@ def grid_mse(levels: np.ndarray, scale: float = 1.0) -> float:
 def _optimal_scale_cached(levels: tuple) -> tuple[float, float]:
     lv = np.asarray(levels)
     top = np.abs(lv).max()
-    # Coarse scan of the outer level's position (in sigma), then a bounded Brent polish around the best.
-    clips = np.linspace(0.05, 8.0, 320)
+    # Coarse log-spaced scan of the outer level's position (in sigma), then a bounded Brent polish around
+    # the best: MSE(scale) of log-spaced (minifloat) grids has many shallow local minima.
+    clips = np.geomspace(0.05, 64.0, 700)
     mses = [grid_mse(lv, c / top) for c in clips]
     i = int(np.argmin(mses))
     lo, hi = clips[max(i - 1, 0)], clips[min(i + 1, len(clips) - 1)]

@@ -1,0 +1,189 @@
+"""Capacity: formats, specs, exact and Monte Carlo GMSE against the reference values, rho."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import capacity
+from capacity import SpecError, gmse, parse, rho
+
+EXACT_TARGETS = {  # reference README section 4 (exact values)
+    "int1": 0.363380, "int2": 0.118846, "int3": 0.0374397, "int4": 0.0115429,
+    "lloydmax1": 0.363380, "lloydmax2": 0.117482, "lloydmax3": 0.0345478, "lloydmax4": 0.0095010,
+    "sparse(0.5)": 0.0713, "sparse(0.25)": 0.00834, "ternary": 0.1902, "fp4_e2m1": 0.012685,
+}
+
+
+@pytest.mark.parametrize("spec,target", EXACT_TARGETS.items())
+def test_exact_gmse_matches_reference(spec, target):
+    digits = len(f"{target:.6g}".replace("0.", "").lstrip("0"))  # the reference's precision
+    tol = max(2e-4, 0.5 * 10 ** -(digits - 1))
+    assert gmse(spec, exact=True).gmse == pytest.approx(target, rel=tol)
+
+
+def test_exact_int8_matches_reference_to_its_three_digits():
+    # The reference gives 8.78e-5 (3 digits, clip "3.885 to 3.92"); the exact optimum is 8.7686e-5 at 3.922,
+    # so only the published precision can be asked for (see the closing note of the capacity issue).
+    assert gmse("int8", exact=True).gmse == pytest.approx(8.78e-5, rel=2e-3)
+
+
+def test_rho_of_int4_is_published_value():
+    assert rho(gmse("int4", exact=True).gmse) == pytest.approx(0.820, abs=1e-3)
+    assert rho(1.0) == 0.0 and rho(0.0) == 1.0
+
+
+MC_TARGETS = {  # reference README section 4 (Monte Carlo values): target, relative tolerance
+    "2:4": (0.1322, 0.01), "fp4_e2m1": (0.012685, 0.01), "ternary": (0.1902, 0.01), "nf4": (0.0085, 0.02),
+    "mxfp4": (0.0132, 0.02), "nvfp4": (0.0090, 0.02), "vq(dim=2,bits=4)": (0.00784, 0.015),
+    "sparse(0.75)": (0.276, 0.01), "ternary(scale=absmean)": (0.2635, 0.01),
+    "int4(group=128,scale=absmax,grid=signed)": (0.0138, 0.02), "int4(group=32,scale=absmax,grid=signed)": (0.0094, 0.02),
+}
+
+
+@pytest.mark.parametrize("spec,target", MC_TARGETS.items())
+def test_monte_carlo_gmse_matches_reference(spec, target):
+    value, rel = target
+    result = gmse(spec, samples=1 << 20)
+    assert result.stderr < 0.01 * result.gmse
+    assert abs(result.gmse - value) < max(rel * value, 4 * result.stderr)
+
+
+def test_monte_carlo_agrees_with_exact_within_standard_errors():
+    # scale=rms (Gaussian-optimal factor): scale=opt searches each tensor's own optimum, which on fine grids
+    # (fp8, int8) sits ~0.5-1% below the population GMSE: the scale fits the sample.
+    for spec in ["int3", "lloydmax2", "sparse(0.5)", "fp8_e4m3(scale=rms)", "int8(scale=rms)"]:
+        mc, ex = gmse(spec, samples=1 << 20), gmse(spec, exact=True)
+        assert abs(mc.gmse - ex.gmse) < 4 * mc.stderr + 2e-3 * ex.gmse, spec
+
+
+def test_sparse_then_quantize_is_worse_than_sparse_alone():
+    assert gmse("2:4+int4", samples=1 << 20).gmse > gmse("2:4", samples=1 << 20).gmse
+
+
+def test_monte_carlo_is_reproducible_per_seed():
+    assert gmse("nf4", samples=1 << 18, seed=3).gmse == gmse("nf4", samples=1 << 18, seed=3).gmse
+    assert gmse("nf4", samples=1 << 18, seed=3).gmse != gmse("nf4", samples=1 << 18, seed=4).gmse
+
+
+def test_hadamard_leaves_gaussian_gmse_unchanged():
+    plain, rotated = gmse("int4", samples=1 << 20), gmse("hadamard+int4", samples=1 << 20)
+    assert abs(plain.gmse - rotated.gmse) < 4 * math.hypot(plain.stderr, rotated.stderr)
+
+
+@pytest.mark.parametrize("spec,bits", [("int4(group=128)", 4.125), ("mxfp4", 4.25), ("nvfp4", 4.5),
+                                       ("nf4", 4.5), ("mxfp6_e2m3", 6.25), ("mxfp8_e4m3", 8.25), ("int4", 4.0),
+                                       ("2:4+int4", 0.75 + 2.0), ("ternary", math.log2(3))])
+def test_bits_per_value_counts_scales_and_metadata(spec, bits):
+    assert parse(spec).bits_per_value == pytest.approx(bits)
+
+
+def test_exact_is_refused_where_not_available():
+    for spec in ["nf4", "2:4", "vq(dim=2,bits=4)", "int4(group=32)", "2:4+int4"]:
+        with pytest.raises(SpecError, match="exact"):
+            gmse(spec, exact=True)
+
+
+ALL_SPECS = ["fp32", "none", "bf16", "int1", "int3", "int8", "int4(group=32,scale=absmax)", "int4(scale=rms)",
+             "lloydmax3", "ternary", "ternary(scale=absmean)", "binary", "fp4_e2m1", "fp6_e2m3", "fp6_e3m2",
+             "fp8_e4m3", "fp8_e5m2", "mxfp4", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp8_e4m3", "mxfp8_e5m2", "nvfp4",
+             "nf4", "sparse(0.5)", "2:4", "4:8", "vq(dim=2,bits=2)", "hadamard+int4", "outliers(0.01)+int3",
+             "2:4+int4", "hadamard(block=32)+mxfp4", "int4(grid=signed)"]
+# Idempotent where the scale is a function of the grid's own extremes (absmax, power-of-two, none); a searched
+# (opt) or RMS-derived scale moves when the input is already on the grid.
+IDEMPOTENT = ["bf16", "int3(scale=absmax)", "int8(scale=absmax)", "int4(group=32,scale=absmax)", "ternary(scale=absmax)",
+              "fp4_e2m1(scale=none)", "fp8_e4m3(scale=none)", "mxfp4", "nf4", "sparse(0.5)", "2:4", "2:4+int4(scale=absmax)",
+              "outliers(0.01)+int3(scale=absmax)"]
+SCALE_EQUIVARIANT = ["int3", "int4(scale=rms)", "int4(group=32,scale=absmax)", "ternary", "nf4", "fp4_e2m1",
+                     "sparse(0.5)", "2:4", "vq(dim=2,bits=2)", "lloydmax2", "binary"]
+
+tensors = st.builds(lambda seed, rows: torch.randn(rows, 64, generator=torch.Generator().manual_seed(seed)),
+                    st.integers(0, 10_000), st.integers(1, 8))
+
+
+@pytest.mark.parametrize("spec", ALL_SPECS)
+def test_spec_round_trips_and_shape_dtype_are_kept(spec):
+    fmt = parse(spec)
+    assert parse(str(fmt)) == fmt and str(parse(str(fmt))) == str(fmt)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(4, 64).to(dtype)
+        y = fmt(x)
+        assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(x=tensors, spec=st.sampled_from(IDEMPOTENT))
+def test_formats_are_idempotent(x, spec):
+    fmt = parse(spec)
+    once = fmt(x)
+    torch.testing.assert_close(fmt(once), once, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(x=tensors, spec=st.sampled_from(SCALE_EQUIVARIANT), power=st.integers(-6, 6))
+def test_scaled_formats_are_scale_equivariant(x, spec, power):
+    fmt, c = parse(spec), 2.0 ** power  # powers of two: no rounding differences in the scale itself
+    torch.testing.assert_close(fmt(c * x), c * fmt(x), rtol=1e-4, atol=1e-6 * c)
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.integers(1, 8), group=st.sampled_from([None, 16, 64]), scale=st.sampled_from(["opt", "rms", "absmax"]),
+       sparse=st.sampled_from(["", "2:4+", "sparse(0.25)+", "hadamard+"]))
+def test_generated_specs_round_trip(bits, group, scale, sparse):
+    args = ",".join(([f"group={group}"] if group else []) + [f"scale={scale}"])
+    fmt = parse(f"{sparse}int{bits}({args})")
+    assert parse(str(fmt)) == fmt
+
+
+@pytest.mark.parametrize("bad,fragment", [("intt4", "did you mean"), ("int0", "between 1 and 8"), ("3:2", "N <= M"),
+                                          ("sparse(1.5)", "[0, 1)"), ("int4(group=-1)", "positive"), ("int4+", "stray"),
+                                          ("int4(foo=1)", "unknown parameter"), ("int4(scale=max)", "scale must be"),
+                                          ("nosuchmodule:make", "cannot import")])
+def test_bad_specs_raise_clear_errors(bad, fragment):
+    with pytest.raises(SpecError, match=None) as info:
+        parse(bad)
+    assert fragment in str(info.value)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "capacity.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bad", ["intt4", "int0", "3:2", "sparse(1.5)", "int4(group=-1)", "int4+"])
+def test_cli_bad_input_exits_2_with_one_line(bad):
+    out = run_cli("gmse", bad)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_cli_gmse_json_contract():
+    out = run_cli("gmse", "int4", "2:4", "--samples", "65536", "--json")
+    rows = json.loads(out.stdout)
+    assert [r["spec"] for r in rows] == ["int4", "2:4"]
+    assert set(rows[0]) == {"spec", "gmse", "stderr", "bits_per_value", "rho"}
+    exact = json.loads(run_cli("gmse", "int4", "--exact", "--json").stdout)[0]
+    assert exact["gmse"] == pytest.approx(0.0115429, rel=2e-4) and exact["stderr"] == 0
+
+
+def test_user_registered_format_gets_gmse_and_rho():
+    class Halver(capacity.Component):
+        name, defaults = "halver", {"factor": 0.5}
+
+        def apply(self, x, keep, inner):
+            return inner(x * self.params["factor"], keep)
+
+    capacity.register("halver", Halver, "test format")
+    result = gmse("halver(factor=0.5)", samples=1 << 16)
+    assert result.gmse == pytest.approx(0.25, rel=0.02) and 0 < result.rho < 1
+    assert str(parse("halver")) == "halver"
+
+
+def test_compare_table_sorted_by_capacity_with_rate_distortion_bound():
+    table = capacity.compare(["int2", "int8", "int4"], samples=1 << 16)
+    assert list(table["spec"]) == ["int8", "int4", "int2"]
+    assert (table["gmse"] > table["rd_bound"]).all()
+    assert table.loc[table.spec == "int4", "rd_bound"].item() == pytest.approx(2 ** -8)
