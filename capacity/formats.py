@@ -153,6 +153,8 @@ class ScaledQuantizer(Component):
     search_iters = 12
 
     def __init__(self, **params):
+        if params.get("group") == "none":
+            params["group"] = None
         super().__init__(**params)
         group, scale = self.params.get("group"), self.params.get("scale")
         if group is not None and (not isinstance(group, int) or group < 1):

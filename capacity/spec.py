@@ -76,7 +76,7 @@ def _value(text: str):
             return cast(text)
         except ValueError:
             pass
-    return {"none": None, "None": None, "true": True, "false": False}.get(text, text)
+    return {"true": True, "false": False}.get(text, text)
 
 
 def _arguments(text: str | None) -> tuple[list, dict]:
