@@ -3,22 +3,17 @@ from __future__ import annotations
 
 import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
 from .formats import ScaledQuantizer, SpecError
+from .paths import cache_dir
 
 MAX_CODEWORDS = 4096
 TRAIN_VECTORS = 1 << 18
 CHUNK = 16384  # vectors per nearest-codeword block: memory is CHUNK x codewords, never n x codewords
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CAPKIT_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "capkit"))
 
 
 @functools.lru_cache(maxsize=None)

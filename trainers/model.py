@@ -1,0 +1,149 @@
+"""A Llama-style decoder, readable top to bottom: RMSNorm, rotary embeddings, SwiGLU, no biases.
+
+Every linear layer inside the blocks is a CompressedLinear, so weights and input activations pass
+through capacity formats; embeddings, norms and the output head stay in high precision. Embeddings
+are tied to the output head by default (`tie_embeddings`), which keeps tiny models' parameter
+budget in the blocks; the non-embedding count excludes both.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import CompressedLinear, Compression
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 32
+    vocab_size: int = 256
+    context: int = 128
+    tie_embeddings: bool = True
+
+    @property
+    def mlp_hidden(self) -> int:
+        """SwiGLU width: 8/3 of the model width, rounded up to a multiple of 8."""
+        return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rotary_tables(head_dim: int, context: int, base: float = 10000.0):
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(context).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, comp: Compression):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
+        self.qkv = CompressedLinear(cfg.n_embd, 3 * cfg.n_embd, comp)
+        self.proj = CompressedLinear(cfg.n_embd, cfg.n_embd, comp)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos[:T], sin[:T]), apply_rotary(k, cos[:T], sin[:T])
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: ModelConfig, comp: Compression):
+        super().__init__()
+        self.gate_up = CompressedLinear(cfg.n_embd, 2 * cfg.mlp_hidden, comp)
+        self.down = CompressedLinear(cfg.mlp_hidden, cfg.n_embd, comp)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, comp: Compression):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.n_embd), Attention(cfg, comp)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.n_embd), SwiGLU(cfg, comp)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, comp: Compression | None = None):
+        super().__init__()
+        self.cfg = cfg
+        comp = comp or Compression()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg, comp) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.context)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module):
+        if isinstance(module, (nn.Linear, nn.Embedding, CompressedLinear)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def non_embedding_params(self) -> int:
+        return sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm.parameters())
+
+    def forward(self, idx, targets=None):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, self.cos, self.sin)
+        logits = self.head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def count_non_embedding(n_layer: int, n_embd: int) -> int:
+    cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1)
+    per_block = 4 * n_embd * n_embd + 3 * n_embd * cfg.mlp_hidden + 2 * n_embd
+    return n_layer * per_block + n_embd
+
+
+def config_for_params(target: int, context: int = 128, vocab_size: int = 256) -> ModelConfig:
+    """(layers, heads, width) whose non-embedding count is closest to `target`, with a width/depth
+    ratio between 16 and 128 (closest to 48 on ties), widths in multiples of 8, heads of 8 (width < 64),
+    16 (width < 256) or 64 dimensions."""
+    best = None
+    for n_layer in range(1, 33):
+        for n_embd in range(16, 4097, 8 if n_layer < 4 else 16):
+            ratio = n_embd / n_layer
+            if not 16 <= ratio <= 128:
+                continue
+            miss = abs(math.log(count_non_embedding(n_layer, n_embd) / target))
+            key = (round(miss, 2), abs(math.log(ratio / 48)))
+            if best is None or key < best[0]:
+                best = (key, n_layer, n_embd)
+    _, n_layer, n_embd = best
+    head_dim = 8 if n_embd < 64 else 16 if n_embd < 256 else 64
+    return ModelConfig(n_layer=n_layer, n_head=max(1, n_embd // head_dim), n_embd=n_embd,
+                       vocab_size=vocab_size, context=context)

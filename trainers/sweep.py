@@ -1,0 +1,135 @@
+"""Sweeps: a grid of sizes x tokens-per-parameter x formats x seeds, written into one run table.
+
+A sweep file is TOML:
+
+    runs = "runs.jsonl"                 # the run table (JSON lines), relative to the sweep file
+    sizes = [10_000, 20_000, 40_000]    # target non-embedding parameters
+    tokens_per_param = [50, 100]
+    seeds = [0]
+    formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}]
+    [train]                             # any TrainConfig field, for every run
+    context = 128
+
+Runs are identified by a content key (TrainConfig.key): finished runs (ok or diverged) are skipped, a
+run interrupted mid-way resumes from its checkpoint, and failed runs are tried again. Records are
+appended under a file lock, one per finished run, so workers and crashes never lose or duplicate one.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
+
+from capacity import InputError
+from capacity.runtable import append_record, format_label, read_records
+
+from .train import TrainConfig, failed_record, train
+
+# CPU throughput model from the reference machine (2 threads, fp32, context 128): tokens/s ~ 1.3e4 (N/1e6)^-0.8,
+# capped at 1.2e5; compressed formats cost ~1.6x. Only used for --dry-run estimates.
+def estimated_seconds(cfg: TrainConfig) -> float:
+    rate = min(1.2e5, 1.3e4 * (cfg.params / 1e6) ** -0.8)
+    slow = 1.0 if cfg.w_format in (None, "bf16") and not cfg.a_format else 1.6
+    return cfg.tokens / rate * slow + 2.0
+
+
+@dataclass
+class Sweep:
+    runs: Path
+    configs: list[TrainConfig]
+
+    def pending(self) -> list[TrainConfig]:
+        done = {r.get("key") for r in read_records(self.runs) if r.get("status") in ("ok", "diverged")}
+        return [c for c in self.configs if c.key() not in done]
+
+    def checkpoint_for(self, cfg: TrainConfig) -> str:
+        return str(self.runs.parent / f"{self.runs.name}.checkpoints" / f"{cfg.key()}.pt")
+
+
+def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
+    path = Path(path)
+    try:
+        spec = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise InputError(f"{path}: cannot read sweep file: {err}") from None
+    for key in ("sizes", "tokens_per_param", "formats"):
+        if key not in spec:
+            raise InputError(f"{path}: missing '{key}' (see `capkit sweep --help`)")
+    known = {f.name for f in fields(TrainConfig)}
+    overrides = spec.get("train", {})
+    if unknown := set(overrides) - known:
+        raise InputError(f"{path}: [train] has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    configs = []
+    for size in spec["sizes"]:
+        for tpp in spec["tokens_per_param"]:
+            for fmt in spec["formats"]:
+                if "w" not in fmt and "a" not in fmt:
+                    raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC")
+                for seed in spec.get("seeds", [0]):
+                    configs.append(TrainConfig(**{**overrides, "w_format": fmt.get("w", "bf16"),
+                                                  "a_format": fmt.get("a"), "params": int(size),
+                                                  "tokens": int(size * tpp), "seed": int(seed)}))
+    if shard:
+        try:
+            index, count = (int(v) for v in shard.split("/"))
+            assert 0 <= index < count
+        except (ValueError, AssertionError):
+            raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
+        configs = configs[index::count]
+    return Sweep(path.parent / spec.get("runs", "runs.jsonl"), configs)
+
+
+def _run_one(job) -> tuple[str, float]:
+    cfg, runs, checkpoint, threads = job
+    torch.set_num_threads(threads)
+    cfg = TrainConfig(**{**cfg.__dict__, "checkpoint": checkpoint})
+    try:
+        record = train(cfg, progress=False)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # a crash is a result too: recorded as failed, retried on the next resume
+        record = failed_record(cfg, err)
+    append_record(runs, record)
+    Path(checkpoint).unlink(missing_ok=True)
+    return record["status"], record.get("wall_time_s", 0.0)
+
+
+def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True) -> int:
+    """Run the pending runs of a sweep; returns how many ran."""
+    todo = sweep.pending()
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads) for c in todo]
+    bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
+               file=sys.stderr)
+    if workers <= 1:
+        for job in jobs:
+            bar.set_postfix_str(f"{format_label(job[0].w_format, job[0].a_format)} N={job[0].params}")
+            _run_one(job)
+            bar.update()
+    else:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for _ in pool.imap_unordered(_run_one, jobs):
+                bar.update()
+    bar.close()
+    return len(jobs)
+
+
+def describe_plan(sweep: Sweep, workers: int = 1) -> str:
+    todo = sweep.pending()
+    seconds = sum(estimated_seconds(c) for c in todo) / max(1, workers)
+    lines = [f"{len(sweep.configs)} runs in the grid, {len(sweep.configs) - len(todo)} done, {len(todo)} to run "
+             f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h "
+             "(reference 2-core CPU throughput model)"]
+    lines += [f"  {format_label(c.w_format, c.a_format):>24}  N~{c.params:>9,}  D={c.tokens:>12,}  seed {c.seed}"
+              for c in todo]
+    return "\n".join(lines)
+

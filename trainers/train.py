@@ -1,0 +1,206 @@
+"""Train one model over a format and return its run record (the run-table schema plus metadata).
+
+AdamW (0.9, 0.95, weight decay 0.1 on matrices), linear warm-up then cosine to 10%, gradient clip 1.0,
+bf16 autocast on CUDA and fp32 on CPU. A NaN/inf loss stops the run as `diverged`. With a checkpoint
+path the run saves its state every `checkpoint_every` steps and resumes from it after an interruption.
+Under `torchrun` (WORLD_SIZE > 1) every rank draws the same global batch and trains on its slice
+through DistributedDataParallel (gloo on CPU, nccl on CUDA): the same run as a single process.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import capacity
+from capacity.runtable import format_label, is_uncompressed
+
+from .data import load_tokens, random_batch, validation_batches
+from .layers import Compression
+from .model import Decoder, config_for_params
+
+
+@dataclass
+class TrainConfig:
+    w_format: str | None = "bf16"
+    a_format: str | None = None
+    params: int = 20_000            # target non-embedding parameters (the exact count is recorded)
+    tokens: int = 200_000           # training tokens (rounded up to whole steps)
+    seed: int = 0
+    context: int = 128
+    batch_size: int | None = None   # default: about 200 steps, 8..64 sequences
+    lr: float | None = None         # default: 2e-3 * (N / 1e6)^-0.2, at most 6e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    estimator: str = "trust"
+    trust: float | None = None
+    backward_mask: str = "masked"
+    rbbm_p: float = 0.2
+    eval_tokens: int = 65_536
+    data: str | None = None
+    device: str = "cpu"
+    compile: bool = False
+    checkpoint: str | None = None
+    checkpoint_every: int = 100
+
+    RUN_FIELDS = ("w_format", "a_format", "params", "tokens", "seed", "context", "batch_size", "lr", "warmup",
+                  "weight_decay", "grad_clip", "estimator", "trust", "backward_mask", "rbbm_p", "eval_tokens", "data")
+
+    def key(self) -> str:
+        """Content key of the run: what determines its result (not where or how fast it runs)."""
+        payload = json.dumps({f: getattr(self, f) for f in self.RUN_FIELDS}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+    def resolved_batch_size(self) -> int:
+        if self.batch_size:
+            return self.batch_size
+        ideal = min(max(self.tokens / (self.context * 200), 8), 64)
+        return 2 ** round(math.log2(ideal))
+
+    def resolved_lr(self, n_params: int) -> float:
+        return self.lr if self.lr else min(6e-3, 2e-3 * (n_params / 1e6) ** -0.2)
+
+
+def package_version() -> str:
+    try:
+        return version("capkit")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    warm = max(1, int(warmup * total))
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model, lr, weight_decay):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def _format_gmse(spec) -> float:
+    return 0.0 if is_uncompressed(spec) else capacity.gmse_auto(spec, samples=1 << 20).gmse
+
+
+@torch.inference_mode()
+def evaluate(model, data, cfg: TrainConfig, device) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in validation_batches(data.val, cfg.context, cfg.eval_tokens, 32):
+        with _autocast(device):
+            loss = model(x.to(device), y.to(device))
+        total, count = total + float(loss) * x.shape[0], count + x.shape[0]
+    model.train()
+    return total / count
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+
+
+def _save(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train one model; return its run record. Raises on bad input; the caller records crashes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = cfg.device
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    torch.manual_seed(cfg.seed)
+    comp = Compression(cfg.w_format, cfg.a_format, cfg.estimator, cfg.trust, cfg.backward_mask, cfg.rbbm_p)
+    data = load_tokens(cfg.data)
+    model = Decoder(config_for_params(cfg.params, cfg.context), comp).to(device)
+    n_params = model.non_embedding_params()
+    batch, lr = cfg.resolved_batch_size(), cfg.resolved_lr(n_params)
+    if batch % world:
+        raise capacity.InputError(f"batch size {batch} is not divisible by the {world} processes")
+    steps = math.ceil(cfg.tokens / (batch * cfg.context))
+    optimizer = _optimizer(model, lr, cfg.weight_decay)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    step_fn = torch.compile(net) if cfg.compile else net
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        start_step = state["step"]
+
+    status, train_loss, started = "ok", float("nan"), time.perf_counter()
+    bar = tqdm(range(start_step, steps), disable=not progress or rank != 0, leave=False,
+               desc=f"{format_label(cfg.w_format, cfg.a_format)} N={n_params} D={steps * batch * cfg.context}")
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, cfg.warmup)
+        x, y = random_batch(data.train, batch, cfg.context, gen)
+        x, y = x[rank::world].to(device), y[rank::world].to(device)
+        with _autocast(device):
+            loss = step_fn(x, y)
+        if not torch.isfinite(loss):
+            status = "diverged"
+            break
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = float(loss.detach())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{train_loss:.3f}")
+        if ckpt and rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+            _save(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "generator": gen.get_state(), "step": step + 1})
+    wall = time.perf_counter() - started
+    val_loss = evaluate(model, data, cfg, device) if status == "ok" else float("nan")
+    if status == "ok" and not math.isfinite(val_loss):
+        status = "diverged"
+    trained = (steps - start_step) * batch * cfg.context
+    mcfg = model.cfg
+    return {
+        "format": format_label(cfg.w_format, cfg.a_format), "params": n_params,
+        "tokens": steps * batch * cfg.context, "loss": val_loss,
+        "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
+        "w_gmse": _format_gmse(cfg.w_format), "a_gmse": _format_gmse(cfg.a_format),
+        "status": status, "seed": cfg.seed, "train_loss": train_loss,
+        "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd, "context": cfg.context,
+        "batch_size": batch, "lr": lr, "steps": steps, "estimator": cfg.estimator,
+        "trust": cfg.trust, "backward_mask": cfg.backward_mask, "rbbm_p": cfg.rbbm_p,
+        "wall_time_s": round(wall, 3), "tokens_per_s": round(trained / max(wall, 1e-9), 1),
+        "resumed_from_step": start_step, "device": str(device), "world_size": world,
+        "capkit_version": package_version(), "torch_version": torch.__version__,
+        "data": Path(data.source).name, "key": cfg.key(),
+    }
+
+
+def failed_record(cfg: TrainConfig, error: BaseException) -> dict:
+    """The record of a run that crashed: schema columns, status=failed and the error."""
+    return {"format": format_label(cfg.w_format, cfg.a_format), "params": cfg.params, "tokens": cfg.tokens,
+            "loss": float("nan"), "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
+            "status": "failed", "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
+            "capkit_version": package_version(), "key": cfg.key(), **{"config": dataclasses.asdict(cfg)}}
