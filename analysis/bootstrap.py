@@ -1,0 +1,100 @@
+"""Nonparametric bootstrap of a law fit: runs resampled with replacement within each format (so every
+format keeps its run count), refitted in parallel over cores, seeded per replicate (reproducible for a
+seed whatever the number of workers). Failed refits are counted, not hidden."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+
+@dataclass
+class BootstrapResult:
+    samples: pd.DataFrame   # one row per successful replicate, one column per fitted value
+    n_failed: int
+    level: float = 0.95
+
+    def intervals(self, point: dict | None = None, level: float | None = None) -> pd.DataFrame:
+        """value (the point fit, if given), standard error and percentile interval of every fitted number."""
+        level = level or self.level
+        lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+        table = pd.DataFrame({"se": self.samples.std(ddof=1), "lo": self.samples.quantile(lo),
+                              "hi": self.samples.quantile(hi)})
+        if point is not None:
+            table.insert(0, "value", pd.Series(point))
+        return table
+
+
+def resample(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
+    parts = [group.iloc[rng.integers(0, len(group), len(group))] for _, group in runs.groupby("format", sort=False)]
+    out = pd.concat(parts)
+    out.attrs = dict(runs.attrs)
+    return out
+
+
+def _refit(args):
+    law_cls, law_params, runs, seed, replicates = args
+    results = []
+    for b in replicates:
+        rng = np.random.default_rng([seed, b])
+        try:
+            fit = law_cls(**law_params).fit(resample(runs, rng))
+            values = fit.values()
+            results.append(values if all(np.isfinite(v) for v in values.values()) else None)
+        except Exception:  # a replicate that cannot be fitted (e.g. a degenerate resample) is counted as failed
+            results.append(None)
+    return results
+
+
+def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs: int | None = None,
+              progress: bool = True) -> BootstrapResult:
+    """Refit `law` (an unfitted or fitted estimator; its parameters are reused) on n_boot resamples."""
+    n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
+    chunks = [list(range(i, n_boot, max(1, n_jobs * 4))) for i in range(min(n_boot, max(1, n_jobs * 4)))]
+    jobs = [(type(law), law.get_params(), runs, seed, chunk) for chunk in chunks]
+    rows, failed = [], 0
+    bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
+    if n_jobs == 1:
+        outputs = map(_refit, jobs)
+        for out in outputs:
+            rows += [r for r in out if r is not None]
+            failed += sum(r is None for r in out)
+            bar.update(len(out))
+    else:
+        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as pool:
+            for out in pool.map(_refit, jobs):
+                rows += [r for r in out if r is not None]
+                failed += sum(r is None for r in out)
+                bar.update(len(out))
+    bar.close()
+    return BootstrapResult(pd.DataFrame(rows), failed)
+
+
+def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: float = 0.95,
+                        seed: int = 0) -> pd.DataFrame:
+    """Loss predictions for new (params, tokens, format) rows: point value and an interval combining the
+    bootstrap spread of the law with the fit's residual scatter (a resampled log residual per replicate)."""
+    rng = np.random.default_rng(seed)
+    n, d = new["params"].to_numpy(float), new["tokens"].to_numpy(float)
+    sims = []
+    for _, values in boot.samples.iterrows():
+        eff = np.array([values.get(f"eff[{f}]", np.nan) for f in new["format"]])
+        pred = values["A"] * (n * eff) ** -values["alpha"] + values["B"] * d ** -values["beta"] + values["E"]
+        sims.append(pred * np.exp(rng.choice(fit.residuals_, size=len(new))))
+    sims = np.array(sims)
+    lo, hi = np.nanquantile(sims, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
+    return new.assign(predicted=fit.predict(new), lo=lo, hi=hi)
+
+
+def extrapolation_check(law, runs: pd.DataFrame) -> pd.DataFrame:
+    """Fit on all but the largest model size, predict the held-out largest: per-run relative errors."""
+    largest = runs["params"].max()
+    train, held = runs[runs["params"] < largest], runs[runs["params"] == largest]
+    fit = law.clone().fit(train)
+    pred = fit.predict(held)
+    return held[["format", "params", "tokens", "loss"]].assign(predicted=pred, rel_error=pred / held["loss"] - 1)

@@ -1,0 +1,154 @@
+"""`capkit fit | validate | predict | compose | report` (and `demo`, in analysis.demo)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+
+from capacity.runtable import BASELINE_LABEL
+
+from .bootstrap import bootstrap, extrapolation_check
+from .compose import compose_grid, compose_runs, grid_summary, read_grid
+from .laws import LAWS, make_law
+from .runs import load_runs
+from .validate import FORMS, predict_format, validate
+
+
+def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
+    help_runs = "run table: CSV or JSON lines (format, params, tokens, loss, ...)"
+    if runs_option:
+        p.add_argument("--runs", required=True, metavar="RUNS", help=help_runs)
+    else:
+        p.add_argument("runs", metavar="RUNS", help=help_runs)
+    p.add_argument("--baseline", default=BASELINE_LABEL, help="label of the uncompressed baseline (eff = 1)")
+    p.add_argument("--query", default=None, help="pandas query to select rows, e.g. \"params > 2e4\"")
+    p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
+                   help="read other column names, e.g. --map loss=val_loss,params=n_params")
+    p.add_argument("--bootstrap", type=int, default=bootstrap_default, metavar="B", help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals")
+    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
+
+
+def _runs(args):
+    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
+
+
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
+    def p(name, value):
+        if intervals is None or name not in intervals.index:
+            return {"value": float(value), "se": None, "ci": None}
+        row = intervals.loc[name]
+        return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
+    return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_,
+            "rmse_log_loss": law.rmse_log_, "rmse_loss": law.rmse_loss_,
+            "params": {k: p(k, v) for k, v in law.params_.items()},
+            "eff": {k: p(f"eff[{k}]", v) for k, v in law.eff_.items()},
+            "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
+                                                     "failed": boot.n_failed}}
+
+
+def _fit_command(args) -> None:
+    runs = _runs(args)
+    law = make_law(args.law, baseline=args.baseline, delta=args.delta).fit(runs)
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
+    intervals = boot.intervals(law.values()) if boot else None
+    if args.json:
+        print(json.dumps(fit_json(law, intervals, boot), indent=1))
+        return
+    print(law.summary(intervals))
+    if boot:
+        print(f"  bootstrap: {len(boot.samples)} refits, {boot.n_failed} failed")
+    if runs.attrs.get("skipped"):
+        print(f"  not fitted (status not ok): {len(runs.attrs['skipped'])} run(s)")
+    if args.extrapolate and runs["params"].nunique() > 2:
+        check = extrapolation_check(law, runs)
+        print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: mean |error| "
+              f"{check['rel_error'].abs().mean():.2%}, max {check['rel_error'].abs().max():.2%}")
+
+
+def add_fit_command(sub) -> None:
+    p = sub.add_parser("fit", help="fit a scaling law with per-format efficiencies",
+                       description="Fit loss = A (N eff)^-alpha + B D^-beta + E over formats (Huber on log loss, "
+                                   "global optimum by variable projection), with bootstrap intervals.")
+    add_run_arguments(p)
+    p.add_argument("--law", default="decoupled", choices=list(LAWS),
+                   help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
+    p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
+    p.set_defaults(func=_fit_command)
+
+
+def _validate_command(args) -> None:
+    v = validate(_runs(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta, n_jobs=args.jobs)
+    print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
+
+
+def add_validate_command(sub) -> None:
+    p = sub.add_parser("validate", help="check capacity predictions against fitted efficiencies",
+                       description="Fit rho(GMSE) to the decoupled efficiencies (weights x activations as a "
+                                   "product), then leave-one-format-out: each format predicted without it.")
+    add_run_arguments(p, bootstrap_default=200)
+    p.add_argument("--form", default="tanh", choices=list(FORMS), help="rho form")
+    p.set_defaults(func=_validate_command)
+
+
+def _predict_command(args) -> None:
+    out = predict_format(_runs(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
+                         seed=args.seed, form=args.form)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        fmt = lambda iv: "" if iv is None else f" [{iv[0]:.4g}, {iv[1]:.4g}]"  # noqa: E731
+        print(f"{args.spec}" + (f" / {args.a_format}" if args.a_format else "") +
+              f": predicted efficiency {out['eff']:.4g}{fmt(out['eff_interval'])}, "
+              f"loss at N={args.params:.4g}, D={args.tokens:.4g}: {out['loss']:.4g}{fmt(out['loss_interval'])}")
+
+
+def add_predict_command(sub) -> None:
+    p = sub.add_parser("predict", help="predict efficiency and loss of an untrained format",
+                       description="Predicted efficiency (rho fitted on the trained formats) and loss of SPEC.")
+    p.add_argument("spec", metavar="SPEC", help="weights format spec")
+    p.add_argument("--a-format", default=None, help="activations format spec")
+    p.add_argument("--params", type=float, required=True)
+    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument("--form", default="tanh", choices=list(FORMS))
+    add_run_arguments(p, bootstrap_default=200, runs_option=True)
+    p.set_defaults(func=_predict_command)
+
+
+def _compose_command(args) -> None:
+    if args.grid:
+        result = compose_grid(read_grid(args.runs), args.edge_row, args.edge_col)
+        if args.json:
+            print(json.dumps({k: (v.to_dict() if isinstance(v, pd.DataFrame) else v) for k, v in result.items()},
+                             indent=1, default=str))
+        else:
+            print(grid_summary(result))
+        return
+    runs = _runs(args)
+    law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
+    table = compose_runs(law.eff_, boot)
+    if table.empty:
+        print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
+    elif args.json:
+        print(table.to_json(orient="records", indent=1))
+    else:
+        print(table.to_string(index=False, float_format="{:.4g}".format))
+
+
+def add_compose_command(sub) -> None:
+    p = sub.add_parser("compose", help="test whether capacities multiply (runs or a capacity grid)",
+                       description="eff(combined) / (eff(part1) eff(part2)) with bootstrap intervals, or with "
+                                   "--grid a capacity table predicted from its uncompressed edges.")
+    add_run_arguments(p, bootstrap_default=200)
+    p.add_argument("--grid", action="store_true", help="RUNS is a capacity grid CSV (row labels, column labels)")
+    p.add_argument("--edge-row", default=None, help="grid row where the other part is uncompressed")
+    p.add_argument("--edge-col", default=None, help="grid column where the other part is uncompressed")
+    p.set_defaults(func=_compose_command)

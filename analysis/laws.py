@@ -1,0 +1,312 @@
+"""Scaling laws with a format-efficiency term, fitted robustly (scikit-learn style estimators).
+
+    loss = A (N eff_f)^-alpha + B D^-beta + E
+
+fitted in log space, log L = logsumexp(a_f - alpha log N, b - beta log D, e), minimising the SUM of
+Huber(delta) over log residuals. The decoupled law has one eff per format (baseline fixed at 1): for
+fixed (alpha, beta) it is linear in (E, A_f = A eff_f^-alpha, B), so a weighted non-negative least
+squares solves that part exactly on a 2-D grid of exponents (variable projection), and the best grid
+points are polished jointly with L-BFGS and the analytic gradient. The other laws replace the free
+eff_f by a formula and start from the decoupled solution.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import optimize, special
+
+from capacity import parse
+from capacity.law import rho
+from capacity.runtable import BASELINE_LABEL
+
+from .runs import check_identifiable
+
+EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
+POLISH_STARTS = 4
+UNCOMPRESSED_BITS = 16.0
+
+
+def huber_total(r: np.ndarray, delta: float) -> float:
+    return float(special.huber(delta, r).sum())
+
+
+def _logsumexp3(t1, t2, t3):
+    m = np.maximum(np.maximum(t1, t2), t3)
+    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
+    s = w1 + w2 + w3
+    return m + np.log(s), (w1 / s, w2 / s, w3 / s)
+
+
+class ScalingLaw:
+    """Common machinery: data arrays, the Huber objective, prediction, summaries."""
+
+    law = "base"
+
+    def __init__(self, baseline: str = BASELINE_LABEL, delta: float = 1e-3):
+        self.baseline, self.delta = baseline, delta
+
+    def get_params(self) -> dict:
+        return {"baseline": self.baseline, "delta": self.delta}
+
+    def clone(self):
+        return type(self)(**self.get_params())
+
+    def _prepare(self, runs: pd.DataFrame):
+        check_identifiable(runs)
+        labels = [self.baseline] + sorted(set(runs["format"]) - {self.baseline})
+        self.formats_ = labels
+        self._index = {f: i for i, f in enumerate(labels)}
+        self._specs = runs.groupby("format")[["w_spec", "a_spec", "w_gmse", "a_gmse"]].first()
+        fi = runs["format"].map(self._index).to_numpy()
+        return fi, np.log(runs["params"].to_numpy(float)), np.log(runs["tokens"].to_numpy(float)), \
+            np.log(runs["loss"].to_numpy(float))
+
+    def _finish(self, runs, objective):
+        self.objective_ = float(objective)
+        self.n_runs_ = len(runs)
+        self.residuals_ = np.log(self.predict(runs)) - np.log(runs["loss"].to_numpy(float))
+        self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
+        self.rmse_loss_ = float(np.sqrt(np.mean((self.predict(runs) - runs["loss"].to_numpy(float)) ** 2)))
+        return self
+
+    def efficiency(self, label: str, row=None) -> float:
+        if label not in self.eff_:
+            raise ValueError(f"format '{label}' was not in the fitted runs; the {self.law} law cannot predict it")
+        return self.eff_[label]
+
+    def predict(self, runs: pd.DataFrame) -> np.ndarray:
+        """Predicted loss for rows with params, tokens and format (a label this fit knows, or for formula
+        laws any row with w_spec/a_spec/w_gmse/a_gmse)."""
+        p = self.params_
+        eff = runs["format"].map(self.eff_).to_numpy(float)
+        for i in np.flatnonzero(np.isnan(eff)):
+            eff[i] = self.efficiency(runs["format"].iloc[i], runs.iloc[i])
+        n, d = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float)
+        return p["A"] * (n * eff) ** -p["alpha"] + p["B"] * d ** -p["beta"] + p["E"]
+
+    def values(self) -> dict:
+        """Every fitted number, flat: parameters and eff[label]."""
+        return {**self.params_, **{f"eff[{k}]": v for k, v in self.eff_.items()}}
+
+    def summary(self, intervals: pd.DataFrame | None = None) -> str:
+        rows = []
+        for name, value in self.values().items():
+            if intervals is not None and name in intervals.index:
+                lo, hi, se = intervals.loc[name, ["lo", "hi", "se"]]
+                rows.append(f"  {name:<28} {value:>12.5g}   [{lo:.5g}, {hi:.5g}]  se {se:.3g}")
+            else:
+                rows.append(f"  {name:<28} {value:>12.5g}")
+        head = (f"{self.law} law: loss = A (N eff)^-alpha + B D^-beta + E, Huber(delta={self.delta:g}) on log loss\n"
+                f"  runs {self.n_runs_}, objective {self.objective_:.6e}, RMSE log-loss {self.rmse_log_:.4g}, "
+                f"RMSE loss {self.rmse_loss_:.4g}, baseline '{self.baseline}' (eff = 1)")
+        ci = "" if intervals is None else "   95% interval, bootstrap s.e."
+        return head + f"\n  {'parameter':<28} {'value':>12}{ci}\n" + "\n".join(rows)
+
+
+class DecoupledLaw(ScalingLaw):
+    """One efficiency per format ([C]'s decoupled law)."""
+
+    law = "decoupled"
+
+    def fit(self, runs: pd.DataFrame):
+        fi, log_n, log_d, log_l = self._prepare(runs)
+        k = len(self.formats_)
+        loss = np.exp(log_l)
+        onehot = np.eye(k)[fi]
+        candidates = []
+        for alpha in EXPONENT_GRID:
+            xa = onehot * np.exp(-alpha * log_n)[:, None]
+            for beta in EXPONENT_GRID:
+                design = np.column_stack([xa, np.exp(-beta * log_d), np.ones_like(log_n)])
+                coef, _ = optimize.nnls(design / loss[:, None], np.ones_like(loss))
+                pred = design @ coef
+                if np.all(pred > 0):
+                    candidates.append((huber_total(np.log(pred) - log_l, self.delta), alpha, beta, coef))
+        candidates.sort(key=lambda c: c[0])
+        best = None
+        for _, alpha, beta, coef in candidates[:POLISH_STARTS]:
+            logs = np.log(np.maximum(coef, 1e-12))
+            theta0 = np.concatenate([logs[:k], logs[k:k + 2], [alpha, beta]])
+            res = optimize.minimize(self._objective, theta0, args=(fi, log_n, log_d, log_l, k), jac=True,
+                                    method="L-BFGS-B", options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+            if best is None or res.fun < best.fun:
+                best = res
+        theta = best.x
+        la, lb, le, alpha, beta = theta[:k], theta[k], theta[k + 1], theta[k + 2], theta[k + 3]
+        self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb)), "E": float(np.exp(le)),
+                        "alpha": float(alpha), "beta": float(beta)}
+        self.eff_ = {f: float(np.exp(-(la[i] - la[0]) / alpha)) for i, f in enumerate(self.formats_)}
+        return self._finish(runs, best.fun)
+
+    def _objective(self, theta, fi, log_n, log_d, log_l, k):
+        la, lb, le, alpha, beta = theta[:k], theta[k], theta[k + 1], theta[k + 2], theta[k + 3]
+        t1, t2 = la[fi] - alpha * log_n, lb - beta * log_d
+        pred, (w1, w2, w3) = _logsumexp3(t1, t2, np.full_like(t1, le))
+        r = pred - log_l
+        g = np.clip(r, -self.delta, self.delta)
+        grad = np.concatenate([np.bincount(fi, g * w1, minlength=k), [np.sum(g * w2), np.sum(g * w3),
+                               np.sum(g * w1 * -log_n), np.sum(g * w2 * -log_d)]])
+        return huber_total(r, self.delta), grad
+
+
+class _FormulaLaw(ScalingLaw):
+    """A law whose efficiencies come from a formula with a few constants, fitted jointly with A..beta."""
+
+    constant_names: tuple = ()
+    constant_bounds: tuple = ()
+
+    def constant_starts(self, decoupled: DecoupledLaw) -> list:
+        raise NotImplementedError
+
+    def formula(self, constants, w_spec, a_spec, w_gmse, a_gmse) -> float:
+        raise NotImplementedError
+
+    def efficiency(self, label, row=None):
+        if label in self.eff_:
+            return self.eff_[label]
+        return self.formula([self.params_[c] for c in self.constant_names], *self._row_specs(row))
+
+    @staticmethod
+    def _row_specs(row):
+        return row["w_spec"], row["a_spec"], row["w_gmse"], row["a_gmse"]
+
+    def fit(self, runs: pd.DataFrame):
+        decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
+        fi, log_n, log_d, log_l = self._prepare(runs)
+        specs = [tuple(self._specs.loc[f]) for f in self.formats_]
+        p = decoupled.params_
+        core0 = [np.log(p["A"]), np.log(p["B"]), np.log(p["E"]), p["alpha"], p["beta"]]
+        core_bounds = [(None, None)] * 3 + [(1e-3, 5.0)] * 2
+
+        def objective(theta):
+            la, lb, le, alpha, beta = theta[:5]
+            eff = np.array([self.formula(theta[5:], *s) for s in specs])
+            if np.any(~np.isfinite(eff)) or np.any(eff <= 0):
+                return 1e6
+            pred, _ = _logsumexp3(la - alpha * (log_n + np.log(eff[fi])), lb - beta * log_d,
+                                  np.full_like(log_n, le))
+            return huber_total(pred - log_l, self.delta)
+
+        best = None
+        for start in self.constant_starts(decoupled):
+            res = optimize.minimize(objective, np.array(core0 + list(start)), method="L-BFGS-B",
+                                    bounds=core_bounds + list(self.constant_bounds),
+                                    options={"maxiter": 5000, "ftol": 1e-14, "gtol": 1e-10})
+            if best is None or res.fun < best.fun:
+                best = res
+        la, lb, le, alpha, beta = best.x[:5]
+        self.params_ = {"A": float(np.exp(la)), "B": float(np.exp(lb)), "E": float(np.exp(le)),
+                        "alpha": float(alpha), "beta": float(beta),
+                        **{c: float(v) for c, v in zip(self.constant_names, best.x[5:])}}
+        self.eff_ = {f: float(self.formula(best.x[5:], *s)) for f, s in zip(self.formats_, specs)}
+        return self._finish(runs, best.fun)
+
+
+class UnifiedLaw(_FormulaLaw):
+    """eff = rho(GMSE_w) rho(GMSE_a), rho = L tanh(F log_1/4 GMSE)^C; uncompressed parts count 1 ([U])."""
+
+    law = "unified"
+    constant_names = ("L", "F", "C")
+    constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
+
+    def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
+        part = lambda spec, g: 1.0 if spec is None else rho(g, *c)  # noqa: E731
+        return part(w_spec, w_gmse) * part(a_spec, a_gmse)
+
+    def constant_starts(self, decoupled):
+        return [(1.0, 0.41, 1.39), (0.9, 0.6, 1.0), (1.0, 0.25, 2.0)]
+
+
+def format_bits(spec) -> float:
+    return UNCOMPRESSED_BITS if spec is None else parse(spec).bits_per_value
+
+
+class KumarLaw(_FormulaLaw):
+    """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value."""
+
+    law = "kumar"
+    constant_names = ("g_w", "g_a")
+    constant_bounds = ((0.05, 20.0), (0.05, 20.0))
+
+    def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
+        return (1 - np.exp(-format_bits(w_spec) / c[0])) * (1 - np.exp(-format_bits(a_spec) / c[1]))
+
+    def constant_starts(self, decoupled):
+        return [(2.6745, 2.2102), (1.0, 1.0), (5.0, 5.0)]
+
+
+def sparsity_of(spec) -> float | None:
+    """Fraction of zeros of a pure-sparsity spec (0 for uncompressed); None for anything else."""
+    if spec is None:
+        return 0.0
+    parts = parse(spec).parts
+    if len(parts) != 1:
+        return None
+    part = parts[0]
+    if part.name == "sparse":
+        return float(part.params["fraction"])
+    return 1 - part.n / part.m if hasattr(part, "m") else None
+
+
+class FrantarLaw(ScalingLaw):
+    """Frantar et al.'s sparsity law on the pure-sparsity and dense runs:
+    loss = (a_S (1 - S)^b_S + c_S) N_nz^-b_N + (a_D / D)^b_D + c, N_nz = N (1 - S)."""
+
+    law = "frantar"
+    names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
+
+    def _sparse_rows(self, runs):
+        s = runs["w_spec"].map(sparsity_of)
+        keep = s.notna() & runs["a_spec"].isna()
+        if keep.sum() < 4:
+            raise ValueError("the Frantar law needs dense and pure-sparsity runs (sparse(f) or N:M weights)")
+        return runs[keep], s[keep].to_numpy(float)
+
+    def fit(self, runs):
+        runs, s = self._sparse_rows(runs)
+        check_identifiable(runs)
+        self.formats_ = [self.baseline] + sorted(set(runs["format"]) - {self.baseline})
+        n, d, log_l = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float), np.log(runs["loss"].to_numpy(float))
+        decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
+        p = decoupled.params_
+
+        def log_pred(t):
+            a_s, b_s, c_s, b_n, a_d, b_d, c = np.exp(t[0]), t[1], np.exp(t[2]), t[3], np.exp(t[4]), t[5], np.exp(t[6])
+            return np.log((a_s * (1 - s) ** b_s + c_s) * (n * (1 - s)) ** -b_n + (a_d / d) ** b_d + c)
+
+        best = None
+        for split in (0.5, 0.9, 0.1):
+            t0 = [np.log(split * p["A"]), 1.0, np.log((1 - split) * p["A"]), p["alpha"],
+                  np.log(p["B"]) / p["beta"], p["beta"], np.log(p["E"])]
+            res = optimize.minimize(lambda t: huber_total(log_pred(t) - log_l, self.delta), t0, method="L-BFGS-B",
+                                    bounds=[(None, None), (-5, 10), (None, None), (1e-3, 5), (None, None), (1e-3, 5),
+                                            (None, None)], options={"maxiter": 5000, "ftol": 1e-14})
+            if best is None or res.fun < best.fun:
+                best = res
+        t = best.x
+        self.params_ = dict(zip(self.names, [np.exp(t[0]), t[1], np.exp(t[2]), t[3], np.exp(t[4]), t[5], np.exp(t[6])]))
+        self.params_ = {k: float(v) for k, v in self.params_.items()}
+        self._log_pred = log_pred
+        by_format = dict(zip(runs["format"], s))
+        q = self.params_
+        coef = lambda sp: q["a_S"] * (1 - sp) ** q["b_S"] + q["c_S"]  # noqa: E731
+        self.eff_ = {f: float((1 - sp) * (coef(sp) / coef(0.0)) ** (-1 / q["b_N"])) for f, sp in by_format.items()}
+        self.objective_, self.n_runs_ = float(best.fun), len(runs)
+        self.residuals_ = log_pred(t) - log_l
+        self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
+        self.rmse_loss_ = float(np.sqrt(np.mean((np.exp(log_pred(t)) - np.exp(log_l)) ** 2)))
+        return self
+
+    def predict(self, runs):
+        q, s = self.params_, runs["w_spec"].map(sparsity_of).to_numpy(float)
+        n, d = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float)
+        return (q["a_S"] * (1 - s) ** q["b_S"] + q["c_S"]) * (n * (1 - s)) ** -q["b_N"] + (q["a_D"] / d) ** q["b_D"] + q["c"]
+
+
+LAWS = {"decoupled": DecoupledLaw, "unified": UnifiedLaw, "kumar": KumarLaw, "frantar": FrantarLaw}
+
+
+def make_law(name: str, **kwargs) -> ScalingLaw:
+    if name not in LAWS:
+        raise ValueError(f"unknown law '{name}'; choose from {', '.join(LAWS)}")
+    return LAWS[name](**kwargs)

@@ -1,0 +1,160 @@
+"""Loading and validating run tables (schema: `capacity.runtable`) into a pandas DataFrame.
+
+Errors name the file, the row (1-based, as a spreadsheet shows it: header is row 1 in CSV, first line
+is row 1 in JSON lines), the column and what was expected.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+import capacity
+from capacity import InputError
+from capacity.runtable import BASELINE_LABEL, OPTIONAL, REQUIRED, STATUSES, is_uncompressed
+
+MIN_RUNS_PER_FORMAT = 2
+
+
+class RunTableError(InputError):
+    """A run table that cannot be fitted: the message names file, row and column."""
+
+
+def parse_mapping(pairs) -> dict:
+    """`loss=val_loss,params=n_params` (or a list of such strings) -> {"val_loss": "loss", ...}."""
+    mapping = {}
+    for item in ([pairs] if isinstance(pairs, str) else pairs or []):
+        for pair in filter(None, (p.strip() for p in item.split(","))):
+            if "=" not in pair:
+                raise RunTableError(f"--map expects schema=column pairs such as loss=val_loss, got '{pair}'")
+            ours, theirs = (s.strip() for s in pair.split("=", 1))
+            if ours not in REQUIRED + OPTIONAL:
+                raise RunTableError(f"--map: '{ours}' is not a run-table column; columns: {', '.join(REQUIRED + OPTIONAL)}")
+            mapping[theirs] = ours
+    return mapping
+
+
+def read_table(path: "str | Path") -> tuple[pd.DataFrame, int]:
+    """The raw table and the row number of its first data row (2 for CSV with a header, 1 for JSONL)."""
+    path = Path(path)
+    if not path.exists():
+        raise RunTableError(f"{path}: no such file")
+    if path.suffix in (".jsonl", ".json", ".ndjson"):
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunTableError(f"{path}: row {n}: not valid JSON ({err.msg})") from None
+        frame = pd.DataFrame(rows)
+        frame.index = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        return frame, 1
+    frame = pd.read_csv(path)
+    frame.index = range(2, len(frame) + 2)
+    return frame, 2
+
+
+def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | None = None,
+              baseline: str = BASELINE_LABEL, name: str | None = None) -> pd.DataFrame:
+    """Validated runs: required columns numeric and positive, status normalised, GMSE columns filled."""
+    if isinstance(source, pd.DataFrame):
+        frame, where = source.copy(), name or "<DataFrame>"
+        frame.index = range(1, len(frame) + 1)
+    else:
+        frame, _ = read_table(source)
+        where = str(source)
+    frame = frame.rename(columns=parse_mapping(mapping) if not isinstance(mapping, dict) else mapping)
+    missing = [c for c in REQUIRED if c not in frame.columns]
+    if missing:
+        raise RunTableError(f"{where}: missing column(s) {missing}; found {list(frame.columns)} "
+                            "(map other names with --map loss=val_loss,params=n_params)")
+    frame["format"] = frame["format"].astype(str)
+    if "status" not in frame.columns:
+        frame["status"] = "ok"
+    frame["status"] = frame["status"].fillna("ok").astype(str)
+    for row, status in frame["status"].items():
+        if status not in STATUSES:
+            raise RunTableError(f"{where}: row {row}, column 'status': expected one of {STATUSES}, got '{status}'")
+    ok = frame["status"] == "ok"
+    for col in ("params", "tokens", "loss"):
+        values = pd.to_numeric(frame[col], errors="coerce")
+        bad = ok & ~(np.isfinite(values) & (values > 0))
+        if bad.any():
+            row = bad.idxmax()
+            raise RunTableError(f"{where}: row {row}, column '{col}': expected a positive number, "
+                                f"got {frame.at[row, col]!r}")
+        frame[col] = values
+    duplicated = frame.duplicated(subset=["format", "params", "tokens", "loss"] +
+                                  (["seed"] if "seed" in frame.columns else []), keep="first")
+    if duplicated.any():
+        row = duplicated.idxmax()
+        raise RunTableError(f"{where}: row {row} duplicates an earlier row (format, params, tokens, loss)")
+    if query:
+        try:
+            frame = frame.query(query, engine="python")
+        except Exception as err:
+            raise RunTableError(f"--query '{query}': {err}") from None
+    runs = frame[frame["status"] == "ok"].copy()
+    if runs.empty:
+        raise RunTableError(f"{where}: no rows with status 'ok' to fit")
+    if baseline not in set(runs["format"]):
+        raise RunTableError(f"{where}: no baseline rows: format '{baseline}' not found; formats are "
+                            f"{sorted(set(runs['format']))} (choose one with --baseline)")
+    _fill_gmse(runs, where)
+    skipped = frame[frame["status"] != "ok"]
+    runs.attrs.update(source=where, baseline=baseline,
+                      skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
+    return runs
+
+
+def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:
+    """Every format needs runs at >= 2 distinct (N, D) points for its efficiency to be identified."""
+    points = runs.groupby("format")[["params", "tokens"]].apply(lambda g: len(g.drop_duplicates()))
+    thin = points[points < MIN_RUNS_PER_FORMAT]
+    if len(thin):
+        raise RunTableError(f"{where or runs.attrs.get('source', '')}: format(s) {list(thin.index)} have fewer than "
+                            f"{MIN_RUNS_PER_FORMAT} distinct (params, tokens) runs; their efficiency is not identified")
+
+
+@functools.lru_cache(maxsize=None)
+def spec_gmse(spec: str) -> float:
+    """GMSE of a spec string (exact where available); 0 for uncompressed."""
+    return 0.0 if is_uncompressed(spec) else capacity.gmse_auto(spec, samples=1 << 20).gmse
+
+
+def _spec_or_label(row) -> tuple:
+    """(weights spec, activations spec) of a row: explicit columns, else the label (W or W/A)."""
+    w = row.get("w_format")
+    a = row.get("a_format")
+    if is_uncompressed(w) and is_uncompressed(a) and not is_uncompressed(row["format"]):
+        w, a = (row["format"].split("/", 1) + [None])[:2]
+    return (None if is_uncompressed(w) else str(w)), (None if is_uncompressed(a) else str(a))
+
+
+def _fill_gmse(runs: pd.DataFrame, where: str) -> None:
+    w_gmse, a_gmse, w_spec, a_spec = [], [], [], []
+    for row_id, row in runs.iterrows():
+        w, a = _spec_or_label(row)
+        w_spec.append(w)
+        a_spec.append(a)
+        try:
+            wg = row.get("w_gmse", np.nan)
+            wg = row.get("gmse", np.nan) if pd.isna(wg) else wg
+            ag = row.get("a_gmse", np.nan)
+            w_gmse.append(float(wg) if pd.notna(wg) else spec_gmse(w) if w else 0.0)
+            a_gmse.append(float(ag) if pd.notna(ag) else spec_gmse(a) if a else 0.0)
+        except InputError as err:
+            raise RunTableError(f"{where}: row {row_id}, column 'format'/'w_format': {err}; give numeric "
+                                "w_gmse/a_gmse columns for formats capkit cannot express") from None
+    runs["w_spec"], runs["a_spec"], runs["w_gmse"], runs["a_gmse"] = w_spec, a_spec, w_gmse, a_gmse
+
+
+def format_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per format: its specs, GMSEs and number of runs."""
+    return (runs.groupby("format", sort=False)
+                .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
+                     a_gmse=("a_gmse", "first"), runs=("loss", "size")))

@@ -1,0 +1,163 @@
+"""Does capacity predict the trained efficiency? rho(GMSE) fitted to the decoupled law's efficiencies.
+
+A format's predicted efficiency is rho(GMSE_w) x rho(GMSE_a) (an uncompressed part counts 1). The
+constants are fitted by least squares on log efficiency; their uncertainty comes from refitting on
+every bootstrap replicate of the law. Leave-one-format-out: each format's efficiency predicted by a
+rho refitted without it, with an interval from the same replicates, beside its fitted value and CI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy import optimize
+
+from capacity.law import rho
+
+from .bootstrap import BootstrapResult, bootstrap
+from .laws import DecoupledLaw
+from .runs import format_table
+
+FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
+    "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
+             [(1.0, 0.41, 1.39), (0.9, 0.3, 1.0), (1.0, 0.6, 2.0)], [(0.05, 5.0), (0.01, 5.0), (0.05, 10.0)]),
+    "logistic": (lambda g, A, B: 1.0 / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
+                 [(1.0, 5.0), (0.5, 2.0), (2.0, 20.0)], [(0.01, 10.0), (1e-3, 1e4)]),
+    "ratio": (lambda g, A, B: (1.0 - np.asarray(g, float) ** A) / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
+              [(1.0, 5.0), (0.5, 2.0), (2.0, 20.0)], [(0.01, 10.0), (1e-3, 1e4)]),
+}
+
+
+class CapacityRegression:
+    """eff = r(GMSE_w) r(GMSE_a) with r one of FORMS; fit(formats, eff) returns self, constants in `constants_`."""
+
+    def __init__(self, form: str = "tanh"):
+        if form not in FORMS:
+            raise ValueError(f"unknown rho form '{form}'; choose from {', '.join(FORMS)}")
+        self.form = form
+
+    def _predict(self, c, formats: pd.DataFrame) -> np.ndarray:
+        fn = FORMS[self.form][0]
+        part = lambda spec, g: np.where(spec.isna().to_numpy(), 1.0, fn(np.clip(g.to_numpy(float), 1e-12, 1.0), *c))  # noqa: E731
+        return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
+
+    def fit(self, formats: pd.DataFrame, eff) -> "CapacityRegression":
+        _, names, starts, bounds = FORMS[self.form]
+        log_eff = np.log(np.asarray(eff, float))
+
+        def loss(c):
+            pred = self._predict(c, formats)
+            return 1e6 if np.any(pred <= 0) else float(np.sum((np.log(pred) - log_eff) ** 2))
+
+        best = min((optimize.minimize(loss, s, method="L-BFGS-B", bounds=bounds) for s in starts), key=lambda r: r.fun)
+        self.constants_ = dict(zip(names, map(float, best.x)))
+        self.sse_ = float(best.fun)
+        return self
+
+    def predict(self, formats: pd.DataFrame) -> np.ndarray:
+        return self._predict(list(self.constants_.values()), formats)
+
+
+@dataclass
+class Validation:
+    law: DecoupledLaw
+    boot: BootstrapResult | None
+    form: str
+    constants: dict
+    constants_ci: dict
+    table: pd.DataFrame
+    regression: CapacityRegression = field(repr=False, default=None)
+
+    def as_json(self) -> dict:
+        def p(name):
+            ci = self.constants_ci.get(name)
+            return {"value": self.constants[name], "se": None if ci is None else ci[2],
+                    "ci": None if ci is None else [ci[0], ci[1]]}
+        rows = []
+        for _, r in self.table.iterrows():
+            rows.append({"format": r["format"], "fitted": r["fitted"],
+                         "fitted_ci": None if pd.isna(r["fitted_lo"]) else [r["fitted_lo"], r["fitted_hi"]],
+                         "predicted": r["predicted"],
+                         "predicted_interval": None if pd.isna(r["pred_lo"]) else [r["pred_lo"], r["pred_hi"]],
+                         "within": bool(r["within"]), "capacity": r["capacity"], "w_gmse": r["w_gmse"],
+                         "a_gmse": r["a_gmse"]})
+        return {"form": self.form, "rho": {k: p(k) for k in self.constants}, "formats": rows}
+
+    def summary(self) -> str:
+        consts = ", ".join(f"{k} = {v:.3g}" + (f" [{self.constants_ci[k][0]:.3g}, {self.constants_ci[k][1]:.3g}]"
+                                               if k in self.constants_ci else "") for k, v in self.constants.items())
+        cols = ["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_lo", "fitted_hi", "predicted",
+                "pred_lo", "pred_hi", "within"]
+        return (f"capacity regression ({self.form}): {consts}\n"
+                "leave-one-format-out: each format's efficiency predicted from capacity with rho refitted on the others\n"
+                + self.table[cols].to_string(index=False, float_format="{:.4g}".format))
+
+
+def _eff_columns(formats):
+    return [f"eff[{f}]" for f in formats]
+
+
+def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "tanh", delta: float = 1e-3,
+             law: DecoupledLaw | None = None, boot: BootstrapResult | None = None, progress: bool = True,
+             n_jobs: int | None = None) -> Validation:
+    baseline = runs.attrs.get("baseline", "bf16")
+    law = law or DecoupledLaw(baseline, delta).fit(runs)
+    if boot is None and n_boot:
+        boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress)
+    info = format_table(runs).loc[[f for f in law.formats_ if f != baseline]]
+    fitted = pd.Series({f: law.eff_[f] for f in info.index})
+    if len(info) < 2:
+        raise ValueError("validation needs at least two compressed formats besides the baseline")
+    reg = CapacityRegression(form).fit(info, fitted)
+    samples = boot.samples[_eff_columns(info.index)] if boot is not None and len(boot.samples) else None
+    constants_ci = {}
+    if samples is not None:
+        draws = pd.DataFrame([CapacityRegression(form).fit(info, row.to_numpy()).constants_ for _, row in samples.iterrows()])
+        constants_ci = {k: (float(draws[k].quantile(0.025)), float(draws[k].quantile(0.975)), float(draws[k].std()))
+                        for k in draws}
+    rows = []
+    for f in info.index:
+        others = info.index != f
+        one = info.loc[[f]]
+        predicted = float(CapacityRegression(form).fit(info[others], fitted[others]).predict(one)[0])
+        lo = hi = flo = fhi = np.nan
+        if samples is not None:
+            preds = [CapacityRegression(form).fit(info[others], row[others].to_numpy()).predict(one)[0]
+                     for _, row in samples.iterrows()]
+            lo, hi = np.quantile(preds, [0.025, 0.975])
+            flo, fhi = samples[f"eff[{f}]"].quantile([0.025, 0.975])
+            within = bool(lo <= fhi and flo <= hi)  # prediction interval and fitted CI overlap
+        else:
+            within = bool(abs(np.log(predicted / fitted[f])) < 0.1)
+        rows.append({"format": f, "w_gmse": info.at[f, "w_gmse"], "a_gmse": info.at[f, "a_gmse"],
+                     "capacity": float(reg.predict(one)[0]), "fitted": fitted[f], "fitted_lo": flo, "fitted_hi": fhi,
+                     "predicted": predicted, "pred_lo": lo, "pred_hi": hi, "within": within})
+    return Validation(law, boot, form, reg.constants_, constants_ci, pd.DataFrame(rows), reg)
+
+
+def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
+                   n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True) -> dict:
+    """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
+    from .runs import spec_gmse
+    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress)
+    new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec) if w_spec else 0.0],
+                        "a_gmse": [spec_gmse(a_spec) if a_spec else 0.0]})
+    eff = float(v.regression.predict(new)[0])
+    p = v.law.params_
+    loss = p["A"] * (params * eff) ** -p["alpha"] + p["B"] * tokens ** -p["beta"] + p["E"]
+    out = {"w_format": w_spec, "a_format": a_spec, "w_gmse": float(new.w_gmse[0]), "a_gmse": float(new.a_gmse[0]),
+           "params": params, "tokens": tokens, "eff": eff, "loss": float(loss), "eff_interval": None,
+           "loss_interval": None}
+    if v.boot is not None and len(v.boot.samples):
+        info = format_table(runs).loc[[f for f in v.law.formats_ if f != v.law.baseline]]
+        rng = np.random.default_rng(seed)
+        effs, losses = [], []
+        for _, row in v.boot.samples.iterrows():
+            e = float(CapacityRegression(form).fit(info, row[_eff_columns(info.index)].to_numpy()).predict(new)[0])
+            effs.append(e)
+            pred = row["A"] * (params * e) ** -row["alpha"] + row["B"] * tokens ** -row["beta"] + row["E"]
+            losses.append(pred * np.exp(rng.choice(v.law.residuals_)))
+        out["eff_interval"] = [float(x) for x in np.quantile(effs, [0.025, 0.975])]
+        out["loss_interval"] = [float(x) for x in np.quantile(losses, [0.025, 0.975])]
+    return out
