@@ -105,10 +105,13 @@ class Decoder(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
         self.apply(self._init)
 
-    @staticmethod
-    def _init(module):
-        if isinstance(module, (nn.Linear, nn.Embedding, CompressedLinear)):
-            nn.init.normal_(module.weight, std=0.02)
+    def _init(self, module):
+        # Fan-in scaled matrices and d^-1/2 embeddings: with a fixed 0.02 std, tiny models sit on the
+        # unigram plateau for a random number of steps, which dominated run-to-run scatter (0.09 vs 0.006 nats).
+        if isinstance(module, (nn.Linear, CompressedLinear)):
+            nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=self.cfg.n_embd ** -0.5)
 
     def non_embedding_params(self) -> int:
         return sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm.parameters())

@@ -38,8 +38,8 @@ class TrainConfig:
     tokens: int = 200_000           # training tokens (rounded up to whole steps)
     seed: int = 0
     context: int = 128
-    batch_size: int | None = None   # default: about 200 steps, 8..64 sequences
-    lr: float | None = None         # default: 2e-3 * (N / 1e6)^-0.2, at most 6e-3
+    batch_size: int | None = None   # default: about 150 steps, 16..64 sequences
+    lr: float | None = None         # default: 3e-3 * (N / 1e6)^-0.2, at most 6e-3
     warmup: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -65,11 +65,11 @@ class TrainConfig:
     def resolved_batch_size(self) -> int:
         if self.batch_size:
             return self.batch_size
-        ideal = min(max(self.tokens / (self.context * 200), 8), 64)
+        ideal = min(max(self.tokens / (self.context * 150), 16), 64)
         return 2 ** round(math.log2(ideal))
 
     def resolved_lr(self, n_params: int) -> float:
-        return self.lr if self.lr else min(6e-3, 2e-3 * (n_params / 1e6) ** -0.2)
+        return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
 
 
 def package_version() -> str:
