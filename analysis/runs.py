@@ -154,7 +154,10 @@ def _fill_gmse(runs: pd.DataFrame, where: str) -> None:
 
 
 def format_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per format: its specs, GMSEs and number of runs."""
-    return (runs.groupby("format", sort=False)
-                .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
-                     a_gmse=("a_gmse", "first"), runs=("loss", "size")))
+    """One row per format: its specs (None where uncompressed), GMSEs and number of runs."""
+    table = (runs.groupby("format", sort=False)
+                 .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
+                      a_gmse=("a_gmse", "first"), runs=("loss", "size")))
+    for col in ("w_spec", "a_spec"):
+        table[col] = table[col].astype(object).where(table[col].notna(), None)
+    return table

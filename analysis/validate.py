@@ -16,7 +16,7 @@ from scipy import optimize
 from capacity.law import rho
 
 from .bootstrap import BootstrapResult, bootstrap
-from .laws import DecoupledLaw
+from .laws import DecoupledLaw, single_threaded_blas
 from .runs import format_table
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
@@ -42,6 +42,7 @@ class CapacityRegression:
         part = lambda spec, g: np.where(spec.isna().to_numpy(), 1.0, fn(np.clip(g.to_numpy(float), 1e-12, 1.0), *c))  # noqa: E731
         return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
 
+    @single_threaded_blas
     def fit(self, formats: pd.DataFrame, eff) -> "CapacityRegression":
         _, names, starts, bounds = FORMS[self.form]
         log_eff = np.log(np.asarray(eff, float))
@@ -59,6 +60,16 @@ class CapacityRegression:
         return self._predict(list(self.constants_.values()), formats)
 
 
+SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
+
+
+def fit_rho(formats: pd.DataFrame, eff, form: str = "tanh") -> CapacityRegression:
+    """rho fitted to the formats' efficiencies, anchored by the baseline: GMSE 0 has efficiency 1 (rho(0) = L).
+    Without the anchor, leaving out the format closest to GMSE 0 leaves L unconstrained."""
+    anchor = pd.DataFrame({"w_spec": ["(baseline)"], "a_spec": [None], "w_gmse": [0.0], "a_gmse": [0.0]})
+    return CapacityRegression(form).fit(pd.concat([formats[SPEC_COLUMNS], anchor]), np.append(np.asarray(eff, float), 1.0))
+
+
 @dataclass
 class Validation:
     law: DecoupledLaw
@@ -68,6 +79,7 @@ class Validation:
     constants_ci: dict
     table: pd.DataFrame
     regression: CapacityRegression = field(repr=False, default=None)
+    draws: pd.DataFrame | None = field(repr=False, default=None)  # rho constants refitted per bootstrap replicate
 
     def as_json(self) -> dict:
         def p(name):
@@ -109,21 +121,21 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
     fitted = pd.Series({f: law.eff_[f] for f in info.index})
     if len(info) < 2:
         raise ValueError("validation needs at least two compressed formats besides the baseline")
-    reg = CapacityRegression(form).fit(info, fitted)
+    reg = fit_rho(info, fitted, form)
     samples = boot.samples[_eff_columns(info.index)] if boot is not None and len(boot.samples) else None
-    constants_ci = {}
+    constants_ci, draws = {}, None
     if samples is not None:
-        draws = pd.DataFrame([CapacityRegression(form).fit(info, row.to_numpy()).constants_ for _, row in samples.iterrows()])
+        draws = pd.DataFrame([fit_rho(info, row.to_numpy(), form).constants_ for _, row in samples.iterrows()])
         constants_ci = {k: (float(draws[k].quantile(0.025)), float(draws[k].quantile(0.975)), float(draws[k].std()))
                         for k in draws}
     rows = []
     for f in info.index:
         others = info.index != f
         one = info.loc[[f]]
-        predicted = float(CapacityRegression(form).fit(info[others], fitted[others]).predict(one)[0])
+        predicted = float(fit_rho(info[others], fitted[others], form).predict(one)[0])
         lo = hi = flo = fhi = np.nan
         if samples is not None:
-            preds = [CapacityRegression(form).fit(info[others], row[others].to_numpy()).predict(one)[0]
+            preds = [fit_rho(info[others], row[others].to_numpy(), form).predict(one)[0]
                      for _, row in samples.iterrows()]
             lo, hi = np.quantile(preds, [0.025, 0.975])
             flo, fhi = samples[f"eff[{f}]"].quantile([0.025, 0.975])
@@ -133,7 +145,7 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
         rows.append({"format": f, "w_gmse": info.at[f, "w_gmse"], "a_gmse": info.at[f, "a_gmse"],
                      "capacity": float(reg.predict(one)[0]), "fitted": fitted[f], "fitted_lo": flo, "fitted_hi": fhi,
                      "predicted": predicted, "pred_lo": lo, "pred_hi": hi, "within": within})
-    return Validation(law, boot, form, reg.constants_, constants_ci, pd.DataFrame(rows), reg)
+    return Validation(law, boot, form, reg.constants_, constants_ci, pd.DataFrame(rows), reg, draws)
 
 
 def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
@@ -154,7 +166,7 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
         rng = np.random.default_rng(seed)
         effs, losses = [], []
         for _, row in v.boot.samples.iterrows():
-            e = float(CapacityRegression(form).fit(info, row[_eff_columns(info.index)].to_numpy()).predict(new)[0])
+            e = float(fit_rho(info, row[_eff_columns(info.index)].to_numpy(), form).predict(new)[0])
             effs.append(e)
             pred = row["A"] * (params * e) ** -row["alpha"] + row["B"] * tokens ** -row["beta"] + row["E"]
             losses.append(pred * np.exp(rng.choice(v.law.residuals_)))

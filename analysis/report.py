@@ -1,0 +1,215 @@
+"""`capkit report`: every analysis of a run table in one folder: report.html (self-contained, figures
+embedded), report.md (figures beside it as PNG), results.json, and the figures."""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from capacity import parse
+
+from . import plots
+from .bootstrap import bootstrap, extrapolation_check
+from .cli import add_run_arguments, fit_json
+from .compose import compose_grid, compose_runs, read_grid
+from .laws import DecoupledLaw, make_law
+from .runs import format_table, load_runs
+from .validate import CapacityRegression, validate
+
+
+@dataclass
+class Report:
+    folder: Path
+    results: dict
+    validation: object
+    composability: pd.DataFrame
+    law_comparison: pd.DataFrame
+
+
+def _bits(spec) -> float:
+    return 16.0 if spec is None else parse(spec).bits_per_value
+
+
+def _law_comparison(runs, decoupled, delta):
+    rows = [("decoupled", len(decoupled.params_) + len(decoupled.eff_) - 1, decoupled)]
+    for name in ("unified", "kumar", "frantar"):
+        try:
+            fit = make_law(name, baseline=decoupled.baseline, delta=delta).fit(runs)
+        except ValueError:  # e.g. no sparsity runs for the Frantar law
+            continue
+        rows.append((name, len(fit.params_), fit))
+    table = pd.DataFrame([{"law": n, "parameters": k, "runs": f.n_runs_, "objective": f.objective_,
+                           "rmse_log_loss": f.rmse_log_, "rmse_loss": f.rmse_loss_} for n, k, f in rows])
+    return table, {n: f for n, _, f in rows}
+
+
+def _figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plots.plt.close(fig)
+    return buf.getvalue()
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="t")
+
+
+def _interval(lo, hi) -> str:
+    return "" if pd.isna(lo) else f"[{lo:.3g}, {hi:.3g}]"
+
+
+def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
+                 grids: dict | None = None, title: str = "capkit report", progress: bool = True,
+                 n_jobs: int | None = None) -> Report:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    baseline = runs.attrs.get("baseline", "bf16")
+    law = DecoupledLaw(baseline, delta).fit(runs)
+    boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress) if n_boot else None
+    intervals = boot.intervals(law.values()) if boot else None
+    comparison, fits = _law_comparison(runs, law, delta)
+    validation = validate(runs, law=law, boot=boot, n_boot=0, progress=progress)
+    comp = compose_runs(law.eff_, boot)
+    extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
+
+    info = format_table(runs)
+    capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
+        bits_per_value=lambda d: [_bits(w) for w in d["w_spec"]],
+        capacity=lambda d: CapacityRegression("tanh")._predict([1.0, 0.41, 1.39], d))
+    eff_table = pd.DataFrame([{"format": f, "eff": v,
+                               "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
+                               "eff_hi": intervals.loc[f"eff[{f}]", "hi"] if intervals is not None else np.nan}
+                              for f, v in law.eff_.items()])
+    per_bit = eff_table.merge(capacity_table[["format", "bits_per_value"]], on="format").rename(columns={"eff": "fitted"})
+
+    figures = {"loss_vs_params": ("Loss against model size, with the fitted decoupled law", plots.loss_vs_params(runs, law)),
+               "efficiency_vs_gmse": ("Fitted efficiency against Gaussian MSE, with the fitted rho curve",
+                                      plots.efficiency_vs_gmse(validation, validation.draws)),
+               "loo_predictions": ("Leave-one-format-out capacity predictions against fitted efficiencies",
+                                   plots.loo_predictions(validation)),
+               "residuals": ("Residuals of the decoupled fit by format", plots.residuals(runs, law)),
+               "per_bit": ("Fitted efficiency against bits per value", plots.per_bit(per_bit))}
+    if boot is not None and len(boot.samples):
+        figures["bootstrap"] = ("Bootstrap distributions", plots.bootstrap_distributions(boot.samples, law.formats_))
+    if not comp.empty:
+        figures["composability"] = ("Composability on trained runs", plots.composability(comp))
+    grid_results = {}
+    for name, path in (grids or {}).items():
+        grid_results[name] = compose_grid(read_grid(path))
+        figures[f"grid_{name}"] = (f"Capacity grid '{name}': product-of-edges prediction",
+                                   plots.grid_heatmaps(name, grid_results[name]))
+    images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
+    for key, data in images.items():
+        (folder / f"{key}.png").write_bytes(data)
+
+    results = {"title": title, "source": runs.attrs.get("source"), "baseline": baseline,
+               "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
+               "unified": fit_json(fits["unified"], None) if "unified" in fits else None,
+               "validation": validation.as_json(), "composability": comp.to_dict("records"),
+               "capacity": capacity_table.to_dict("records"),
+               "extrapolation": None if extrap is None else {
+                   "held_out_params": float(runs["params"].max()),
+                   "mean_abs_rel_error": float(extrap["rel_error"].abs().mean()),
+                   "max_abs_rel_error": float(extrap["rel_error"].abs().max())},
+               "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
+                         | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
+               "skipped_runs": runs.attrs.get("skipped", [])}
+    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    vt = validation.table.assign(fitted_ci=lambda d: [_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
+                                 predicted_interval=lambda d: [_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
+    vt = vt[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"]]
+    params = pd.DataFrame([{"parameter": k, "value": v,
+                            "95% CI": _interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
+                            "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
+                           for k, v in law.params_.items()])
+    effs = eff_table.assign(**{"95% CI": [_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
+        ["format", "eff", "95% CI"]]
+    sections = [
+        ("Capacity of the formats", "GMSE (exact where available, else Monte Carlo) and capacity rho with the "
+         "published constants; a weights/activations pair's capacity is the product.", capacity_table),
+        ("Decoupled fit", f"loss = A (N eff)^-alpha + B D^-beta + E over {law.n_runs_} runs; objective "
+         f"{law.objective_:.4e} (sum of Huber, delta {delta:g}, on log loss); residual RMSE {law.rmse_log_:.4f} "
+         f"in log loss, {law.rmse_loss_:.4f} in loss; "
+         + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed)." if boot else "no bootstrap."), params),
+        ("Efficiency per format", f"95% bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
+        ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
+         "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
+        ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
+         "the format; within = its prediction interval overlaps the fitted CI. " + validation.summary().splitlines()[0],
+         vt),
+    ]
+    if not comp.empty:
+        sections.append(("Composability", "Ratio eff(combined) / (eff(part 1) x eff(part 2)); 1 inside the "
+                                          "interval means the capacities multiply.", comp))
+    if extrap is not None:
+        sections.append(("Extrapolation", f"Fitted without the largest models (N = {runs['params'].max():.4g}), "
+                                          "then predicted them.", extrap))
+    for name, r in grid_results.items():
+        sections.append((f"Capacity grid '{name}'", f"Edges: row {r['edge_row']}, column {r['edge_col']}; "
+                         f"max |error| {r['max_abs_error']:.3f}, RMS {r['rms_error']:.3f}, rank-1 RMS "
+                         f"{r['rank1_rms_error']:.3f}; worst cell {r['worst_cell'][:2]}.",
+                         r["product"].round(3).reset_index()))
+    _write_markdown(folder, title, sections, figures)
+    _write_html(folder, title, sections, figures, images)
+    return Report(folder, results, validation, comp, comparison)
+
+
+def _write_markdown(folder, title, sections, figures):
+    lines = [f"# {title}", ""]
+    for heading, text, table in sections:
+        lines += [f"## {heading}", "", text, "", table.to_markdown(index=False, floatfmt=".4g")
+                  if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```", ""]
+    lines += ["## Figures", ""] + [f"![{caption}]({key}.png)\n" for key, (caption, _) in figures.items()]
+    (folder / "report.md").write_text("\n".join(lines))
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+       "table.t{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
+       "table.t th,table.t td{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}"
+       "table.t th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:14px}")
+
+
+def _write_html(folder, title, sections, figures, images):
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, text, table in sections:
+        body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>", _table_html(table)]
+    body.append("<h2>Figures</h2>")
+    for key, (caption, _) in figures.items():
+        data = base64.b64encode(images[key]).decode()
+        body.append(f'<figure><img id="{key}" alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    (folder / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
+                                        f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _report_command(args) -> None:
+    runs = load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
+    grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
+    report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
+                          n_jobs=args.jobs)
+    print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
+
+
+def add_report_command(sub) -> None:
+    p = sub.add_parser("report", help="write an HTML/Markdown/JSON report with figures",
+                       description="Fit, bootstrap, validate capacity predictions, test composability and plot "
+                                   "everything into a folder.")
+    add_run_arguments(p, bootstrap_default=200)
+    p.add_argument("-o", "--output", default="capkit-report", help="output folder")
+    p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    p.set_defaults(func=_report_command)

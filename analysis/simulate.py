@@ -1,0 +1,29 @@
+"""Run tables simulated from a known law: for testing fitters, checking interval coverage, and planning
+how many runs a study needs to separate formats."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from capacity.runtable import BASELINE_LABEL
+
+TRUTH = {"A": 400.0, "B": 1800.0, "E": 1.7, "alpha": 0.34, "beta": 0.37}
+
+
+def simulate_runs(eff: dict, sizes=(2e7, 5e7, 1e8, 2e8, 4e8), tokens_per_param=(20, 50, 100), noise: float = 0.005,
+                  seed: int = 0, law: dict | None = None, specs: dict | None = None) -> pd.DataFrame:
+    """One run per (format, N, D): loss from the decoupled law times exp(N(0, noise)) (log-normal scatter).
+    `eff` maps labels to true efficiencies (the baseline label must be there with 1); `specs` optionally maps
+    labels to (w_format, a_format) spec strings."""
+    law = {**TRUTH, **(law or {})}
+    rng = np.random.default_rng(seed)
+    rows = []
+    for label, e in eff.items():
+        w, a = (specs or {}).get(label, (label, None))
+        for n in sizes:
+            for ratio in tokens_per_param:
+                d = n * ratio
+                loss = law["A"] * (n * e) ** -law["alpha"] + law["B"] * d ** -law["beta"] + law["E"]
+                rows.append({"format": label, "params": n, "tokens": d, "loss": loss * np.exp(rng.normal(0, noise)),
+                             "w_format": w if label != BASELINE_LABEL else "bf16", "a_format": a or "none"})
+    return pd.DataFrame(rows)
