@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from capacity import parse
 from capacity.law import rho
-from capacity.runtable import BASELINE_LABEL
+from capacity.runtable import BASELINE_LABEL, is_uncompressed
 
 from .runs import check_identifiable, format_table
 
@@ -224,7 +224,7 @@ class UnifiedLaw(_FormulaLaw):
     constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
 
     def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
-        part = lambda spec, g: 1.0 if spec is None else rho(g, *c)  # noqa: E731
+        part = lambda spec, g: 1.0 if is_uncompressed(spec) else rho(g, *c)  # noqa: E731
         return part(w_spec, w_gmse) * part(a_spec, a_gmse)
 
     def constant_starts(self, decoupled):
@@ -233,7 +233,7 @@ class UnifiedLaw(_FormulaLaw):
 
 @functools.lru_cache(maxsize=None)
 def format_bits(spec) -> float:
-    return UNCOMPRESSED_BITS if spec is None else parse(spec).bits_per_value
+    return UNCOMPRESSED_BITS if is_uncompressed(spec) else parse(spec).bits_per_value
 
 
 class KumarLaw(_FormulaLaw):
@@ -252,7 +252,7 @@ class KumarLaw(_FormulaLaw):
 
 def sparsity_of(spec) -> float | None:
     """Fraction of zeros of a pure-sparsity spec (0 for uncompressed); None for anything else."""
-    if spec is None:
+    if is_uncompressed(spec):
         return 0.0
     parts = parse(spec).parts
     if len(parts) != 1:

@@ -12,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from capacity import parse
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
 from .cli import add_run_arguments, fit_json
 from .compose import compose_grid, compose_runs, read_grid
-from .laws import DecoupledLaw, make_law
+from .laws import DecoupledLaw, format_bits, make_law
 from .runs import format_table, load_runs
 from .validate import CapacityRegression, validate
 
@@ -30,10 +29,6 @@ class Report:
     validation: object
     composability: pd.DataFrame
     law_comparison: pd.DataFrame
-
-
-def _bits(spec) -> float:
-    return 16.0 if spec is None else parse(spec).bits_per_value
 
 
 def _law_comparison(runs, decoupled, delta):
@@ -80,7 +75,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
 
     info = format_table(runs)
     capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
-        bits_per_value=lambda d: [_bits(w) for w in d["w_spec"]],
+        bits_per_value=lambda d: [format_bits(w) for w in d["w_spec"]],
         capacity=lambda d: CapacityRegression("tanh")._predict([1.0, 0.41, 1.39], d))
     eff_table = pd.DataFrame([{"format": f, "eff": v,
                                "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,

@@ -14,10 +14,11 @@ import pandas as pd
 from scipy import optimize
 
 from capacity.law import rho
+from capacity.runtable import is_uncompressed
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, single_threaded_blas
-from .runs import format_table
+from .runs import format_table, spec_gmse
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
@@ -151,8 +152,8 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
 def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
                    n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True) -> dict:
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
-    from .runs import spec_gmse
     v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress)
+    w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
     new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec) if w_spec else 0.0],
                         "a_gmse": [spec_gmse(a_spec) if a_spec else 0.0]})
     eff = float(v.regression.predict(new)[0])

@@ -1,0 +1,97 @@
+"""`capkit demo`: the whole claim of the toolkit on the shipped CPU study, in a few minutes.
+
+Capacity of the study's formats; decoupled and unified fits with bootstrap; leave-one-format-out
+validation of capacity predictions; composability on runs and on the published grids; the report.
+`--train` first regenerates a small study from scratch (through the `sweep` command, so this module
+does not depend on the trainer package directly).
+"""
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+import capacity
+from capacity import InputError
+from capacity.cli import main as capkit_main
+
+from .report import build_report
+from .runs import format_table, load_runs
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _study(train: bool, out: Path) -> Path:
+    if not train:
+        path = DATA / "study_runs.jsonl"
+        if not path.exists():
+            raise InputError(f"{path}: the shipped study is missing (install capkit from a source checkout, "
+                             "or run `capkit demo --train`)")
+        return path
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = out / "demo_small.toml"
+    shutil.copy(DATA / "demo_small.toml", sweep)
+    if capkit_main(["sweep", str(sweep)]) != 0:
+        raise InputError("the demo sweep failed; see the messages above")
+    return out / "demo_runs.jsonl"
+
+
+def _interval(lo, hi) -> str:
+    return "" if pd.isna(lo) else f"[{lo:.3f}, {hi:.3f}]"
+
+
+def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
+             n_jobs: int | None = None) -> Path:
+    started = time.time()
+    out = Path(out)
+    runs_path = _study(train, out)
+    runs = load_runs(runs_path)
+    info = format_table(runs)
+    specs = sorted({s for s in pd.concat([info["w_spec"], info["a_spec"]]) if s is not None})
+    print(f"== Capacity of the study's formats (GMSE, rho with the published constants) ==")
+    print(capacity.compare(specs, samples=1 << 20)[["spec", "bits_per_value", "gmse", "rho", "rho_per_bit", "rd_bound",
+                                                    "method"]].to_string(index=False, float_format="{:.4g}".format))
+    print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
+          f"({n_boot} bootstrap refits) ==")
+    grids = {p.stem.removeprefix("capacity_"): p for p in sorted((DATA / "reference").glob("capacity_*.csv"))}
+    report = build_report(runs, out, n_boot=n_boot, seed=seed, grids=grids, n_jobs=n_jobs,
+                          title=f"capkit demo: {runs_path.name}")
+    res = report.results
+    dec = res["decoupled"]
+    print(f"decoupled law: alpha {dec['params']['alpha']['value']:.3f}, beta {dec['params']['beta']['value']:.3f}, "
+          f"E {dec['params']['E']['value']:.3f}; residual RMSE {dec['rmse_log_loss']:.4f} (log loss)")
+    print(report.law_comparison.to_string(index=False, float_format="{:.4g}".format))
+    t = report.validation.table
+    print("\n== Capacity predictions vs trained efficiencies (leave-one-format-out) ==")
+    print(pd.DataFrame({"format": t["format"], "fitted eff": t["fitted"].round(3),
+                        "95% CI": [_interval(a, b) for a, b in zip(t["fitted_lo"], t["fitted_hi"])],
+                        "predicted": t["predicted"].round(3),
+                        "interval": [_interval(a, b) for a, b in zip(t["pred_lo"], t["pred_hi"])],
+                        "verdict": ["consistent" if w else "differs" for w in t["within"]]}).to_string(index=False))
+    if not report.composability.empty:
+        print("\n== Composability: eff(combined) / (eff(part 1) x eff(part 2)) ==")
+        for r in report.composability.itertuples():
+            verdict = "multiplies" if r.composes else "does not multiply"
+            print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} {_interval(r.ratio_lo, r.ratio_hi)}"
+                  f" -> {verdict}")
+    for name, g in res["grids"].items():
+        print(f"  grid {name}: product-of-edges max |error| {g['max_abs_error']:.3f} (worst {g['worst_cell'][:2]})")
+    if res.get("extrapolation"):
+        e = res["extrapolation"]
+        print(f"\nextrapolation to the largest models (held out): mean |error| {e['mean_abs_rel_error']:.2%}")
+    print(f"\nreport: {(out / 'report.html').resolve()}  ({time.time() - started:.0f} s)")
+    return out
+
+
+def add_demo_command(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: capacity, fits, validation, composability and a report",
+                       description="Run the whole analysis on the shipped CPU scaling study (data/study_runs.jsonl) "
+                                   "and write a report folder; --train regenerates a small study first.")
+    p.add_argument("-o", "--output", default="capkit-demo", help="report folder (default: ./capkit-demo)")
+    p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes")
+    p.set_defaults(func=lambda a: run_demo(a.output, a.train, a.bootstrap, a.seed, a.jobs))

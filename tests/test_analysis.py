@@ -1,0 +1,235 @@
+"""Analysis: fitting on the real Chinchilla data, recovery on simulated runs, validation, composability,
+run-table errors and the command-line contract."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
+from analysis.compose import compose_grid, compose_runs, read_grid
+from analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
+from analysis.runs import RunTableError, load_runs
+from analysis.simulate import simulate_runs
+from analysis.validate import validate
+from capacity import gmse, rho
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "data" / "reference"
+CHINCHILLA = ROOT.parent / "shared" / "reference" / "chinchilla_epoch_240.csv"
+REPLICATION = {"A": 477.84, "B": 2143.86, "E": 1.8172, "alpha": 0.34731, "beta": 0.36718}
+SPECS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4": ("int4", None), "int3": ("int3", None),
+         "int2": ("int2", None), "int4/int4": ("int4", "int4"), "bf16/int4": ("bf16", "int4")}
+
+
+def capacity_effs():
+    """True efficiencies that follow rho(GMSE) with the published constants."""
+    g = {s: gmse(s, exact=True).gmse for s in ("int8", "int4", "int3", "int2")}
+    eff = {"bf16": 1.0, **{s: rho(v) for s, v in g.items()}}
+    eff["int4/int4"], eff["bf16/int4"] = rho(g["int4"]) ** 2, rho(g["int4"])
+    return eff
+
+
+@pytest.fixture(scope="module")
+def chinchilla():
+    if not CHINCHILLA.exists():
+        pytest.skip(f"reference data not found at {CHINCHILLA}")
+    return load_runs(CHINCHILLA)
+
+
+def test_chinchilla_fit_reaches_replication_optimum(chinchilla):
+    fit = DecoupledLaw().fit(chinchilla)
+    assert fit.objective_ <= 1.018275e-3
+    for name, value in REPLICATION.items():
+        assert fit.params_[name] == pytest.approx(value, rel=0.01), name
+
+
+def test_chinchilla_bootstrap_standard_errors_have_the_replications_size(chinchilla):
+    fit = DecoupledLaw().fit(chinchilla)
+    boot = bootstrap(fit, chinchilla, n_boot=24, seed=1, progress=False)
+    se = boot.intervals()["se"]
+    assert boot.n_failed == 0
+    assert 0.007 < se["alpha"] < 0.03 and 0.01 < se["beta"] < 0.04 and 0.012 < se["E"] < 0.05
+
+
+def test_bootstrap_is_reproducible_whatever_the_worker_count(chinchilla):
+    fit = DecoupledLaw().fit(chinchilla)
+    one = bootstrap(fit, chinchilla, n_boot=4, seed=7, n_jobs=1, progress=False).samples
+    two = bootstrap(fit, chinchilla, n_boot=4, seed=7, n_jobs=2, progress=False).samples
+    pd.testing.assert_frame_equal(one.sort_values("alpha").reset_index(drop=True),
+                                  two.sort_values("alpha").reset_index(drop=True))
+
+
+def test_decoupled_fit_recovers_known_efficiencies():
+    truth = {"bf16": 1.0, "int8": 0.98, "int4": 0.8, "int2": 0.4, "2:4": 0.55}
+    runs = load_runs(simulate_runs(truth, noise=0.004, seed=3))
+    fit = DecoupledLaw().fit(runs)
+    for label, value in truth.items():
+        assert fit.eff_[label] == pytest.approx(value, abs=0.03), label
+    assert fit.params_["alpha"] == pytest.approx(0.34, abs=0.03)
+
+
+def test_unified_law_recovers_rho_constants_and_fits_nearly_as_well():
+    runs = load_runs(simulate_runs(capacity_effs(), noise=0.002, seed=0,
+                                   specs=SPECS))
+    decoupled, unified = DecoupledLaw().fit(runs), UnifiedLaw().fit(runs)
+    assert unified.params_["F"] == pytest.approx(0.41, abs=0.05)
+    assert unified.params_["C"] == pytest.approx(1.39, abs=0.2)
+    assert unified.rmse_log_ < 1.5 * decoupled.rmse_log_
+
+
+def test_kumar_and_frantar_laws_fit_their_data():
+    runs = load_runs(simulate_runs(capacity_effs(), noise=0.002, specs=SPECS))
+    kumar = KumarLaw().fit(runs)
+    assert kumar.params_["g_w"] > 0 and np.isfinite(kumar.objective_)
+    sparse = {"bf16": 1.0, "sparse(0.5)": 0.75, "2:4": 0.6, "sparse(0.75)": 0.45}
+    frantar = FrantarLaw().fit(load_runs(simulate_runs(sparse, noise=0.002)))
+    assert frantar.eff_["sparse(0.5)"] > frantar.eff_["sparse(0.75)"]
+    assert frantar.rmse_log_ < 0.01
+
+
+def test_validation_predicts_formats_that_follow_capacity():
+    runs = load_runs(simulate_runs(capacity_effs(), noise=0.002, specs=SPECS))
+    v = validate(runs, n_boot=16, seed=0, progress=False)
+    table = v.table.set_index("format")
+    assert (abs(table["predicted"] / table["fitted"] - 1) < 0.06).all()
+    assert table["within"].mean() >= 0.8
+    assert v.constants["F"] == pytest.approx(0.41, abs=0.06)
+
+
+def test_validation_flags_a_format_off_the_capacity_curve():
+    eff = capacity_effs()
+    eff["int3"] = 0.35  # far below rho(GMSE int3) = 0.67
+    v = validate(load_runs(simulate_runs(eff, noise=0.002, specs=SPECS)), n_boot=16, progress=False)
+    assert not v.table.set_index("format").loc["int3", "within"]
+
+
+def test_prediction_interval_and_extrapolation():
+    runs = load_runs(simulate_runs({"bf16": 1.0, "int4": 0.8}, noise=0.004))
+    fit = DecoupledLaw().fit(runs)
+    boot = bootstrap(fit, runs, n_boot=16, progress=False)
+    new = pd.DataFrame({"format": ["int4"], "params": [8e8], "tokens": [1.6e10]})
+    out = prediction_interval(fit, boot, new).iloc[0]
+    assert out["lo"] < out["predicted"] < out["hi"]
+    check = extrapolation_check(fit, runs)
+    assert check["rel_error"].abs().max() < 0.02
+
+
+def test_runs_composability_detects_parts():
+    eff = {"bf16": 1.0, "int4": 0.8, "bf16/int4": 0.9, "int4/int4": 0.72, "2:4": 0.5, "2:4+int4": 0.3}
+    table = compose_runs(eff, None).set_index("combined")
+    assert table.loc["int4/int4", "ratio"] == pytest.approx(1.0)
+    assert table.loc["2:4+int4", "ratio"] == pytest.approx(0.75)
+    assert set(table.index) == {"int4/int4", "2:4+int4"}
+
+
+def test_grid_composability_reproduces_published_products():
+    product = compose_grid(read_grid(REFERENCE / "capacity_wbits_x_abits.csv"))["product"]
+    for bits, published in [(1, 0.04), (2, 0.22), (3, 0.57), (4, 0.82)]:
+        assert product.loc[bits, f"a{bits}"] == pytest.approx(published, abs=0.01)
+    product = compose_grid(read_grid(REFERENCE / "capacity_bits_x_sparsity.csv"))["product"]
+    for bits, published in [(2, (0.48, 0.39, 0.28)), (4, (0.74, 0.61, 0.43))]:
+        assert product.loc[bits, ["s0.25", "s0.50", "s0.75"]].to_numpy() == pytest.approx(published, abs=0.01)
+
+
+def _write(tmp_path, frame, name="runs.csv"):
+    path = tmp_path / name
+    frame.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda f: f.drop(columns="loss"), "missing column(s) ['loss']"),
+    (lambda f: f.assign(loss=f["loss"].astype(object).where(f.index != 3, "abc")), "row 5, column 'loss'"),
+    (lambda f: f.assign(params=f["params"].where(f.index != 0, -5)), "row 2, column 'params'"),
+    (lambda f: f.assign(tokens=f["tokens"].where(f.index != 1, np.nan)), "row 3, column 'tokens'"),
+    (lambda f: pd.concat([f, f.iloc[[2]]]), "duplicates an earlier row"),
+    (lambda f: f[f["format"] != "bf16"], "no baseline rows"),
+    (lambda f: f.assign(status=f["status"].where(f.index != 0, "weird")), "column 'status'"),
+])
+def test_run_table_errors_name_file_row_and_column(tmp_path, mutate, message):
+    frame = simulate_runs({"bf16": 1.0, "int4": 0.8}).assign(status="ok")
+    path = _write(tmp_path, mutate(frame))
+    with pytest.raises(RunTableError) as info:
+        load_runs(path)
+    assert message in str(info.value) and str(path) in str(info.value)
+
+
+def test_too_few_runs_for_a_format_is_reported(tmp_path):
+    frame = simulate_runs({"bf16": 1.0, "int4": 0.8})
+    frame = pd.concat([frame, frame.iloc[[0]].assign(format="int2", w_format="int2")])
+    with pytest.raises(RunTableError, match="int2"):
+        DecoupledLaw().fit(load_runs(_write(tmp_path, frame)))
+
+
+def test_column_mapping_and_status_filtering(tmp_path):
+    frame = simulate_runs({"bf16": 1.0, "int4": 0.8}).rename(columns={"loss": "val_loss", "params": "n_params"})
+    frame["status"] = "ok"
+    frame.loc[0, "status"], frame.loc[0, "val_loss"] = "diverged", np.nan
+    runs = load_runs(_write(tmp_path, frame), mapping="loss=val_loss,params=n_params")
+    assert len(runs) == len(frame) - 1 and len(runs.attrs["skipped"]) == 1
+
+
+def capkit(*args):
+    return subprocess.run([sys.executable, "-m", "capacity.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_fit_json_contract(chinchilla):
+    out = capkit("fit", str(CHINCHILLA), "--json")
+    result = json.loads(out.stdout)
+    assert result["law"] == "decoupled" and result["n_runs"] == 240 and result["objective"] <= 1.018275e-3
+    assert set(result["params"]) == {"A", "B", "E", "alpha", "beta"}
+    assert result["params"]["alpha"] == {"value": pytest.approx(0.3473, abs=1e-3), "se": None, "ci": None}
+    assert result["eff"]["bf16"]["value"] == 1.0
+
+
+def test_cli_fit_validate_compose_on_a_run_table(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    frame = simulate_runs(capacity_effs(), noise=0.003, specs=SPECS)
+    path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n")
+    fit = json.loads(capkit("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7").stdout)
+    assert fit["n_runs"] == 7 * 4 * 3 and len(fit["eff"]["int4"]["ci"]) == 2 and fit["eff"]["int4"]["se"] > 0
+    val = json.loads(capkit("validate", str(path), "--bootstrap", "8", "--json").stdout)
+    assert set(val["rho"]) == {"L", "F", "C"}
+    row = val["formats"][0]
+    assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"}
+    comp = json.loads(capkit("compose", str(path), "--bootstrap", "8", "--json").stdout)
+    assert comp[0]["combined"] == "int4/int4" and comp[0]["composes"] in (True, False)
+    pred = json.loads(capkit("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),
+                             "--bootstrap", "8", "--json").stdout)
+    assert rho(gmse("int4", exact=True).gmse) < pred["eff"] < 1 and pred["loss_interval"][0] < pred["loss"]
+
+
+def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path):
+    path = _write(tmp_path, simulate_runs({"bf16": 1.0, "int4": 0.8}).drop(columns="tokens"))
+    out = capkit("fit", str(path))
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "tokens" in out.stderr
+    assert capkit("fit", str(tmp_path / "nope.csv")).returncode == 2
+
+
+def test_report_writes_html_markdown_json_and_figures(tmp_path):
+    from analysis.report import build_report
+    runs = load_runs(simulate_runs(capacity_effs(), noise=0.003, specs=SPECS))
+    report = build_report(runs, tmp_path, n_boot=8, progress=False,
+                          grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 7
+    assert {"decoupled", "validation", "composability", "law_comparison"} <= set(report.results)
+    assert json.loads((tmp_path / "results.json").read_text())["decoupled"]["n_runs"] == len(runs)
+    assert (tmp_path / "report.md").exists() and (tmp_path / "loss_vs_params.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bootstrap_intervals_cover_the_truth_at_about_the_nominal_rate():
+    truth = {"bf16": 1.0, "int4": 0.8, "int2": 0.45}
+    hits = []
+    for rep in range(20):
+        runs = load_runs(simulate_runs(truth, noise=0.01, seed=100 + rep))
+        fit = DecoupledLaw().fit(runs)
+        iv = bootstrap(fit, runs, n_boot=60, seed=rep, progress=False).intervals()
+        hits += [iv.loc["eff[int4]", "lo"] <= 0.8 <= iv.loc["eff[int4]", "hi"],
+                 iv.loc["alpha", "lo"] <= 0.34 <= iv.loc["alpha", "hi"]]
+    assert 0.75 <= np.mean(hits) <= 1.0
