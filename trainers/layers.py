@@ -73,10 +73,10 @@ def backward_mask(x: torch.Tensor, q: torch.Tensor, fmt: capacity.Format, comp: 
     keep = fmt.keep_mask(x)
     if keep is None or comp.backward_mask == "dense":
         return mask
-    mask = keep if mask is None else mask | ~keep  # pruned entries: decided by the sparse rule below
+    mask = torch.ones_like(keep) if mask is None else mask | ~keep  # pruned entries: the sparse rule decides
     if comp.backward_mask == "masked":
         return mask & keep
-    t_k = x.abs()[keep].min() if keep.any() else x.abs().max()
+    t_k = x.abs()[~keep].max() if (~keep).any() else x.abs().new_zeros(())  # forward keeps |x| > t_k
     t_p = x.pow(2).mean().sqrt() * float(stats.norm.ppf(0.5 + comp.rbbm_p))
     low, high = torch.minimum(t_k, t_p), torch.maximum(t_k, t_p)
     return mask & ((x.abs() < low) | (x.abs() > high))
