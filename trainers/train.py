@@ -38,7 +38,7 @@ class TrainConfig:
     tokens: int = 200_000           # training tokens (rounded up to whole steps)
     seed: int = 0
     context: int = 128
-    batch_size: int | None = None   # default: about 150 steps, 16..64 sequences
+    batch_size: int | None = None   # default by model size: 16 sequences below 1M parameters, 32 below 30M, else 64
     lr: float | None = None         # default: 3e-3 * (N / 1e6)^-0.2, at most 6e-3
     warmup: float = 0.1
     weight_decay: float = 0.1
@@ -63,10 +63,11 @@ class TrainConfig:
         return hashlib.sha1(payload.encode()).hexdigest()[:16]
 
     def resolved_batch_size(self) -> int:
+        """Fixed per model size, never per token budget: in a scaling study more tokens must mean more steps
+        (a batch that grows with D confounds the D term with the batch size)."""
         if self.batch_size:
             return self.batch_size
-        ideal = min(max(self.tokens / (self.context * 150), 16), 64)
-        return 2 ** round(math.log2(ideal))
+        return 16 if self.params < 1e6 else 32 if self.params < 3e7 else 64
 
     def resolved_lr(self, n_params: int) -> float:
         return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
