@@ -32,20 +32,25 @@ def magnitude_mask(x: torch.Tensor, keep: torch.Tensor | None, drop_fraction: fl
     return mag > threshold
 
 
-class Sparse(Component):
+class _FractionComponent(Component):
+    """A component with one positional parameter, a fraction in [0, 1), always shown in its spec."""
+
+    def __init__(self, fraction=None):
+        fraction = self.defaults["fraction"] if fraction is None else fraction
+        super().__init__(fraction=fraction)
+        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise SpecError(f"{self.name}: fraction must be in [0, 1), got {fraction!r}")
+
+    @property
+    def spec(self):
+        return f"{self.name}({self.params['fraction']})"
+
+
+class Sparse(_FractionComponent):
     """Unstructured magnitude sparsity over the whole tensor; mask storage counted at its entropy H(s)."""
 
     name = "sparse"
     defaults = {"fraction": 0.5}
-
-    def __init__(self, fraction=0.5):
-        super().__init__(fraction=fraction)
-        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise SpecError(f"sparse: fraction must be in [0, 1), got {fraction!r}")
-
-    @property
-    def spec(self):
-        return f"sparse({self.params['fraction']})"
 
     def keep_mask(self, x, keep):
         mask = magnitude_mask(x, keep, self.params["fraction"])
@@ -94,20 +99,11 @@ class NMSparse(Component):
         return index_bits / self.m + self.n / self.m * inner_bits
 
 
-class Outliers(Component):
+class Outliers(_FractionComponent):
     """Keep the largest `fraction` of values exactly (fp16 value + 32-bit index); the rest go on."""
 
     name = "outliers"
     defaults = {"fraction": 0.01}
-
-    def __init__(self, fraction=0.01):
-        super().__init__(fraction=fraction)
-        if not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise SpecError(f"outliers: fraction must be in [0, 1), got {fraction!r}")
-
-    @property
-    def spec(self):
-        return f"outliers({self.params['fraction']})"
 
     def apply(self, x, keep, inner):
         inliers = magnitude_mask(x, keep, 1 - self.params["fraction"]).logical_not()
