@@ -166,6 +166,8 @@ def test_sweep_is_killed_midway_and_resumed_without_lost_or_duplicated_runs(tmp_
     records = read_records(runs)
     assert len(records) == 6 and len({r["key"] for r in records}) == 6
     assert load_sweep(sweep_file).pending() == []
+    meta = json.loads((tmp_path / "runs.jsonl.meta.json").read_text())
+    assert meta["runs_in_table"] == 6 and meta["sessions"][-1]["command"].startswith("capkit sweep")
 
 
 def test_sweep_shards_and_dry_run(tmp_path):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 
 import torch
 
 from capacity.runtable import append_record
 
-from .sweep import describe_plan, load_sweep, run_sweep
+from .sweep import describe_plan, load_sweep, log_session, run_sweep
 from .train import TrainConfig, failed_record, train
 
 
@@ -71,8 +72,10 @@ def _sweep_command(args) -> None:
     if args.dry_run:
         print(describe_plan(sweep, args.workers))
         return
+    started = time.time()
     ran = run_sweep(sweep, workers=args.workers, threads=args.threads)
-    print(f"ran {ran} run(s); run table: {sweep.runs}")
+    log = log_session(sweep, "capkit " + " ".join(sys.argv[1:]), started, time.time(), ran)
+    print(f"ran {ran} run(s); run table: {sweep.runs} (sessions logged in {log.name})")
 
 
 def add_sweep_command(sub) -> None:

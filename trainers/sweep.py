@@ -16,8 +16,12 @@ appended under a file lock, one per finished run, so workers and crashes never l
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import os
+import platform
 import sys
+from datetime import datetime, timezone
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -32,7 +36,7 @@ except ImportError:  # Python 3.10
 from capacity import InputError
 from capacity.runtable import append_record, format_label, read_records
 
-from .train import TrainConfig, failed_record, train
+from .train import TrainConfig, failed_record, package_version, train
 
 # CPU throughput model from the reference machine (2 threads, fp32, context 128): tokens/s ~ 1.3e4 (N/1e6)^-0.8,
 # capped at 1.2e5; compressed formats cost ~1.6x. Only used for --dry-run estimates.
@@ -133,3 +137,18 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
               for c in todo]
     return "\n".join(lines)
 
+
+
+def log_session(sweep: Sweep, command: str, started: float, finished: float, ran: int) -> Path:
+    """Append this sitting (command, versions, machine, wall time) to `<runs>.meta.json` beside the run table."""
+    path = sweep.runs.with_name(sweep.runs.name + ".meta.json")
+    meta = json.loads(path.read_text()) if path.exists() else {"run_table": sweep.runs.name, "sessions": []}
+    iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
+    meta["sessions"].append({"command": command, "started": iso(started), "finished": iso(finished),
+                             "wall_time_s": round(finished - started, 1), "runs_ran": ran,
+                             "capkit_version": package_version(), "torch_version": torch.__version__,
+                             "python": platform.python_version(), "machine": f"{platform.machine()}, "
+                             f"{os.cpu_count()} cores, {platform.system()}"})
+    meta["runs_in_table"] = len(read_records(sweep.runs))
+    path.write_text(json.dumps(meta, indent=1))
+    return path
