@@ -11,7 +11,7 @@ from capacity.runtable import BASELINE_LABEL
 from .bootstrap import bootstrap, extrapolation_check
 from .compose import compose_grid, compose_runs, grid_summary, read_grid
 from .laws import LAWS, make_law
-from .runs import load_runs
+from .runs import RunTableError, load_runs
 from .validate import FORMS, predict_format, validate
 
 
@@ -56,7 +56,10 @@ def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
 
 def _fit_command(args) -> None:
     runs = _runs(args)
-    law = make_law(args.law, baseline=args.baseline, delta=args.delta).fit(runs)
+    extra = {"fix_E": args.fix_E} if args.fix_E is not None else {}
+    if extra and args.law != "decoupled":
+        raise RunTableError("--fix-E applies to the decoupled law")
+    law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
     boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
     intervals = boot.intervals(law.values()) if boot else None
     if args.json:
@@ -81,6 +84,8 @@ def add_fit_command(sub) -> None:
     p.add_argument("--law", default="decoupled", choices=list(LAWS),
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
+    p.add_argument("--fix-E", type=float, default=None, metavar="E",
+                   help="hold the irreducible loss E fixed (where the runs cannot identify it)")
     p.set_defaults(func=_fit_command)
 
 

@@ -116,32 +116,48 @@ class ScalingLaw:
 
 
 class DecoupledLaw(ScalingLaw):
-    """One efficiency per format ([C]'s decoupled law)."""
+    """One efficiency per format ([C]'s decoupled law). `fix_E` holds the irreducible loss at a given value
+    (e.g. from a larger study) where the data cannot identify it; the profile of the objective over E shows when."""
 
     law = "decoupled"
+
+    def __init__(self, baseline: str = BASELINE_LABEL, delta: float = 1e-3, fix_E: float | None = None):
+        super().__init__(baseline, delta)
+        self.fix_E = fix_E
+
+    def get_params(self) -> dict:
+        return {**super().get_params(), "fix_E": self.fix_E}
 
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame):
         fi, log_n, log_d, log_l = self._prepare(runs)
         k = len(self.formats_)
         loss = np.exp(log_l)
+        fixed_e = 0.0 if self.fix_E is None else float(self.fix_E)
+        if self.fix_E is not None and not 0 < fixed_e < loss.min():
+            raise ValueError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         onehot = np.eye(k)[fi]
         candidates = []
         for alpha in EXPONENT_GRID:
             xa = onehot * np.exp(-alpha * log_n)[:, None]
             for beta in EXPONENT_GRID:
-                design = np.column_stack([xa, np.exp(-beta * log_d), np.ones_like(log_n)])
-                coef, _ = optimize.nnls(design / loss[:, None], np.ones_like(loss))
-                pred = design @ coef
+                columns = [xa, np.exp(-beta * log_d)] + ([np.ones_like(log_n)] if self.fix_E is None else [])
+                design = np.column_stack(columns)
+                coef, _ = optimize.nnls(design / loss[:, None], (loss - fixed_e) / loss)
+                pred = design @ coef + fixed_e
                 if np.all(pred > 0):
+                    coef = coef if self.fix_E is None else np.append(coef, fixed_e)
                     candidates.append((huber_total(np.log(pred) - log_l, self.delta), alpha, beta, coef))
         candidates.sort(key=lambda c: c[0])
+        free = (None, None)
+        bounds = [free] * (k + 1) + [free if self.fix_E is None else (np.log(fixed_e),) * 2] + [free] * 2
         best = None
         for _, alpha, beta, coef in candidates[:POLISH_STARTS]:
             logs = np.log(np.maximum(coef, 1e-12))
             theta0 = np.concatenate([logs[:k], logs[k:k + 2], [alpha, beta]])
             res = optimize.minimize(self._objective, theta0, args=(fi, log_n, log_d, log_l, k), jac=True,
-                                    method="L-BFGS-B", options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+                                    method="L-BFGS-B", bounds=bounds,
+                                    options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
             if best is None or res.fun < best.fun:
                 best = res
         theta = best.x

@@ -47,6 +47,12 @@ def test_chinchilla_fit_reaches_replication_optimum(chinchilla):
         assert fit.params_[name] == pytest.approx(value, rel=0.01), name
 
 
+def test_fixing_E_at_the_optimum_reproduces_the_free_fit(chinchilla):
+    fixed = DecoupledLaw(fix_E=1.8172).fit(chinchilla)
+    assert fixed.params_["E"] == 1.8172 and fixed.objective_ == pytest.approx(1.018275e-3, rel=1e-5)
+    assert DecoupledLaw(fix_E=1.5).fit(chinchilla).objective_ > 1.1e-3
+
+
 def test_chinchilla_bootstrap_standard_errors_have_the_replications_size(chinchilla):
     fit = DecoupledLaw().fit(chinchilla)
     boot = bootstrap(fit, chinchilla, n_boot=24, seed=1, progress=False)
