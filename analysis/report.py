@@ -16,6 +16,7 @@ import pandas as pd
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
 from .cli import add_run_arguments, fit_json
+from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .laws import DecoupledLaw, format_bits, make_law
 from .runs import format_table, load_runs
@@ -28,6 +29,7 @@ class Report:
     results: dict
     validation: object
     composability: pd.DataFrame
+    paired: pd.DataFrame
     law_comparison: pd.DataFrame
 
 
@@ -71,6 +73,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     comparison, fits = _law_comparison(runs, law, delta)
     validation = validate(runs, law=law, boot=boot, n_boot=0, progress=progress)
     comp = compose_runs(law.eff_, boot)
+    paired = paired_comparison(runs, baseline)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
 
     info = format_table(runs)
@@ -107,6 +110,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
                "unified": fit_json(fits["unified"], None) if "unified" in fits else None,
                "validation": validation.as_json(), "composability": comp.to_dict("records"),
+               "paired_comparison": paired.to_dict("records"),
                "capacity": capacity_table.to_dict("records"),
                "extrapolation": None if extrap is None else {
                    "held_out_params": float(runs["params"].max()),
@@ -134,6 +138,9 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
          f"in log loss, {law.rmse_loss_:.4f} in loss; "
          + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed)." if boot else "no bootstrap."), params),
         ("Efficiency per format", f"95% bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
+        ("Paired comparison at equal size and tokens", f"Law-free: mean log(loss / loss of '{baseline}') over the "
+         "(N, D) cells both formats were trained at, 95% t-interval, cells where the format is worse, Wilcoxon p.",
+         paired),
         ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
          "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
         ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
@@ -153,7 +160,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                          r["product"].round(3).reset_index()))
     _write_markdown(folder, title, sections, figures)
     _write_html(folder, title, sections, figures, images)
-    return Report(folder, results, validation, comp, comparison)
+    return Report(folder, results, validation, comp, paired, comparison)
 
 
 def _write_markdown(folder, title, sections, figures):

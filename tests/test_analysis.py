@@ -124,6 +124,14 @@ def test_prediction_interval_and_extrapolation():
     assert check["rel_error"].abs().max() < 0.02
 
 
+def test_paired_comparison_orders_formats_by_their_loss_penalty():
+    from analysis.compare import paired_comparison
+    runs = load_runs(simulate_runs({"bf16": 1.0, "int8": 0.99, "int4": 0.8, "int2": 0.4}, noise=0.002))
+    table = paired_comparison(runs).set_index("format")
+    assert list(table.index) == ["int8", "int4", "int2"]
+    assert table.loc["int2", "lo"] > table.loc["int4", "hi"] > 0 and table.loc["int4", "worse_in_cells"] == 15
+
+
 def test_runs_composability_detects_parts():
     eff = {"bf16": 1.0, "int4": 0.8, "bf16/int4": 0.9, "int4/int4": 0.72, "2:4": 0.5, "2:4+int4": 0.3}
     table = compose_runs(eff, None).set_index("combined")
