@@ -82,7 +82,8 @@ def compose_grid(grid: pd.DataFrame, edge_row=None, edge_col=None) -> dict:
             "product": frame(product), "rank1": frame(rank1), "error": frame(err),
             "max_abs_error": float(np.abs(err).max()), "rms_error": float(np.sqrt(np.mean(err ** 2))),
             "rank1_rms_error": float(np.sqrt(np.mean((rank1 - values) ** 2))),
-            "worst_cell": (grid.index[worst[0]], grid.columns[worst[1]], float(values[worst]), float(product[worst]))}
+            "worst_cell": (str(grid.index[worst[0]]), str(grid.columns[worst[1]]), float(values[worst]),
+                           float(product[worst]))}
 
 
 def grid_summary(result: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -22,12 +23,14 @@ def _palette(formats):
 
 def loss_vs_params(runs: pd.DataFrame, law) -> plt.Figure:
     """Observed losses and the fitted law, one panel per tokens-per-parameter ratio."""
-    runs = runs.assign(ratio=(runs["tokens"] / runs["params"]).round(-1).astype(int))
-    ratios = sorted(runs["ratio"].unique())
+    ratio = runs["tokens"] / runs["params"]
+    runs = runs.assign(ratio=ratio, octave=np.round(np.log2(ratio)).astype(int))  # D/N binned by octave
+    octaves = sorted(runs["octave"].unique())
     colors = _palette(law.formats_)
-    fig, axes = plt.subplots(1, len(ratios), figsize=(5.2 * len(ratios), 4.4), sharey=True, squeeze=False)
-    for ax, ratio in zip(axes[0], ratios):
-        part = runs[runs["ratio"] == ratio]
+    fig, axes = plt.subplots(1, len(octaves), figsize=(5.2 * len(octaves), 4.4), sharey=True, squeeze=False)
+    for ax, octave in zip(axes[0], octaves):
+        part = runs[runs["octave"] == octave]
+        ratio, lo, hi = part["ratio"].median(), part["ratio"].min(), part["ratio"].max()
         sns.scatterplot(data=part, x="params", y="loss", hue="format", palette=colors, ax=ax, s=45, legend=False)
         grid = np.geomspace(part["params"].min() * 0.8, part["params"].max() * 1.25, 60)
         for fmt in law.formats_:
@@ -35,7 +38,9 @@ def loss_vs_params(runs: pd.DataFrame, law) -> plt.Figure:
                 rows = part[part["format"] == fmt].iloc[:1]
                 curve = pd.concat([rows] * len(grid)).assign(params=grid, tokens=grid * ratio)
                 ax.plot(grid, law.predict(curve), color=colors[fmt], lw=1.3, label=fmt)
-        ax.set(xscale="log", xlabel=N_LABEL, ylabel=LOSS_LABEL, title=f"D = {ratio} tokens per parameter")
+        span = f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
+        ax.set(xscale="log", xlabel=N_LABEL, ylabel=LOSS_LABEL, title=f"D = {span} tokens per parameter")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[0][-1].legend(title="format (fitted curve)", fontsize=7, title_fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
     fig.tight_layout()
     return fig
