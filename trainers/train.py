@@ -204,4 +204,4 @@ def failed_record(cfg: TrainConfig, error: BaseException) -> dict:
     return {"format": format_label(cfg.w_format, cfg.a_format), "params": cfg.params, "tokens": cfg.tokens,
             "loss": float("nan"), "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
             "status": "failed", "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
-            "capkit_version": package_version(), "key": cfg.key(), **{"config": dataclasses.asdict(cfg)}}
+            "capkit_version": package_version(), "key": cfg.key(), "config": dataclasses.asdict(cfg)}
