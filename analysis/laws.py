@@ -53,6 +53,7 @@ class ScalingLaw:
     """Common machinery: data arrays, the Huber objective, prediction, summaries."""
 
     law = "base"
+    formula_text = "loss = A (N eff)^-alpha + B D^-beta + E"
 
     def __init__(self, baseline: str = BASELINE_LABEL, delta: float = 1e-3):
         self.baseline, self.delta = baseline, delta
@@ -108,7 +109,7 @@ class ScalingLaw:
                 rows.append(f"  {name:<28} {value:>12.5g}   [{lo:.5g}, {hi:.5g}]  se {se:.3g}")
             else:
                 rows.append(f"  {name:<28} {value:>12.5g}")
-        head = (f"{self.law} law: loss = A (N eff)^-alpha + B D^-beta + E, Huber(delta={self.delta:g}) on log loss\n"
+        head = (f"{self.law} law: {self.formula_text}, Huber(delta={self.delta:g}) on log loss\n"
                 f"  runs {self.n_runs_}, objective {self.objective_:.6e}, RMSE log-loss {self.rmse_log_:.4g}, "
                 f"RMSE loss {self.rmse_loss_:.4g}, baseline '{self.baseline}' (eff = 1)")
         ci = "" if intervals is None else "   95% interval, bootstrap s.e."
@@ -284,6 +285,7 @@ class FrantarLaw(ScalingLaw):
     loss = (a_S (1 - S)^b_S + c_S) N_nz^-b_N + (a_D / D)^b_D + c, N_nz = N (1 - S)."""
 
     law = "frantar"
+    formula_text = "loss = (a_S (1-S)^b_S + c_S) (N (1-S))^-b_N + (a_D / D)^b_D + c"
     names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
 
     def _sparse_rows(self, runs):
