@@ -17,7 +17,7 @@ import capacity
 from capacity import InputError
 from capacity.cli import main as capkit_main
 
-from .report import build_report
+from .report import build_report, format_interval
 from .runs import format_table, load_runs
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -36,10 +36,6 @@ def _study(train: bool, out: Path) -> Path:
     if capkit_main(["sweep", str(sweep)]) != 0:
         raise InputError("the demo sweep failed; see the messages above")
     return out / "demo_runs.jsonl"
-
-
-def _interval(lo, hi) -> str:
-    return "" if pd.isna(lo) else f"[{lo:.3f}, {hi:.3f}]"
 
 
 def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
@@ -68,15 +64,15 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
     t = report.validation.table
     print("\n== Capacity predictions vs trained efficiencies (leave-one-format-out) ==")
     print(pd.DataFrame({"format": t["format"], "fitted eff": t["fitted"].round(3),
-                        "95% CI": [_interval(a, b) for a, b in zip(t["fitted_lo"], t["fitted_hi"])],
+                        "95% CI": [format_interval(a, b, ".3f") for a, b in zip(t["fitted_lo"], t["fitted_hi"])],
                         "predicted": t["predicted"].round(3),
-                        "interval": [_interval(a, b) for a, b in zip(t["pred_lo"], t["pred_hi"])],
+                        "interval": [format_interval(a, b, ".3f") for a, b in zip(t["pred_lo"], t["pred_hi"])],
                         "verdict": ["consistent" if w else "differs" for w in t["within"]]}).to_string(index=False))
     if not report.composability.empty:
         print("\n== Composability: eff(combined) / (eff(part 1) x eff(part 2)) ==")
         for r in report.composability.itertuples():
             verdict = "multiplies" if r.composes else "does not multiply"
-            print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} {_interval(r.ratio_lo, r.ratio_hi)}"
+            print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} {format_interval(r.ratio_lo, r.ratio_hi, '.3f')}"
                   f" -> {verdict}")
     for name, g in res["grids"].items():
         print(f"  grid {name}: product-of-edges max |error| {g['max_abs_error']:.3f} (worst {g['worst_cell'][:2]})")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from capacity import pair_rho
+
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
@@ -20,7 +22,7 @@ from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .laws import DecoupledLaw, format_bits, make_law
 from .runs import format_table, load_runs
-from .validate import CapacityRegression, validate
+from .validate import validate
 
 
 @dataclass
@@ -57,8 +59,9 @@ def _table_html(frame: pd.DataFrame) -> str:
     return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="t")
 
 
-def _interval(lo, hi) -> str:
-    return "" if pd.isna(lo) else f"[{lo:.3g}, {hi:.3g}]"
+def format_interval(lo, hi, spec: str = ".3g") -> str:
+    """'[lo, hi]', or '' where there is no interval (no bootstrap)."""
+    return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
@@ -79,7 +82,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     info = format_table(runs)
     capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
         bits_per_value=lambda d: [format_bits(w) for w in d["w_spec"]],
-        capacity=lambda d: CapacityRegression("tanh")._predict([1.0, 0.41, 1.39], d))
+        capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
     eff_table = pd.DataFrame([{"format": f, "eff": v,
                                "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
                                "eff_hi": intervals.loc[f"eff[{f}]", "hi"] if intervals is not None else np.nan}
@@ -121,14 +124,14 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "skipped_runs": runs.attrs.get("skipped", [])}
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    vt = validation.table.assign(fitted_ci=lambda d: [_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
-                                 predicted_interval=lambda d: [_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
+    vt = validation.table.assign(fitted_ci=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
+                                 predicted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
     vt = vt[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"]]
     params = pd.DataFrame([{"parameter": k, "value": v,
-                            "95% CI": _interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
+                            "95% CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
                             "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
                            for k, v in law.params_.items()])
-    effs = eff_table.assign(**{"95% CI": [_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
+    effs = eff_table.assign(**{"95% CI": [format_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
         ["format", "eff", "95% CI"]]
     sections = [
         ("Capacity of the formats", "GMSE (exact where available, else Monte Carlo) and capacity rho with the "

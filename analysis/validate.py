@@ -38,7 +38,8 @@ class CapacityRegression:
             raise ValueError(f"unknown rho form '{form}'; choose from {', '.join(FORMS)}")
         self.form = form
 
-    def _predict(self, c, formats: pd.DataFrame) -> np.ndarray:
+    def evaluate(self, c, formats: pd.DataFrame) -> np.ndarray:
+        """Predicted efficiencies of `formats` for constants `c` (in FORMS order)."""
         fn = FORMS[self.form][0]
         part = lambda spec, g: np.where(spec.isna().to_numpy(), 1.0, fn(np.clip(g.to_numpy(float), 1e-12, 1.0), *c))  # noqa: E731
         return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
@@ -49,7 +50,7 @@ class CapacityRegression:
         log_eff = np.log(np.asarray(eff, float))
 
         def loss(c):
-            pred = self._predict(c, formats)
+            pred = self.evaluate(c, formats)
             return 1e6 if np.any(pred <= 0) else float(np.sum((np.log(pred) - log_eff) ** 2))
 
         best = min((optimize.minimize(loss, s, method="L-BFGS-B", bounds=bounds) for s in starts), key=lambda r: r.fun)
@@ -58,7 +59,7 @@ class CapacityRegression:
         return self
 
     def predict(self, formats: pd.DataFrame) -> np.ndarray:
-        return self._predict(list(self.constants_.values()), formats)
+        return self.evaluate(list(self.constants_.values()), formats)
 
 
 SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
@@ -162,12 +163,11 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
     out = {"w_format": w_spec, "a_format": a_spec, "w_gmse": float(new.w_gmse[0]), "a_gmse": float(new.a_gmse[0]),
            "params": params, "tokens": tokens, "eff": eff, "loss": float(loss), "eff_interval": None,
            "loss_interval": None}
-    if v.boot is not None and len(v.boot.samples):
-        info = format_table(runs).loc[[f for f in v.law.formats_ if f != v.law.baseline]]
+    if v.draws is not None:  # rho constants refitted per bootstrap replicate, row for row with the samples
         rng = np.random.default_rng(seed)
         effs, losses = [], []
-        for _, row in v.boot.samples.iterrows():
-            e = float(fit_rho(info, row[_eff_columns(info.index)].to_numpy(), form).predict(new)[0])
+        for (_, row), constants in zip(v.boot.samples.iterrows(), v.draws.to_numpy()):
+            e = float(v.regression.evaluate(constants, new)[0])
             effs.append(e)
             pred = row["A"] * (params * e) ** -row["alpha"] + row["B"] * tokens ** -row["beta"] + row["E"]
             losses.append(pred * np.exp(rng.choice(v.law.residuals_)))
