@@ -108,8 +108,9 @@ def _run_one(job) -> tuple[str, float]:
 
 
 def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True) -> int:
-    """Run the pending runs of a sweep; returns how many ran."""
-    todo = sweep.pending()
+    """Run the pending runs of a sweep, longest first so that parallel workers finish together; returns
+    how many ran."""
+    todo = sorted(sweep.pending(), key=estimated_seconds, reverse=True)
     threads = threads or max(1, torch.get_num_threads() // workers)
     jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads) for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
