@@ -59,6 +59,8 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
     print(f"decoupled law: alpha {dec['params']['alpha']['value']:.3f}, beta {dec['params']['beta']['value']:.3f}, "
           f"E {dec['params']['E']['value']:.3f}; residual RMSE {dec['rmse_log_loss']:.4f} (log loss)")
     print(report.law_comparison.to_string(index=False, float_format="{:.4g}".format))
+    print("\nfit health:")
+    print(report.health.to_string(index=False))
     print(f"\n== Paired comparison with '{runs.attrs['baseline']}' at equal (N, D): mean log loss ratio (law-free) ==")
     print(report.paired.to_string(index=False, float_format="{:.4f}".format))
     t = report.validation.table

@@ -20,6 +20,7 @@ from .bootstrap import bootstrap, extrapolation_check
 from .cli import add_run_arguments, fit_json
 from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
+from .health import fit_health
 from .laws import DecoupledLaw, format_bits, make_law
 from .runs import format_table, load_runs
 from .validate import validate
@@ -33,6 +34,7 @@ class Report:
     composability: pd.DataFrame
     paired: pd.DataFrame
     law_comparison: pd.DataFrame
+    health: pd.DataFrame
 
 
 def _law_comparison(runs, decoupled, delta):
@@ -77,6 +79,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     validation = validate(runs, law=law, boot=boot, n_boot=0, progress=progress)
     comp = compose_runs(law.eff_, boot)
     paired = paired_comparison(runs, baseline)
+    health = fit_health(law, runs, intervals)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
 
     info = format_table(runs)
@@ -113,7 +116,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
                "unified": fit_json(fits["unified"], None) if "unified" in fits else None,
                "validation": validation.as_json(), "composability": comp.to_dict("records"),
-               "paired_comparison": paired.to_dict("records"),
+               "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
                "capacity": capacity_table.to_dict("records"),
                "extrapolation": None if extrap is None else {
                    "held_out_params": float(runs["params"].max()),
@@ -140,6 +143,8 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
          f"{law.objective_:.4e} (sum of Huber, delta {delta:g}, on log loss); residual RMSE {law.rmse_log_:.4f} "
          f"in log loss, {law.rmse_loss_:.4f} in loss; "
          + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed)." if boot else "no bootstrap."), params),
+        ("Fit health", "Can efficiencies be read from this fit? E away from its bound, misfit against the "
+         "seed-to-seed scatter, and which formats the 95% intervals tell apart.", health),
         ("Efficiency per format", f"95% bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
         ("Paired comparison at equal size and tokens", f"Law-free: mean log(loss / loss of '{baseline}') over the "
          "(N, D) cells both formats were trained at, 95% t-interval, cells where the format is worse, Wilcoxon p.",
@@ -163,7 +168,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                          r["product"].round(3).reset_index()))
     _write_markdown(folder, title, sections, figures)
     _write_html(folder, title, sections, figures, images)
-    return Report(folder, results, validation, comp, paired, comparison)
+    return Report(folder, results, validation, comp, paired, comparison, health)
 
 
 def _write_markdown(folder, title, sections, figures):

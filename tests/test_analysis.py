@@ -11,6 +11,7 @@ import pytest
 
 from analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
 from analysis.compose import compose_grid, compose_runs, read_grid
+from analysis.health import disjoint, fit_health, seed_scatter
 from analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
 from analysis.runs import RunTableError, load_runs
 from analysis.simulate import simulate_runs
@@ -247,3 +248,21 @@ def test_bootstrap_intervals_cover_the_truth_at_about_the_nominal_rate():
         hits += [iv.loc["eff[int4]", "lo"] <= 0.8 <= iv.loc["eff[int4]", "hi"],
                  iv.loc["alpha", "lo"] <= 0.34 <= iv.loc["alpha", "hi"]]
     assert 0.75 <= np.mean(hits) <= 1.0
+
+
+def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_E():
+    eff = {"bf16": 1.0, "int4": 0.8, "int2": 0.4}
+    runs = load_runs(pd.concat([simulate_runs(eff, noise=0.004, seed=s).assign(seed=s) for s in (0, 1)]))
+    assert seed_scatter(runs) == pytest.approx(0.004, rel=0.3)
+    assert np.isnan(seed_scatter(runs[runs["seed"] == 0]))
+    law = DecoupledLaw().fit(runs)
+    intervals = bootstrap(law, runs, 30, n_jobs=1, progress=False).intervals(law.values())
+    health = fit_health(law, runs, intervals).set_index("check")
+    assert health.loc["irreducible loss E", "verdict"] == "ok"
+    assert health.loc["residual RMSE, log loss", "verdict"] == "ok"
+    assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
+    assert not disjoint(intervals, "int4", "int4")
+
+    no_floor = load_runs(simulate_runs(eff, noise=0.001, law={"E": 0.0}))
+    fit = DecoupledLaw().fit(no_floor)
+    assert fit_health(fit, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "weak"

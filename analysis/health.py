@@ -1,0 +1,60 @@
+"""Is a fit healthy enough to read efficiencies from it?
+
+Efficiencies come out of the law as eff = (A_f / A)^(-1/alpha), so anything that loosens alpha (an
+irreducible loss E that the data cannot pin down, a misfit larger than the run-to-run scatter) widens every
+efficiency interval. These checks say which of that is happening, and which formats the bootstrap
+intervals actually tell apart.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+E_FLOOR = 0.01  # E below this fraction of the smallest loss counts as at its lower bound 0
+
+
+def seed_scatter(runs: pd.DataFrame) -> float:
+    """Pooled standard deviation of log loss over runs that differ only in seed (NaN without repeats)."""
+    log_loss = np.log(runs["loss"])
+    groups = log_loss.groupby([runs[c] for c in ("format", "params", "tokens")])
+    repeated = groups.transform("size") > 1
+    dof = repeated.sum() - (groups.size() > 1).sum()
+    if dof == 0:
+        return float("nan")
+    deviation = (log_loss - groups.transform("mean"))[repeated]
+    return float(np.sqrt(np.sum(deviation ** 2) / dof))
+
+
+def disjoint(intervals: pd.DataFrame, a: str, b: str) -> bool:
+    """Whether two formats' efficiency intervals do not overlap (the baseline's is the point 1)."""
+    def bounds(f):
+        key = f"eff[{f}]"
+        return tuple(intervals.loc[key, ["lo", "hi"]]) if key in intervals.index else (1.0, 1.0)
+    (lo_a, hi_a), (lo_b, hi_b) = bounds(a), bounds(b)
+    return hi_a < lo_b or hi_b < lo_a
+
+
+def fit_health(law, runs: pd.DataFrame, intervals: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported')."""
+    rows = []
+    e, floor = law.params_["E"], E_FLOOR * runs["loss"].min()
+    e_text = f"{e:.4g}" + (f" [{intervals.loc['E', 'lo']:.3g}, {intervals.loc['E', 'hi']:.3g}]"
+                           if intervals is not None else "")
+    rows.append(("irreducible loss E", e_text, "ok" if e > floor else "weak",
+                 "identified" if e > floor else "at its lower bound 0: alpha and E trade off; larger models, "
+                 "more tokens, or --fix-E"))
+    scatter = seed_scatter(runs)
+    rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
+                 "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ < 2 * scatter else "weak"),
+                 "no repeated seeds to compare with" if np.isnan(scatter) else f"seed-to-seed scatter {scatter:.4f}"))
+    if intervals is not None:
+        others = [f for f in law.formats_ if f != law.baseline]
+        apart = [f for f in others if disjoint(intervals, f, law.baseline)]
+        rows.append((f"efficiency intervals excluding the baseline '{law.baseline}'", f"{len(apart)} of {len(others)}",
+                     "reported", "not separated: " + (", ".join(sorted(set(others) - set(apart))) or "none")))
+        ordered = sorted(law.formats_, key=law.eff_.get)
+        pairs = list(zip(ordered, ordered[1:]))
+        close = [f"{a} ~ {b}" for a, b in pairs if not disjoint(intervals, a, b)]
+        rows.append(("neighbours in efficiency order with disjoint intervals", f"{len(pairs) - len(close)} of {len(pairs)}",
+                     "reported", "overlapping: " + (", ".join(close) or "none")))
+    return pd.DataFrame(rows, columns=["check", "value", "verdict", "detail"])
