@@ -52,15 +52,18 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
           f"({n_boot} bootstrap refits) ==")
     grids = {p.stem.removeprefix("capacity_"): p for p in sorted((DATA / "reference").glob("capacity_*.csv"))}
+    seeds_path = DATA / "study_seed_runs.jsonl"
+    replicates = load_runs(seeds_path) if not train and seeds_path.exists() else None
     report = build_report(runs, out, n_boot=n_boot, seed=seed, grids=grids, n_jobs=n_jobs,
-                          title=f"capkit demo: {runs_path.name}")
+                          title=f"capkit demo: {runs_path.name}", replicates=replicates)
     res = report.results
     dec = res["decoupled"]
     print(f"decoupled law: alpha {dec['params']['alpha']['value']:.3f}, beta {dec['params']['beta']['value']:.3f}, "
           f"E {dec['params']['E']['value']:.3f}; residual RMSE {dec['rmse_log_loss']:.4f} (log loss)")
     print(report.law_comparison.to_string(index=False, float_format="{:.4g}".format))
     print("\nfit health:")
-    print(report.health.to_string(index=False))
+    for h in report.health.itertuples():
+        print(f"  {h.check}: {h.value} ({h.verdict}); {h.detail}")
     print(f"\n== Paired comparison with '{runs.attrs['baseline']}' at equal (N, D): mean log loss ratio (law-free) ==")
     print(report.paired.to_string(index=False, float_format="{:.4f}".format))
     t = report.validation.table

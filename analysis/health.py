@@ -34,16 +34,22 @@ def disjoint(intervals: pd.DataFrame, a: str, b: str) -> bool:
     return hi_a < lo_b or hi_b < lo_a
 
 
-def fit_health(law, runs: pd.DataFrame, intervals: pd.DataFrame | None) -> pd.DataFrame:
-    """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported')."""
-    rows = []
-    e, floor = law.params_["E"], E_FLOOR * runs["loss"].min()
-    e_text = f"{e:.4g}" + (f" [{intervals.loc['E', 'lo']:.3g}, {intervals.loc['E', 'hi']:.3g}]"
-                           if intervals is not None else "")
-    rows.append(("irreducible loss E", e_text, "ok" if e > floor else "weak",
-                 "identified" if e > floor else "at its lower bound 0: alpha and E trade off; larger models, "
-                 "more tokens, or --fix-E"))
-    scatter = seed_scatter(runs)
+def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported'). `boot` is the
+    law's BootstrapResult, for intervals and for how often refits put E at its bound; `replicates` are
+    extra runs repeating some of `runs` with other seeds (not fitted), for the seed-to-seed scatter."""
+    intervals = boot.intervals(law.values()) if boot is not None and len(boot.samples) else None
+    floor = E_FLOOR * runs["loss"].min()
+    e = law.params_["E"]
+    value, detail = f"{e:.4g}", "identified" if e > floor else ("at its lower bound 0: alpha and E trade off; "
+                                                                  "larger models, more tokens, or --fix-E")
+    at_bound = 0.0
+    if intervals is not None:
+        value += f" [{intervals.loc['E', 'lo']:.3g}, {intervals.loc['E', 'hi']:.3g}]"
+        at_bound = float((boot.samples["E"] <= floor).mean())
+        detail += f"; at its bound in {at_bound:.0%} of bootstrap refits"
+    rows = [("irreducible loss E", value, "ok" if e > floor and at_bound < 0.5 else "weak", detail)]
+    scatter = seed_scatter(runs if replicates is None else pd.concat([runs, replicates]))
     rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
                  "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ < 2 * scatter else "weak"),
                  "no repeated seeds to compare with" if np.isnan(scatter) else f"seed-to-seed scatter {scatter:.4f}"))

@@ -68,7 +68,9 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
 
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
                  grids: dict | None = None, title: str = "capkit report", progress: bool = True,
-                 n_jobs: int | None = None) -> Report:
+                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None) -> Report:
+    """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
+    of some runs, not fitted) give the fit-health check its seed-to-seed scatter."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     baseline = runs.attrs.get("baseline", "bf16")
@@ -79,7 +81,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     validation = validate(runs, law=law, boot=boot, n_boot=0, progress=progress)
     comp = compose_runs(law.eff_, boot)
     paired = paired_comparison(runs, baseline)
-    health = fit_health(law, runs, intervals)
+    health = fit_health(law, runs, boot, replicates)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
 
     info = format_table(runs)
@@ -210,8 +212,9 @@ def _write_html(folder, title, sections, figures, images):
 def _report_command(args) -> None:
     runs = load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
+    replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
     report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
-                          n_jobs=args.jobs)
+                          n_jobs=args.jobs, replicates=replicates)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 
@@ -222,4 +225,6 @@ def add_report_command(sub) -> None:
     add_run_arguments(p, bootstrap_default=200)
     p.add_argument("-o", "--output", default="capkit-report", help="output folder")
     p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
+                                                        "fitted): the fit-health check compares the misfit with it")
     p.set_defaults(func=_report_command)

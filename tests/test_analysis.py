@@ -256,12 +256,16 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     assert seed_scatter(runs) == pytest.approx(0.004, rel=0.3)
     assert np.isnan(seed_scatter(runs[runs["seed"] == 0]))
     law = DecoupledLaw().fit(runs)
-    intervals = bootstrap(law, runs, 30, n_jobs=1, progress=False).intervals(law.values())
-    health = fit_health(law, runs, intervals).set_index("check")
+    boot = bootstrap(law, runs, 30, n_jobs=1, progress=False)
+    intervals = boot.intervals(law.values())
+    health = fit_health(law, runs, boot).set_index("check")
     assert health.loc["irreducible loss E", "verdict"] == "ok"
     assert health.loc["residual RMSE, log loss", "verdict"] == "ok"
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
     assert not disjoint(intervals, "int4", "int4")
+    first = runs[runs["seed"] == 0]
+    with_replicates = fit_health(DecoupledLaw().fit(first), first, None, replicates=runs[runs["seed"] == 1])
+    assert with_replicates.set_index("check").loc["residual RMSE, log loss", "verdict"] == "ok"
 
     no_floor = load_runs(simulate_runs(eff, noise=0.001, law={"E": 0.0}))
     fit = DecoupledLaw().fit(no_floor)

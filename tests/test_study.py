@@ -1,0 +1,58 @@
+"""The shipped study in data/: exactly the grid of its sweep file, run to completion by the sweep with its
+sittings logged, and a fit healthy enough to read efficiencies from."""
+import json
+from pathlib import Path
+
+from analysis.bootstrap import bootstrap
+from analysis.health import disjoint, fit_health
+from analysis.laws import DecoupledLaw
+from analysis.runs import load_runs
+from capacity.runtable import read_records
+from trainers.sweep import load_sweep
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+STUDY = DATA / "study.toml"
+FORMATS = {"bf16", "int8", "int4", "int3", "int2", "fp4_e2m1", "2:4", "sparse(0.5)", "2:4+int4",
+           "int4/int4", "int8/int8", "bf16/int4"}
+
+
+def completed_sweep(path: Path) -> tuple:
+    """The sweep file and its run table, checked to hold each of the grid's runs exactly once, finished, with
+    every run accounted for by the logged sittings."""
+    sweep = load_sweep(path)
+    records = read_records(sweep.runs)
+    assert sorted(r["key"] for r in records) == sorted(c.key() for c in sweep.configs)
+    assert all(r["status"] == "ok" for r in records)
+    meta = json.loads(sweep.runs.with_name(sweep.runs.name + ".meta.json").read_text())
+    assert sum(s["runs_ran"] for s in meta["sessions"]) == len(records)
+    assert all(s["command"] == f"capkit sweep data/{path.name} --workers 2 --threads 1" and s["wall_time_s"] > 0
+               for s in meta["sessions"])
+    return sweep, records
+
+
+def test_shipped_study_is_its_sweep_grid_run_to_completion():
+    sweep, records = completed_sweep(STUDY)
+    assert len(records) >= 80
+    params = {r["params"] for r in records}
+    assert len(params) >= 4 and max(params) / min(params) >= 8
+    assert len({c.tokens / c.params for c in sweep.configs}) >= 2
+    assert FORMATS <= {r["format"] for r in records}
+
+
+def test_seed_repeats_are_their_sweep_grid_at_cells_of_the_study():
+    _, repeats = completed_sweep(DATA / "study_seeds.toml")
+    _, study = completed_sweep(STUDY)
+    cells = {(r["format"], r["params"], r["tokens"]) for r in study}
+    assert {(r["format"], r["params"], r["tokens"]) for r in repeats} <= cells
+    assert {r["seed"] for r in repeats}.isdisjoint({r["seed"] for r in study})
+
+
+def test_shipped_study_fit_identifies_E_and_separates_int2_int4_bf16():
+    runs = load_runs(load_sweep(STUDY).runs)
+    law = DecoupledLaw().fit(runs)
+    boot = bootstrap(law, runs, 100, seed=0, progress=False)
+    intervals = boot.intervals(law.values())
+    health = fit_health(law, runs, boot).set_index("check")
+    assert health.loc["irreducible loss E", "verdict"] == "ok"
+    assert law.eff_["int2"] < law.eff_["int4"] < 1
+    assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
