@@ -140,7 +140,8 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
         ["format", "eff", "95% CI"]]
     sections = [
         ("Capacity of the formats", "GMSE (exact where available, else Monte Carlo) and capacity rho with the "
-         "published constants; a weights/activations pair's capacity is the product.", capacity_table),
+         "published constants; a weights/activations pair's capacity is the product; blank spec = uncompressed.",
+         capacity_table.fillna({"w_spec": "", "a_spec": ""})),
         ("Decoupled fit", f"loss = A (N eff)^-alpha + B D^-beta + E over {law.n_runs_} runs; objective "
          f"{law.objective_:.4e} (sum of Huber, delta {delta:g}, on log loss); residual RMSE {law.rmse_log_:.4f} "
          f"in log loss, {law.rmse_loss_:.4f} in loss; "

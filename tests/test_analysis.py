@@ -11,7 +11,7 @@ import pytest
 
 from analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
 from analysis.compose import compose_grid, compose_runs, read_grid
-from analysis.health import disjoint, fit_health, seed_scatter
+from analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
 from analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
 from analysis.runs import RunTableError, load_runs
 from analysis.simulate import simulate_runs
@@ -263,6 +263,9 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     assert health.loc["residual RMSE, log loss", "verdict"] == "ok"
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
     assert not disjoint(intervals, "int4", "int4")
+    assert resolved_chain(intervals, law.formats_) == ["int2", "int4", "bf16"]
+    overlapping = pd.DataFrame({"lo": [0.1, 0.3, 0.35], "hi": [0.4, 0.5, 0.9]}, index=["eff[a]", "eff[b]", "eff[c]"])
+    assert len(resolved_chain(overlapping, ["a", "b", "c", "bf16"])) == 2  # a, then bf16: b and c overlap a or each other
     first = runs[runs["seed"] == 0]
     with_replicates = fit_health(DecoupledLaw().fit(first), first, None, replicates=runs[runs["seed"] == 1])
     assert with_replicates.set_index("check").loc["residual RMSE, log loss", "verdict"] == "ok"
