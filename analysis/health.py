@@ -63,7 +63,10 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
         value += f" [{intervals.loc['E', 'lo']:.3g}, {intervals.loc['E', 'hi']:.3g}]"
         at_bound = float((boot.samples["E"] <= floor).mean())
         detail += f"; at its bound in {at_bound:.0%} of bootstrap refits"
-    rows = [("irreducible loss E", value, "ok" if e > floor and at_bound < 0.5 else "weak", detail)]
+    verdict = "ok" if e > floor and at_bound < 0.5 else "weak"
+    if getattr(law, "fix_E", None) is not None:
+        verdict, detail = "reported", "held fixed (fix_E), not fitted"
+    rows = [("irreducible loss E", value, verdict, detail)]
     scatter = seed_scatter(runs if replicates is None else pd.concat([runs, replicates]))
     rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
                  "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ < 2 * scatter else "weak"),

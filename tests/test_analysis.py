@@ -273,3 +273,5 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     no_floor = load_runs(simulate_runs(eff, noise=0.001, law={"E": 0.0}))
     fit = DecoupledLaw().fit(no_floor)
     assert fit_health(fit, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "weak"
+    held = DecoupledLaw(fix_E=0.3).fit(no_floor)
+    assert fit_health(held, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "reported"
