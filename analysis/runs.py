@@ -5,15 +5,13 @@ is row 1 in JSON lines), the column and what was expected.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-import capacity
-from capacity import InputError
+from capacity import InputError, spec_gmse
 from capacity.runtable import BASELINE_LABEL, OPTIONAL, REQUIRED, STATUSES, is_uncompressed
 
 MIN_RUNS_PER_FORMAT = 2
@@ -120,12 +118,6 @@ def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:
                             f"{MIN_RUNS_PER_FORMAT} distinct (params, tokens) runs; their efficiency is not identified")
 
 
-@functools.lru_cache(maxsize=None)
-def spec_gmse(spec: str) -> float:
-    """GMSE of a spec string (exact where available); 0 for uncompressed."""
-    return 0.0 if is_uncompressed(spec) else capacity.gmse_auto(spec, samples=1 << 20).gmse
-
-
 def _spec_or_label(row) -> tuple:
     """(weights spec, activations spec) of a row: explicit columns, else the label (W or W/A)."""
     w = row.get("w_format")
@@ -145,8 +137,8 @@ def _fill_gmse(runs: pd.DataFrame, where: str) -> None:
             wg = row.get("w_gmse", np.nan)
             wg = row.get("gmse", np.nan) if pd.isna(wg) else wg
             ag = row.get("a_gmse", np.nan)
-            w_gmse.append(float(wg) if pd.notna(wg) else spec_gmse(w) if w else 0.0)
-            a_gmse.append(float(ag) if pd.notna(ag) else spec_gmse(a) if a else 0.0)
+            w_gmse.append(float(wg) if pd.notna(wg) else spec_gmse(w))
+            a_gmse.append(float(ag) if pd.notna(ag) else spec_gmse(a))
         except InputError as err:
             raise RunTableError(f"{where}: row {row_id}, column 'format'/'w_format': {err}; give numeric "
                                 "w_gmse/a_gmse columns for formats capkit cannot express") from None

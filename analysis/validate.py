@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
+from capacity import spec_gmse
 from capacity.law import rho
 from capacity.runtable import is_uncompressed
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, single_threaded_blas
-from .runs import format_table, spec_gmse
+from .runs import format_table
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
@@ -155,8 +156,8 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
     v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress)
     w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
-    new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec) if w_spec else 0.0],
-                        "a_gmse": [spec_gmse(a_spec) if a_spec else 0.0]})
+    new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
+                        "a_gmse": [spec_gmse(a_spec)]})
     eff = float(v.regression.predict(new)[0])
     p = v.law.params_
     loss = p["A"] * (params * eff) ** -p["alpha"] + p["B"] * tokens ** -p["beta"] + p["E"]

@@ -7,6 +7,7 @@ Memory is one tensor at a time whatever the sample count.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -16,6 +17,7 @@ import torch
 
 from .formats import Format
 from .law import rho as rho_law
+from .runtable import is_uncompressed
 from .spec import parse
 
 MEASURE_SHAPE = (64, 1024)
@@ -67,6 +69,12 @@ def gmse_auto(spec: "str | Format", **kwargs) -> GMSEResult:
         return gmse(spec, exact=True)
     except ValueError:
         return gmse(spec, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def spec_gmse(spec: str | None) -> float:
+    """The GMSE a run records for a spec string (exact where available, else 2^20 samples); 0 for uncompressed."""
+    return 0.0 if is_uncompressed(spec) else gmse_auto(spec, samples=1 << 20).gmse
 
 
 def compare(specs, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> pd.DataFrame:

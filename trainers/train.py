@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import capacity
-from capacity.runtable import format_label, is_uncompressed
+from capacity.runtable import format_label
 
 from .data import load_tokens, random_batch, validation_batches
 from .layers import Compression
@@ -93,10 +93,6 @@ def _optimizer(model, lr, weight_decay):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
-
-
-def _format_gmse(spec) -> float:
-    return 0.0 if is_uncompressed(spec) else capacity.gmse_auto(spec, samples=1 << 20).gmse
 
 
 @torch.inference_mode()
@@ -187,7 +183,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         "format": format_label(cfg.w_format, cfg.a_format), "params": n_params,
         "tokens": steps * batch * cfg.context, "loss": val_loss,
         "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
-        "w_gmse": _format_gmse(cfg.w_format), "a_gmse": _format_gmse(cfg.a_format),
+        "w_gmse": capacity.spec_gmse(cfg.w_format), "a_gmse": capacity.spec_gmse(cfg.a_format),
         "status": status, "seed": cfg.seed, "train_loss": train_loss,
         "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd, "context": cfg.context,
         "batch_size": batch, "lr": lr, "steps": steps, "estimator": cfg.estimator,
