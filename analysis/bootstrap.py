@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .laws import law_loss
+
 
 @dataclass
 class BootstrapResult:
@@ -84,7 +86,7 @@ def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: fl
     sims = []
     for _, values in boot.samples.iterrows():
         eff = np.array([values.get(f"eff[{f}]", np.nan) for f in new["format"]])
-        pred = values["A"] * (n * eff) ** -values["alpha"] + values["B"] * d ** -values["beta"] + values["E"]
+        pred = law_loss(values, n, d, eff)
         sims.append(pred * np.exp(rng.choice(fit.residuals_, size=len(new))))
     sims = np.array(sims)
     lo, hi = np.nanquantile(sims, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)

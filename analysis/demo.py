@@ -46,7 +46,7 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
     runs = load_runs(runs_path)
     info = format_table(runs)
     specs = sorted({s for s in pd.concat([info["w_spec"], info["a_spec"]]) if s is not None})
-    print(f"== Capacity of the study's formats (GMSE, rho with the published constants) ==")
+    print("== Capacity of the study's formats (GMSE, rho with the published constants) ==")
     print(capacity.compare(specs, samples=1 << 20)[["spec", "bits_per_value", "gmse", "rho", "rho_per_bit", "rd_bound",
                                                     "method"]].to_string(index=False, float_format="{:.4g}".format))
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "

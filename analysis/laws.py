@@ -38,6 +38,11 @@ def single_threaded_blas(fit):
     return wrapper
 
 
+def law_loss(p, n, d, eff=1.0):
+    """loss = A (N eff)^-alpha + B D^-beta + E, for constants `p` from a fit or a bootstrap replicate."""
+    return p["A"] * (n * eff) ** -p["alpha"] + p["B"] * d ** -p["beta"] + p["E"]
+
+
 def huber_total(r: np.ndarray, delta: float) -> float:
     return float(special.huber(delta, r).sum())
 
@@ -77,9 +82,10 @@ class ScalingLaw:
     def _finish(self, runs, objective):
         self.objective_ = float(objective)
         self.n_runs_ = len(runs)
-        self.residuals_ = np.log(self.predict(runs)) - np.log(runs["loss"].to_numpy(float))
+        pred, loss = self.predict(runs), runs["loss"].to_numpy(float)
+        self.residuals_ = np.log(pred) - np.log(loss)
         self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
-        self.rmse_loss_ = float(np.sqrt(np.mean((self.predict(runs) - runs["loss"].to_numpy(float)) ** 2)))
+        self.rmse_loss_ = float(np.sqrt(np.mean((pred - loss) ** 2)))
         return self
 
     def efficiency(self, label: str, row=None) -> float:
@@ -90,12 +96,10 @@ class ScalingLaw:
     def predict(self, runs: pd.DataFrame) -> np.ndarray:
         """Predicted loss for rows with params, tokens and format (a label this fit knows, or for formula
         laws any row with w_spec/a_spec/w_gmse/a_gmse)."""
-        p = self.params_
         eff = runs["format"].map(self.eff_).to_numpy(float)
         for i in np.flatnonzero(np.isnan(eff)):
             eff[i] = self.efficiency(runs["format"].iloc[i], runs.iloc[i])
-        n, d = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float)
-        return p["A"] * (n * eff) ** -p["alpha"] + p["B"] * d ** -p["beta"] + p["E"]
+        return law_loss(self.params_, runs["params"].to_numpy(float), runs["tokens"].to_numpy(float), eff)
 
     def values(self) -> dict:
         """Every fitted number, flat: parameters and eff[label]."""
@@ -320,16 +324,11 @@ class FrantarLaw(ScalingLaw):
         t = best.x
         self.params_ = dict(zip(self.names, [np.exp(t[0]), t[1], np.exp(t[2]), t[3], np.exp(t[4]), t[5], np.exp(t[6])]))
         self.params_ = {k: float(v) for k, v in self.params_.items()}
-        self._log_pred = log_pred
         by_format = dict(zip(runs["format"], s))
         q = self.params_
         coef = lambda sp: q["a_S"] * (1 - sp) ** q["b_S"] + q["c_S"]  # noqa: E731
         self.eff_ = {f: float((1 - sp) * (coef(sp) / coef(0.0)) ** (-1 / q["b_N"])) for f, sp in by_format.items()}
-        self.objective_, self.n_runs_ = float(best.fun), len(runs)
-        self.residuals_ = log_pred(t) - log_l
-        self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
-        self.rmse_loss_ = float(np.sqrt(np.mean((np.exp(log_pred(t)) - np.exp(log_l)) ** 2)))
-        return self
+        return self._finish(runs, best.fun)
 
     def predict(self, runs):
         q, s = self.params_, runs["w_spec"].map(sparsity_of).to_numpy(float)

@@ -7,6 +7,8 @@ import pandas as pd
 
 from capacity.runtable import BASELINE_LABEL
 
+from .laws import law_loss
+
 TRUTH = {"A": 400.0, "B": 1800.0, "E": 1.7, "alpha": 0.34, "beta": 0.37}
 
 
@@ -23,7 +25,7 @@ def simulate_runs(eff: dict, sizes=(2e7, 5e7, 1e8, 2e8, 4e8), tokens_per_param=(
         for n in sizes:
             for ratio in tokens_per_param:
                 d = n * ratio
-                loss = law["A"] * (n * e) ** -law["alpha"] + law["B"] * d ** -law["beta"] + law["E"]
+                loss = law_loss(law, n, d, e)
                 rows.append({"format": label, "params": n, "tokens": d, "loss": loss * np.exp(rng.normal(0, noise)),
                              "w_format": w if label != BASELINE_LABEL else "bf16", "a_format": a or "none"})
     return pd.DataFrame(rows)

@@ -18,7 +18,7 @@ from capacity.law import rho
 from capacity.runtable import is_uncompressed
 
 from .bootstrap import BootstrapResult, bootstrap
-from .laws import DecoupledLaw, single_threaded_blas
+from .laws import DecoupledLaw, law_loss, single_threaded_blas
 from .runs import format_table
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
@@ -159,8 +159,7 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
     new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
                         "a_gmse": [spec_gmse(a_spec)]})
     eff = float(v.regression.predict(new)[0])
-    p = v.law.params_
-    loss = p["A"] * (params * eff) ** -p["alpha"] + p["B"] * tokens ** -p["beta"] + p["E"]
+    loss = law_loss(v.law.params_, params, tokens, eff)
     out = {"w_format": w_spec, "a_format": a_spec, "w_gmse": float(new.w_gmse[0]), "a_gmse": float(new.a_gmse[0]),
            "params": params, "tokens": tokens, "eff": eff, "loss": float(loss), "eff_interval": None,
            "loss_interval": None}
@@ -170,7 +169,7 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
         for (_, row), constants in zip(v.boot.samples.iterrows(), v.draws.to_numpy()):
             e = float(v.regression.evaluate(constants, new)[0])
             effs.append(e)
-            pred = row["A"] * (params * e) ** -row["alpha"] + row["B"] * tokens ** -row["beta"] + row["E"]
+            pred = law_loss(row, params, tokens, e)
             losses.append(pred * np.exp(rng.choice(v.law.residuals_)))
         out["eff_interval"] = [float(x) for x in np.quantile(effs, [0.025, 0.975])]
         out["loss_interval"] = [float(x) for x in np.quantile(losses, [0.025, 0.975])]
