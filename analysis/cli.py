@@ -32,7 +32,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
 
 
-def _runs(args):
+def runs_from_args(args):
     return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
 
 
@@ -55,7 +55,7 @@ def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
 
 
 def _fit_command(args) -> None:
-    runs = _runs(args)
+    runs = runs_from_args(args)
     extra = {"fix_E": args.fix_E} if args.fix_E is not None else {}
     if extra and args.law != "decoupled":
         raise RunTableError("--fix-E applies to the decoupled law")
@@ -90,7 +90,8 @@ def add_fit_command(sub) -> None:
 
 
 def _validate_command(args) -> None:
-    v = validate(_runs(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta, n_jobs=args.jobs)
+    v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
+                 n_jobs=args.jobs)
     print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
 
 
@@ -104,7 +105,7 @@ def add_validate_command(sub) -> None:
 
 
 def _predict_command(args) -> None:
-    out = predict_format(_runs(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
+    out = predict_format(runs_from_args(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
                          seed=args.seed, form=args.form)
     if args.json:
         print(json.dumps(out, indent=1))
@@ -136,7 +137,7 @@ def _compose_command(args) -> None:
         else:
             print(grid_summary(result))
         return
-    runs = _runs(args)
+    runs = runs_from_args(args)
     law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
     boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
     table = compose_runs(law.eff_, boot)

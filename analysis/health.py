@@ -26,9 +26,8 @@ def seed_scatter(runs: pd.DataFrame) -> float:
 
 
 def efficiency_interval(intervals: pd.DataFrame, fmt: str) -> tuple:
-    """(lo, hi) of a format's efficiency; the baseline, fixed at 1, is the point (1, 1)."""
-    key = f"eff[{fmt}]"
-    return tuple(intervals.loc[key, ["lo", "hi"]]) if key in intervals.index else (1.0, 1.0)
+    """(lo, hi) of a format's efficiency (the baseline's, fixed at 1, is the point (1, 1))."""
+    return tuple(intervals.loc[f"eff[{fmt}]", ["lo", "hi"]])
 
 
 def disjoint(intervals: pd.DataFrame, a: str, b: str) -> bool:

@@ -17,7 +17,7 @@ from capacity import pair_rho
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
-from .cli import add_run_arguments, fit_json
+from .cli import add_run_arguments, fit_json, runs_from_args
 from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .health import fit_health
@@ -211,7 +211,7 @@ def _write_html(folder, title, sections, figures, images):
 
 
 def _report_command(args) -> None:
-    runs = load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
+    runs = runs_from_args(args)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
     replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
     report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,

@@ -41,15 +41,16 @@ def read_table(path: "str | Path") -> tuple[pd.DataFrame, int]:
     if not path.exists():
         raise RunTableError(f"{path}: no such file")
     if path.suffix in (".jsonl", ".json", ".ndjson"):
-        rows = []
+        rows, numbers = [], []
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise RunTableError(f"{path}: row {n}: not valid JSON ({err.msg})") from None
+                numbers.append(n)
         frame = pd.DataFrame(rows)
-        frame.index = [n for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+        frame.index = numbers
         return frame, 1
     frame = pd.read_csv(path)
     frame.index = range(2, len(frame) + 2)

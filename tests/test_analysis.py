@@ -264,7 +264,8 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
     assert not disjoint(intervals, "int4", "int4")
     assert resolved_chain(intervals, law.formats_) == ["int2", "int4", "bf16"]
-    overlapping = pd.DataFrame({"lo": [0.1, 0.3, 0.35], "hi": [0.4, 0.5, 0.9]}, index=["eff[a]", "eff[b]", "eff[c]"])
+    overlapping = pd.DataFrame({"lo": [0.1, 0.3, 0.35, 1.0], "hi": [0.4, 0.5, 0.9, 1.0]},
+                               index=["eff[a]", "eff[b]", "eff[c]", "eff[bf16]"])
     assert len(resolved_chain(overlapping, ["a", "b", "c", "bf16"])) == 2  # a, then bf16: b and c overlap a or each other
     first = runs[runs["seed"] == 0]
     with_replicates = fit_health(DecoupledLaw().fit(first), first, None, replicates=runs[runs["seed"] == 1])
