@@ -21,6 +21,11 @@ def _palette(formats):
     return dict(zip(formats, sns.color_palette("tab20", len(formats))))
 
 
+def _error_bars(value, lo, hi):
+    """Asymmetric error bars for matplotlib from interval ends; None where any interval is missing."""
+    return np.vstack([value - lo, hi - value]).clip(0) if lo.notna().all() else None
+
+
 def loss_vs_params(runs: pd.DataFrame, law) -> plt.Figure:
     """Observed losses and the fitted law, one panel per tokens-per-parameter ratio."""
     ratio = runs["tokens"] / runs["params"]
@@ -58,9 +63,7 @@ def efficiency_vs_gmse(validation, draws: pd.DataFrame | None = None) -> plt.Fig
             curves = np.array([rho(g, *row) for row in draws[["L", "F", "C"]].to_numpy()])
             lo, hi = np.nanquantile(curves, [0.025, 0.975], axis=0)
             ax.fill_between(g, lo, hi, color="black", alpha=0.12, label="95% band")
-    yerr = None
-    if t["fitted_lo"].notna().all():
-        yerr = np.vstack([t["fitted"] - t["fitted_lo"], t["fitted_hi"] - t["fitted"]]).clip(0)
+    yerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
     ax.errorbar(t["gmse"], t["fitted"], yerr=yerr, fmt="o", color="tab:blue", capsize=3, label="fitted eff (95% CI)")
     for _, r in t.iterrows():
         ax.annotate(r["format"], (r["gmse"], r["fitted"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
@@ -74,10 +77,8 @@ def efficiency_vs_gmse(validation, draws: pd.DataFrame | None = None) -> plt.Fig
 def loo_predictions(validation) -> plt.Figure:
     t = validation.table
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
-    xerr = yerr = None
-    if t["fitted_lo"].notna().all():
-        xerr = np.vstack([t["fitted"] - t["fitted_lo"], t["fitted_hi"] - t["fitted"]]).clip(0)
-        yerr = np.vstack([t["predicted"] - t["pred_lo"], t["pred_hi"] - t["predicted"]]).clip(0)
+    xerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
+    yerr = _error_bars(t["predicted"], t["pred_lo"], t["pred_hi"])
     ax.errorbar(t["fitted"], t["predicted"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label="format (95% intervals)")
     lims = [min(t["fitted"].min(), t["predicted"].min()) * 0.9, max(t["fitted"].max(), t["predicted"].max()) * 1.05]
     ax.plot(lims, lims, color="grey", ls="--", label="prediction = fit")
@@ -121,9 +122,7 @@ def bootstrap_distributions(samples: pd.DataFrame, formats) -> plt.Figure:
 
 def composability(table: pd.DataFrame) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 1.6))
-    err = None
-    if table["ratio_lo"].notna().all():
-        err = np.vstack([table["ratio"] - table["ratio_lo"], table["ratio_hi"] - table["ratio"]]).clip(0)
+    err = _error_bars(table["ratio"], table["ratio_lo"], table["ratio_hi"])
     labels = [f"{r.combined} vs {r.part1} x {r.part2}" for r in table.itertuples()]
     ax.errorbar(table["ratio"], range(len(table)), xerr=err, fmt="o", capsize=4, label="ratio (95% CI)")
     ax.axvline(1.0, color="grey", ls="--", label="capacities multiply")
