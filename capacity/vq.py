@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
 from .formats import ScaledQuantizer, SpecError
-from .paths import cache_dir
+from .paths import atomic_write, cache_dir
 
 MAX_CODEWORDS = 4096
 TRAIN_VECTORS = 1 << 18
@@ -26,10 +25,7 @@ def gaussian_codebook(dim: int, codewords: int) -> torch.Tensor:
     rng = np.random.default_rng(12345)
     sample = rng.standard_normal((max(TRAIN_VECTORS, 64 * codewords), dim))
     km = KMeans(n_clusters=codewords, n_init=1, random_state=0, max_iter=300, tol=1e-6).fit(sample)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, km.cluster_centers_)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, km.cluster_centers_))
     return torch.tensor(km.cluster_centers_, dtype=torch.float32)
 
 

@@ -1,7 +1,6 @@
 """`capkit train` and `capkit sweep`."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -10,6 +9,7 @@ import torch
 
 from capacity.runtable import append_record
 
+from .layers import BACKWARD_MASKS, ESTIMATORS
 from .sweep import describe_plan, load_sweep, log_session, run_sweep
 from .train import TrainConfig, failed_record, train
 
@@ -54,9 +54,9 @@ def add_train_command(sub) -> None:
     p.add_argument("--context", type=int, default=d.context)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: size-dependent)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: size-dependent)")
-    p.add_argument("--estimator", default=d.estimator, choices=["ste", "clipped", "trust"])
+    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS)
     p.add_argument("--trust", type=float, default=None, help="trust radius in RMS units (default: per format)")
-    p.add_argument("--backward-mask", default=d.backward_mask, choices=["masked", "dense", "rbbm"],
+    p.add_argument("--backward-mask", default=d.backward_mask, choices=BACKWARD_MASKS,
                    help="gradient of pruned entries in sparse formats")
     p.add_argument("--rbbm-p", type=float, default=d.rbbm_p)
     p.add_argument("--data", default=None, help="text file or folder (default: the installed KJV corpus)")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import torch
 
 from capacity import InputError
-from capacity.paths import cache_dir
+from capacity.paths import atomic_write, cache_dir
 
 VOCAB_SIZE = 256
 
@@ -55,11 +54,8 @@ def load_tokens(path: "str | Path | None" = None, val_fraction: float = 0.05) ->
     if not all(f.exists() for f in files.values()):
         tokens = np.frombuffer(_read_text(source), dtype=np.uint8)
         split = int(len(tokens) * (1 - val_fraction))
-        cache_dir().mkdir(parents=True, exist_ok=True)
         for part, chunk in (("train", tokens[:split]), ("val", tokens[split:])):
-            tmp = files[part].with_suffix(f".{os.getpid()}.tmp")
-            chunk.tofile(tmp)
-            os.replace(tmp, files[part])
+            atomic_write(files[part], chunk.tofile)
     train, val = (np.memmap(files[p], dtype=np.uint8, mode="r") for p in ("train", "val"))
     return TokenData(train, val, str(source))
 

@@ -139,7 +139,6 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
     return "\n".join(lines)
 
 
-
 def log_session(sweep: Sweep, command: str, started: float, finished: float, ran: int) -> Path:
     """Append this sitting (command, versions, machine, wall time) to `<runs>.meta.json` beside the run table."""
     path = sweep.runs.with_name(sweep.runs.name + ".meta.json")

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 import capacity
+from capacity.paths import atomic_write
 from capacity.runtable import format_label
 
 from .data import load_tokens, random_batch, validation_batches
@@ -111,13 +112,6 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
 
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one model; return its run record. Raises on bad input; the caller records crashes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -171,8 +165,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if step % 10 == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if ckpt and rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            _save(ckpt, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "generator": gen.get_state(), "step": step + 1})
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "generator": gen.get_state(), "step": step + 1}
+            atomic_write(ckpt, lambda f: torch.save(state, f))
     wall = time.perf_counter() - started
     val_loss = evaluate(model, data, cfg, device) if status == "ok" else float("nan")
     if status == "ok" and not math.isfinite(val_loss):
