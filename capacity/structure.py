@@ -138,7 +138,7 @@ def fwht(x: torch.Tensor, block: int) -> torch.Tensor:
     """
     if block < DENSE_HADAMARD_BELOW:
         return (x.reshape(-1, block) @ _sylvester(block, str(x.device), x.dtype)).reshape(x.shape) / math.sqrt(block)
-    b1 = 2 ** ((block.bit_length() - 1 + 1) // 2)
+    b1 = 2 ** (block.bit_length() // 2)  # 2^ceil(log2(b) / 2)
     b2 = block // b1
     y = x.reshape(-1, b1, b2)
     y = _sylvester(b1, str(x.device), x.dtype) @ y @ _sylvester(b2, str(x.device), x.dtype)
