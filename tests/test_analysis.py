@@ -1,8 +1,6 @@
 """Analysis: fitting on the real Chinchilla data, recovery on simulated runs, validation, composability,
 run-table errors and the command-line contract."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -188,11 +186,7 @@ def test_column_mapping_and_status_filtering(tmp_path):
     assert len(runs) == len(frame) - 1 and len(runs.attrs["skipped"]) == 1
 
 
-def capkit(*args):
-    return subprocess.run([sys.executable, "-m", "capacity.cli", *args], capture_output=True, text=True)
-
-
-def test_cli_fit_json_contract(chinchilla):
+def test_cli_fit_json_contract(chinchilla, capkit):
     out = capkit("fit", str(CHINCHILLA), "--json")
     result = json.loads(out.stdout)
     assert result["law"] == "decoupled" and result["n_runs"] == 240 and result["objective"] <= 1.018275e-3
@@ -201,7 +195,7 @@ def test_cli_fit_json_contract(chinchilla):
     assert result["eff"]["bf16"]["value"] == 1.0
 
 
-def test_cli_fit_validate_compose_on_a_run_table(tmp_path):
+def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capkit):
     path = tmp_path / "runs.jsonl"
     frame = simulate_runs(capacity_effs(), noise=0.003, specs=SPECS)
     path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n")
@@ -218,7 +212,7 @@ def test_cli_fit_validate_compose_on_a_run_table(tmp_path):
     assert rho(gmse("int4", exact=True).gmse) < pred["eff"] < 1 and pred["loss_interval"][0] < pred["loss"]
 
 
-def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path):
+def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capkit):
     path = _write(tmp_path, simulate_runs({"bf16": 1.0, "int4": 0.8}).drop(columns="tokens"))
     out = capkit("fit", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "tokens" in out.stderr

@@ -1,8 +1,6 @@
 """Capacity: formats, specs, exact and Monte Carlo GMSE against the reference values, rho."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -149,23 +147,19 @@ def test_bad_specs_raise_clear_errors(bad, fragment):
     assert fragment in str(info.value)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "capacity.cli", *args], capture_output=True, text=True)
-
-
 @pytest.mark.parametrize("bad", ["intt4", "int0", "3:2", "sparse(1.5)", "int4(group=-1)", "int4+"])
-def test_cli_bad_input_exits_2_with_one_line(bad):
-    out = run_cli("gmse", bad)
+def test_cli_bad_input_exits_2_with_one_line(bad, capkit):
+    out = capkit("gmse", bad)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_cli_gmse_json_contract():
-    out = run_cli("gmse", "int4", "2:4", "--samples", "65536", "--json")
+def test_cli_gmse_json_contract(capkit):
+    out = capkit("gmse", "int4", "2:4", "--samples", "65536", "--json")
     rows = json.loads(out.stdout)
     assert [r["spec"] for r in rows] == ["int4", "2:4"]
     assert set(rows[0]) == {"spec", "gmse", "stderr", "bits_per_value", "rho"}
-    exact = json.loads(run_cli("gmse", "int4", "--exact", "--json").stdout)[0]
+    exact = json.loads(capkit("gmse", "int4", "--exact", "--json").stdout)[0]
     assert exact["gmse"] == pytest.approx(0.0115429, rel=2e-4) and exact["stderr"] == 0
 
 

@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -102,11 +101,10 @@ def test_corpus_split_is_deterministic_and_custom_text_works(tmp_path):
     assert bytes(custom.train[:5]) == b"hello"
 
 
-def test_tiny_w4a4_run_appends_a_valid_record(tmp_path):
+def test_tiny_w4a4_run_appends_a_valid_record(tmp_path, capkit):
     runs = tmp_path / "runs.jsonl"
-    out = subprocess.run([sys.executable, "-m", "capacity.cli", "train", "--w-format", "int4", "--a-format", "int4",
-                          "--params", "20000", "--tokens", "200000", "--runs", str(runs), "--quiet"],
-                         capture_output=True, text=True, timeout=120)
+    out = capkit("train", "--w-format", "int4", "--a-format", "int4", "--params", "20000", "--tokens", "200000",
+                 "--runs", str(runs), "--quiet", timeout=120)
     assert out.returncode == 0, out.stderr
     (record,) = read_records(runs)
     assert set(REQUIRED) <= set(record) and record["status"] == "ok"
@@ -171,24 +169,22 @@ def test_sweep_is_killed_midway_and_resumed_without_lost_or_duplicated_runs(tmp_
     assert meta["runs_in_table"] == 6 and meta["sessions"][-1]["command"].startswith("capkit sweep")
 
 
-def test_sweep_shards_and_dry_run(tmp_path):
+def test_sweep_shards_and_dry_run(tmp_path, capkit):
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(SWEEP.format(extra="[train]\ncontext = 64"))
     parts = [load_sweep(sweep_file, f"{i}/2").configs for i in range(2)]
     assert len(parts[0]) + len(parts[1]) == 6 and not {c.key() for c in parts[0]} & {c.key() for c in parts[1]}
-    out = subprocess.run([sys.executable, "-m", "capacity.cli", "sweep", str(sweep_file), "--dry-run"],
-                         capture_output=True, text=True)
+    out = capkit("sweep", str(sweep_file), "--dry-run")
     assert "6 runs in the grid" in out.stdout and "estimated time" in out.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(SWEEP.format(extra="[train]\ncontxt = 64"))
-    out = subprocess.run([sys.executable, "-m", "capacity.cli", "sweep", str(bad)], capture_output=True, text=True)
+    out = capkit("sweep", str(bad))
     assert out.returncode == 2 and "contxt" in out.stderr
 
 
-def test_distributed_two_processes_match_single_process(tmp_path):
+def test_distributed_two_processes_match_single_process(tmp_path, capkit):
     common = ["--w-format", "int4", "--params", "6000", "--tokens", "60000", "--batch-size", "16", "--quiet"]
-    single = subprocess.run([sys.executable, "-m", "capacity.cli", "train", *common],
-                            capture_output=True, text=True, timeout=120)
+    single = capkit("train", *common, timeout=120)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29517", "-m", "capacity.cli", "train", *common],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
