@@ -8,11 +8,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from capscale.capacity import BASELINE
 
-def paired_comparison(runs: pd.DataFrame, baseline: str | None = None, level: float = 0.95) -> pd.DataFrame:
+
+def paired_comparison(runs: pd.DataFrame, baseline: str = BASELINE, level: float = 0.95) -> pd.DataFrame:
     """Per format: mean of log(loss_f / loss_baseline) over the (N, D) cells both were trained at, its t-interval,
     and a Wilcoxon signed-rank p-value for 'no difference'."""
-    baseline = baseline or runs.attrs.get("baseline", "bf16")
     cells = runs.groupby(["format", "params", "tokens"])["loss"].mean().unstack("format")
     base = np.log(cells[baseline])
     rows = []

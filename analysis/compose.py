@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from capacity.runtable import BASELINE_LABEL, format_label
+from capscale.capacity import BASELINE
+from capscale.capacity.runtable import format_label
 
 from .bootstrap import BootstrapResult
 from .runs import RunTableError
@@ -25,7 +26,7 @@ def composite_parts(label: str, labels: set) -> tuple[str, str] | None:
     if "/" in label:
         w, a = label.split("/", 1)
         parts = (w, format_label(None, a))
-        if w != BASELINE_LABEL and all(p in labels for p in parts):
+        if w != BASELINE and all(p in labels for p in parts):
             return parts
     elif "+" in label:
         head, tail = label.split("+", 1)

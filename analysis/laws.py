@@ -18,15 +18,12 @@ import pandas as pd
 from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
-from capacity import parse
-from capacity.law import rho
-from capacity.runtable import BASELINE_LABEL, is_uncompressed
+from capscale.capacity import BASELINE, bits_of, is_uncompressed, parse, rho
 
 from .runs import check_identifiable, format_table
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
-UNCOMPRESSED_BITS = 16.0
 
 
 def single_threaded_blas(fit):
@@ -60,7 +57,7 @@ class ScalingLaw:
     law = "base"
     formula_text = "loss = A (N eff)^-alpha + B D^-beta + E"
 
-    def __init__(self, baseline: str = BASELINE_LABEL, delta: float = 1e-3):
+    def __init__(self, baseline: str = BASELINE, delta: float = 1e-3):
         self.baseline, self.delta = baseline, delta
 
     def get_params(self) -> dict:
@@ -126,7 +123,7 @@ class DecoupledLaw(ScalingLaw):
 
     law = "decoupled"
 
-    def __init__(self, baseline: str = BASELINE_LABEL, delta: float = 1e-3, fix_E: float | None = None):
+    def __init__(self, baseline: str = BASELINE, delta: float = 1e-3, fix_E: float | None = None):
         super().__init__(baseline, delta)
         self.fix_E = fix_E
 
@@ -253,10 +250,6 @@ class UnifiedLaw(_FormulaLaw):
 
 
 @functools.lru_cache(maxsize=None)
-def format_bits(spec) -> float:
-    return UNCOMPRESSED_BITS if is_uncompressed(spec) else parse(spec).bits_per_value
-
-
 class KumarLaw(_FormulaLaw):
     """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value."""
 
@@ -265,7 +258,7 @@ class KumarLaw(_FormulaLaw):
     constant_bounds = ((0.05, 20.0), (0.05, 20.0))
 
     def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
-        return (1 - np.exp(-format_bits(w_spec) / c[0])) * (1 - np.exp(-format_bits(a_spec) / c[1]))
+        return (1 - np.exp(-bits_of(w_spec) / c[0])) * (1 - np.exp(-bits_of(a_spec) / c[1]))
 
     def constant_starts(self, decoupled):
         return [(2.6745, 2.2102), (1.0, 1.0), (5.0, 5.0)]

@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from capacity.law import rho  # noqa: E402
+from capscale.capacity.law import rho  # noqa: E402
 
 LOSS_LABEL = "validation loss (nats per byte)"
 N_LABEL = "non-embedding parameters N"

@@ -1,28 +1,27 @@
-"""`capkit report`: every analysis of a run table in one folder: report.html (self-contained, figures
+"""The report: every analysis of a run table in one folder: report.html (self-contained, figures
 embedded), report.md (figures beside it as PNG), results.json, and the figures."""
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 
-from capacity import pair_rho
-
+from capscale.capacity import BASELINE, bits_of, pair_rho
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
-from .cli import add_run_arguments, fit_json, runs_from_args
 from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .health import fit_health
-from .laws import DecoupledLaw, format_bits, make_law
-from .runs import format_table, load_runs
+from .laws import DecoupledLaw, make_law
+from .runs import format_table
 from .validate import validate
 
 
@@ -50,6 +49,24 @@ def _law_comparison(runs, decoupled, delta):
     return table, {n: f for n, _, f in rows}
 
 
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
+    def p(name, value):
+        if intervals is None or name not in intervals.index:
+            return {"value": float(value), "se": None, "ci": None}
+        row = intervals.loc[name]
+        return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
+    return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_,
+            "rmse_log_loss": law.rmse_log_, "rmse_loss": law.rmse_loss_,
+            "params": {k: p(k, v) for k, v in law.params_.items()},
+            "eff": {k: p(f"eff[{k}]", v) for k, v in law.eff_.items()},
+            "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
+                                                     "failed": boot.n_failed}}
+
+
 def _figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -67,13 +84,12 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
 
 
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
-                 grids: dict | None = None, title: str = "capkit report", progress: bool = True,
-                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None) -> Report:
+                 grids: dict | None = None, title: str = "capscale report", progress: bool = True,
+                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE) -> Report:
     """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
     of some runs, not fitted) give the fit-health check its seed-to-seed scatter."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    baseline = runs.attrs.get("baseline", "bf16")
     law = DecoupledLaw(baseline, delta).fit(runs)
     boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress) if n_boot else None
     intervals = boot.intervals(law.values()) if boot else None
@@ -86,7 +102,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
 
     info = format_table(runs)
     capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
-        bits_per_value=lambda d: [format_bits(w) for w in d["w_spec"]],
+        bits_per_value=lambda d: [bits_of(w) for w in d["w_spec"]],
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
     eff_table = pd.DataFrame([{"format": f, "eff": v,
                                "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
@@ -169,63 +185,20 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                          f"max |error| {r['max_abs_error']:.3f}, RMS {r['rms_error']:.3f}, rank-1 RMS "
                          f"{r['rank1_rms_error']:.3f}; worst cell {r['worst_cell'][:2]}.",
                          r["product"].round(3).reset_index()))
-    _write_markdown(folder, title, sections, figures)
-    _write_html(folder, title, sections, figures, images)
+    _render(folder, title, sections, figures, images)
     return Report(folder, results, validation, comp, paired, comparison, health)
 
 
-def _write_markdown(folder, title, sections, figures):
-    lines = [f"# {title}", ""]
-    for heading, text, table in sections:
-        lines += [f"## {heading}", "", text, "", table.to_markdown(index=False, floatfmt=".4g")
-                  if _has_tabulate() else "```\n" + table.to_string(index=False) + "\n```", ""]
-    lines += ["## Figures", ""] + [f"![{caption}]({key}.png)\n" for key, (caption, _) in figures.items()]
-    (folder / "report.md").write_text("\n".join(lines))
+TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),
+                               autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
 
 
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-       "table.t{border-collapse:collapse;font-size:13px;margin:.5em 0 1.5em}"
-       "table.t th,table.t td{padding:3px 9px;border-bottom:1px solid #ddd;text-align:right}"
-       "table.t th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555;font-size:14px}")
-
-
-def _write_html(folder, title, sections, figures, images):
-    body = [f"<h1>{html.escape(title)}</h1>"]
-    for heading, text, table in sections:
-        body += [f"<h2>{html.escape(heading)}</h2>", f"<p>{html.escape(text)}</p>", _table_html(table)]
-    body.append("<h2>Figures</h2>")
-    for key, (caption, _) in figures.items():
-        data = base64.b64encode(images[key]).decode()
-        body.append(f'<figure><img id="{key}" alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    (folder / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
-                                        f"</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-
-
-def _report_command(args) -> None:
-    runs = runs_from_args(args)
-    grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
-    replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
-    report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
-                          n_jobs=args.jobs, replicates=replicates)
-    print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
-
-
-def add_report_command(sub) -> None:
-    p = sub.add_parser("report", help="write an HTML/Markdown/JSON report with figures",
-                       description="Fit, bootstrap, validate capacity predictions, test composability and plot "
-                                   "everything into a folder.")
-    add_run_arguments(p, bootstrap_default=200)
-    p.add_argument("-o", "--output", default="capkit-report", help="output folder")
-    p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
-    p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
-                                                        "fitted): the fit-health check compares the misfit with it")
-    p.set_defaults(func=_report_command)
+def _render(folder, title, sections, figures, images):
+    """report.md and report.html from their templates: the same sections, tables and figures."""
+    sections = [{"heading": h, "text": text, "table_html": _table_html(table),
+                 "table_md": table.to_markdown(index=False, floatfmt=".4g")} for h, text, table in sections]
+    figures = [{"key": key, "caption": caption, "png_base64": base64.b64encode(images[key]).decode()}
+               for key, (caption, _) in figures.items()]
+    for name in ("report.md", "report.html"):
+        (folder / name).write_text(TEMPLATES.get_template(f"{name}.j2").render(title=title, sections=sections,
+                                                                              figures=figures))

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from capacity import InputError, spec_gmse
-from capacity.runtable import BASELINE_LABEL, OPTIONAL, REQUIRED, STATUSES, is_uncompressed
+from capscale.capacity import InputError, spec_gmse
+from capscale.capacity import BASELINE, is_uncompressed
+from capscale.capacity.runtable import OPTIONAL, REQUIRED, STATUSES
 
 MIN_RUNS_PER_FORMAT = 2
 
@@ -58,7 +59,7 @@ def read_table(path: "str | Path") -> tuple[pd.DataFrame, int]:
 
 
 def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | None = None,
-              baseline: str = BASELINE_LABEL, name: str | None = None) -> pd.DataFrame:
+              baseline: str = BASELINE, name: str | None = None) -> pd.DataFrame:
     """Validated runs: required columns numeric and positive, status normalised, GMSE columns filled."""
     if isinstance(source, pd.DataFrame):
         frame, where = source.copy(), name or "<DataFrame>"
@@ -105,7 +106,7 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
                             f"{sorted(set(runs['format']))} (choose one with --baseline)")
     _fill_gmse(runs, where)
     skipped = frame[frame["status"] != "ok"]
-    runs.attrs.update(source=where, baseline=baseline,
+    runs.attrs.update(source=where,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
     return runs
 
@@ -142,7 +143,7 @@ def _fill_gmse(runs: pd.DataFrame, where: str) -> None:
             a_gmse.append(float(ag) if pd.notna(ag) else spec_gmse(a))
         except InputError as err:
             raise RunTableError(f"{where}: row {row_id}, column 'format'/'w_format': {err}; give numeric "
-                                "w_gmse/a_gmse columns for formats capkit cannot express") from None
+                                "w_gmse/a_gmse columns for formats capscale cannot express") from None
     runs["w_spec"], runs["a_spec"], runs["w_gmse"], runs["a_gmse"] = w_spec, a_spec, w_gmse, a_gmse
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from capacity.runtable import BASELINE_LABEL
+from capscale.capacity import BASELINE
 
 from .laws import law_loss
 
@@ -27,5 +27,5 @@ def simulate_runs(eff: dict, sizes=(2e7, 5e7, 1e8, 2e8, 4e8), tokens_per_param=(
                 d = n * ratio
                 loss = law_loss(law, n, d, e)
                 rows.append({"format": label, "params": n, "tokens": d, "loss": loss * np.exp(rng.normal(0, noise)),
-                             "w_format": w if label != BASELINE_LABEL else "bf16", "a_format": a or "none"})
+                             "w_format": w if label != BASELINE else BASELINE, "a_format": a or "none"})
     return pd.DataFrame(rows)

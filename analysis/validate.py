@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capacity import spec_gmse
-from capacity.law import rho
-from capacity.runtable import is_uncompressed
+from capscale.capacity import spec_gmse
+from capscale.capacity.law import rho
+from capscale.capacity import BASELINE, is_uncompressed
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, law_loss, single_threaded_blas
@@ -115,9 +115,11 @@ def _eff_columns(formats):
 
 def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "tanh", delta: float = 1e-3,
              law: DecoupledLaw | None = None, boot: BootstrapResult | None = None, progress: bool = True,
-             n_jobs: int | None = None) -> Validation:
-    baseline = runs.attrs.get("baseline", "bf16")
+             n_jobs: int | None = None, baseline: str = BASELINE) -> Validation:
+    """Fit rho to the decoupled efficiencies and predict each format leaving it out; a given `law` brings
+    its own baseline."""
     law = law or DecoupledLaw(baseline, delta).fit(runs)
+    baseline = law.baseline
     if boot is None and n_boot:
         boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress)
     info = format_table(runs).loc[[f for f in law.formats_ if f != baseline]]
@@ -152,9 +154,10 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
 
 
 def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
-                   n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True) -> dict:
+                   n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True,
+                   baseline: str = BASELINE) -> dict:
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
-    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress)
+    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline)
     w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
     new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
                         "a_gmse": [spec_gmse(a_spec)]})

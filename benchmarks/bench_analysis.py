@@ -13,9 +13,9 @@ import numpy as np
 from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
-from analysis.bootstrap import bootstrap
-from analysis.laws import DecoupledLaw
-from analysis.runs import load_runs
+from capscale.analysis.bootstrap import bootstrap
+from capscale.analysis.laws import DecoupledLaw
+from capscale.analysis.runs import load_runs
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "reference" / "chinchilla_epoch_240.csv"
 

@@ -8,8 +8,8 @@ import time
 import numpy as np
 from scipy import integrate, optimize, stats
 
-import capacity
-from capacity import grids
+from capscale import capacity
+from capscale.capacity import grids
 
 
 def quad_grid_mse(levels, scale):

@@ -1,7 +1,7 @@
 """Trainer speed, ratios against baselines measured in the same run:
 1. dense training throughput of `trainers.train` vs a minimal plain-PyTorch loop over the same architecture;
 2. step time of W4A4 (Hadamard + int4, trust estimator) vs dense;
-3. capkit's Hadamard transform (fast two-factor form from block 256, a dense product below) vs a dense
+3. capscale's Hadamard transform (fast two-factor form from block 256, a dense product below) vs a dense
    block-matrix multiply, by block size.
 
 Run: python benchmarks/bench_trainers.py [target_params]   (default 400k non-embedding parameters)
@@ -12,10 +12,10 @@ import time
 import torch
 from scipy.linalg import hadamard
 
-from capacity.structure import fwht
-from trainers.data import load_tokens, random_batch
-from trainers.model import Decoder, config_for_params
-from trainers.train import TrainConfig, train
+from capscale.capacity.structure import fwht
+from capscale.trainers.data import load_tokens, random_batch
+from capscale.trainers.model import Decoder, config_for_params
+from capscale.trainers.train import TrainConfig, train
 
 torch.set_num_threads(2)
 TOKENS = 400_000
@@ -42,7 +42,7 @@ def main():
     params = int(sys.argv[1]) if len(sys.argv) > 1 else 400_000
     dense = train(TrainConfig(params=params, tokens=TOKENS, batch_size=32), progress=False)
     plain = plain_loop_tokens_per_s(params, 32, dense["lr"])
-    print(f"N = {dense['params']:,}: capkit dense {dense['tokens_per_s']:,.0f} tok/s, plain PyTorch loop "
+    print(f"N = {dense['params']:,}: capscale dense {dense['tokens_per_s']:,.0f} tok/s, plain PyTorch loop "
           f"{plain:,.0f} tok/s: ratio {dense['tokens_per_s'] / plain:.2f} (target >= 0.80)")
     spec = "hadamard+int4(scale=rms)"
     w4a4 = train(TrainConfig(w_format=spec, a_format=spec, params=params, tokens=TOKENS, batch_size=32), progress=False)
@@ -55,7 +55,7 @@ def main():
         h = torch.tensor(hadamard(block), dtype=torch.float32) / block ** 0.5
         t_fast = min(_time(lambda: fwht(x, block)) for _ in range(5))
         t_mat = min(_time(lambda: (x.reshape(-1, block) @ h).reshape(x.shape)) for _ in range(5))
-        print(f"Hadamard block {block:>4} on 4096x1024: capkit fwht {t_fast * 1e3:6.1f} ms, dense block matmul "
+        print(f"Hadamard block {block:>4} on 4096x1024: capscale fwht {t_fast * 1e3:6.1f} ms, dense block matmul "
               f"{t_mat * 1e3:6.1f} ms: ratio {t_mat / t_fast:.2f}")
 
 

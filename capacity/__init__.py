@@ -1,8 +1,9 @@
-"""capacity: compressed number formats, their Gaussian MSE and the capacity law rho(GMSE)."""
+"""capscale.capacity: compressed number formats, their Gaussian MSE and the capacity law rho(GMSE)."""
 from .formats import Component, Format, GridQuantizer, InputError, ScaledQuantizer, SpecError
 from .gmse import MEASURE_SHAPE, GMSEResult, compare, gmse, gmse_auto, spec_gmse
 from .law import pair_rho, rho
-from .spec import parse, register, registry
+from .spec import BASELINE, UNCOMPRESSED_BITS, bits_of, is_uncompressed, parse, register, registry
 
 __all__ = ["Component", "Format", "GridQuantizer", "InputError", "ScaledQuantizer", "SpecError", "MEASURE_SHAPE",
-           "GMSEResult", "compare", "gmse", "gmse_auto", "spec_gmse", "pair_rho", "rho", "parse", "register", "registry"]
+           "GMSEResult", "compare", "gmse", "gmse_auto", "spec_gmse", "pair_rho", "rho", "BASELINE",
+           "UNCOMPRESSED_BITS", "bits_of", "is_uncompressed", "parse", "register", "registry"]

@@ -112,7 +112,7 @@ class Format:
 
 
 class Identity(Component):
-    """No compression (`fp32`, `none`): GMSE 0."""
+    """No compression (`bf16`, `fp16`, `fp32`, `none`): GMSE 0, stored in `storage_bits`."""
 
     defaults = {}
 

@@ -17,8 +17,7 @@ import torch
 
 from .formats import Format
 from .law import rho as rho_law
-from .runtable import is_uncompressed
-from .spec import parse
+from .spec import is_uncompressed, parse
 
 MEASURE_SHAPE = (64, 1024)
 DEFAULT_SAMPLES = 1 << 22

@@ -1,4 +1,4 @@
-"""Where capkit caches what it computes once (codebooks, tokenized corpora): $CAPKIT_CACHE, else the
+"""Where capscale caches what it computes once (codebooks, tokenized corpora): $CAPSCALE_CACHE, else the
 user cache directory. Nothing is ever downloaded into it."""
 import os
 from pathlib import Path
@@ -15,6 +15,6 @@ def atomic_write(path: Path, write) -> None:
 
 
 def cache_dir() -> Path:
-    if "CAPKIT_CACHE" in os.environ:
-        return Path(os.environ["CAPKIT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "capkit"
+    if "CAPSCALE_CACHE" in os.environ:
+        return Path(os.environ["CAPSCALE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "capscale"

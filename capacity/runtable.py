@@ -14,20 +14,16 @@ import json
 import os
 from pathlib import Path
 
+from .spec import BASELINE, is_uncompressed
+
 REQUIRED = ("format", "params", "tokens", "loss")
 OPTIONAL = ("w_format", "a_format", "gmse", "w_gmse", "a_gmse", "status", "seed")
 STATUSES = ("ok", "diverged", "failed")
-BASELINE_LABEL = "bf16"
-UNCOMPRESSED = ("", "none", "fp32", "bf16")
-
-
-def is_uncompressed(spec) -> bool:
-    return spec is None or (isinstance(spec, float) and spec != spec) or str(spec).strip() in UNCOMPRESSED
 
 
 def format_label(w_format: str | None, a_format: str | None) -> str:
     """Readable label of a weights/activations pair: `int4`, `int4/int4` (W/A), `bf16/int4` (activations only)."""
-    w = BASELINE_LABEL if is_uncompressed(w_format) else str(w_format)
+    w = BASELINE if is_uncompressed(w_format) else str(w_format)
     return w if is_uncompressed(a_format) else f"{w}/{a_format}"
 
 

@@ -7,13 +7,13 @@ component `module:callable` imports a user factory. Every factory returns a Comp
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import re
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
-import torch
 
 from . import grids
 from .formats import Component, Format, GridQuantizer, Identity, SpecError
@@ -38,7 +38,7 @@ def register(name: str, factory: Callable, description: str = "", pattern: str |
     """Register a format component: `parse(name)` then calls `factory(**kwargs)`.
 
     With `pattern` (a regex over the whole name), the factory is called as factory(match, **kwargs),
-    for families such as `int<b>`. The factory must return a `capacity.Component`.
+    for families such as `int<b>`. The factory must return a `capscale.capacity.Component`.
     """
     _REGISTRY[name] = Entry(name, factory, description, re.compile(pattern) if pattern else None,
                             example or name)
@@ -46,6 +46,26 @@ def register(name: str, factory: Callable, description: str = "", pattern: str |
 
 def registry() -> list[Entry]:
     return list(_REGISTRY.values())
+
+
+# ---- uncompressed names and the baseline -----------------------------------------------------------
+# One meaning everywhere: `gmse`, `train`, the run table and every law treat these as no compression
+# (GMSE 0, capacity 1, nothing applied in training: the trainer computes in its own precision, fp32 on
+# CPU and bf16 autocast on CUDA); they differ only in the storage bits counted for them.
+UNCOMPRESSED_BITS = {"bf16": 16.0, "fp16": 16.0, "none": 16.0, "fp32": 32.0}
+BASELINE = "bf16"  # the default label of the uncompressed baseline in run tables (efficiency 1)
+
+
+def is_uncompressed(spec) -> bool:
+    """No compression: no spec (None, NaN, empty) or one of the UNCOMPRESSED_BITS names."""
+    return spec is None or (isinstance(spec, float) and spec != spec) or str(spec).strip() in ("", *UNCOMPRESSED_BITS)
+
+
+def bits_of(spec) -> float:
+    """Storage bits per value of a spec; no spec at all (None, NaN, empty) counts as the baseline's."""
+    if is_uncompressed(spec) and str(spec).strip() not in UNCOMPRESSED_BITS:
+        return UNCOMPRESSED_BITS[BASELINE]
+    return parse(spec).bits_per_value
 
 
 # ---- parsing ---------------------------------------------------------------------------------------
@@ -97,7 +117,7 @@ def _arguments(text: str | None) -> tuple[list, dict]:
 def _suggest(name: str) -> str:
     names = [e.example for e in _REGISTRY.values()] + [e.name for e in _REGISTRY.values()]
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else "; see `capkit formats`"
+    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else "; see `capscale formats`"
 
 
 def _call(factory: Callable, where: str, *args, **kwargs) -> Component:
@@ -106,7 +126,7 @@ def _call(factory: Callable, where: str, *args, **kwargs) -> Component:
     except TypeError as err:
         raise SpecError(f"{where}: bad arguments ({err})") from None
     if not isinstance(component, Component):
-        raise SpecError(f"{where}: factory returned {type(component).__name__}, expected a capacity.Component")
+        raise SpecError(f"{where}: factory returned {type(component).__name__}, expected a capscale.capacity.Component")
     return component
 
 
@@ -217,20 +237,14 @@ def _binary(**kw):
     return GridQuantizer("binary", [-1.0, 1.0], 1, {**SCALED, "scale": "absmean"}, **kw)
 
 
-def _bf16():
-    values = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    values = values[torch.isfinite(values) & (values.abs() <= 2 ** 20)].unique().double().numpy()
-    return GridQuantizer("bf16", values, 16, {"scale": "none"}, cast=torch.bfloat16)
-
-
 def _nm(match):
     return NMSparse(int(match.group(1)), int(match.group(2)))
 
 
 def _register_builtins():
-    register("fp32", lambda: Identity("fp32", 32.0), "identity baseline: no compression (32-bit)")
-    register("none", lambda: Identity("none", 16.0), "identity baseline: no compression (counted as 16-bit)")
-    register("bf16", _bf16, "bfloat16 rounding (round-to-nearest-even), no scale")
+    for name, bits in UNCOMPRESSED_BITS.items():
+        register(name, functools.partial(Identity, name, bits),
+                 f"uncompressed: GMSE 0, capacity 1, stored in {bits:g} bits; the trainer applies no rounding")
     register("int<b>", _int, "2^b-level symmetric uniform midrise grid, b = 1..8; group=, scale=, grid=signed",
              pattern=r"int(\d+)", example="int4")
     register("lloydmax<b>", _lloydmax, "Lloyd-Max MSE-optimal Gaussian grid with 2^b levels",

@@ -14,8 +14,8 @@ def seeded():
 
 
 @pytest.fixture
-def capkit():
-    """`capkit ARGS` in a fresh interpreter, as a user runs it: the CompletedProcess, output as text."""
+def capscale_cli():
+    """`capscale ARGS` in a fresh interpreter, as a user runs it: the CompletedProcess, output as text."""
     def run(*args, **kwargs):
-        return subprocess.run([sys.executable, "-m", "capacity.cli", *args], capture_output=True, text=True, **kwargs)
+        return subprocess.run([sys.executable, "-m", "capscale", *args], capture_output=True, text=True, **kwargs)
     return run

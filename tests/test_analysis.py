@@ -1,24 +1,23 @@
 """Analysis: fitting on the real Chinchilla data, recovery on simulated runs, validation, composability,
 run-table errors and the command-line contract."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
-from analysis.compose import compose_grid, compose_runs, read_grid
-from analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
-from analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
-from analysis.runs import RunTableError, load_runs
-from analysis.simulate import simulate_runs
-from analysis.validate import validate
-from capacity import gmse, rho
+from capscale.analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
+from capscale.analysis.compose import compose_grid, compose_runs, read_grid
+from capscale.analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
+from capscale.analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
+from capscale.analysis.runs import RunTableError, load_runs
+from capscale.analysis.simulate import simulate_runs
+from capscale.analysis.validate import validate
+from capscale import data
+from capscale.capacity import gmse, rho
 
-ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT / "data" / "reference"
-CHINCHILLA = ROOT.parent / "shared" / "reference" / "chinchilla_epoch_240.csv"
+REFERENCE = data.path("reference")
+CHINCHILLA = data.path("reference", "chinchilla_epoch_240.csv")
 REPLICATION = {"A": 477.84, "B": 2143.86, "E": 1.8172, "alpha": 0.34731, "beta": 0.36718}
 SPECS = {"bf16": ("bf16", None), "int8": ("int8", None), "int4": ("int4", None), "int3": ("int3", None),
          "int2": ("int2", None), "int4/int4": ("int4", "int4"), "bf16/int4": ("bf16", "int4")}
@@ -34,8 +33,6 @@ def capacity_effs():
 
 @pytest.fixture(scope="module")
 def chinchilla():
-    if not CHINCHILLA.exists():
-        pytest.skip(f"reference data not found at {CHINCHILLA}")
     return load_runs(CHINCHILLA)
 
 
@@ -186,8 +183,8 @@ def test_column_mapping_and_status_filtering(tmp_path):
     assert len(runs) == len(frame) - 1 and len(runs.attrs["skipped"]) == 1
 
 
-def test_cli_fit_json_contract(chinchilla, capkit):
-    out = capkit("fit", str(CHINCHILLA), "--json")
+def test_cli_fit_json_contract(chinchilla, capscale_cli):
+    out = capscale_cli("fit", str(CHINCHILLA), "--json")
     result = json.loads(out.stdout)
     assert result["law"] == "decoupled" and result["n_runs"] == 240 and result["objective"] <= 1.018275e-3
     assert set(result["params"]) == {"A", "B", "E", "alpha", "beta"}
@@ -195,28 +192,28 @@ def test_cli_fit_json_contract(chinchilla, capkit):
     assert result["eff"]["bf16"]["value"] == 1.0
 
 
-def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capkit):
+def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
     path = tmp_path / "runs.jsonl"
     frame = simulate_runs(capacity_effs(), noise=0.003, specs=SPECS)
     path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n")
-    fit = json.loads(capkit("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7").stdout)
+    fit = json.loads(capscale_cli("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7").stdout)
     assert fit["n_runs"] == 7 * 4 * 3 and len(fit["eff"]["int4"]["ci"]) == 2 and fit["eff"]["int4"]["se"] > 0
-    val = json.loads(capkit("validate", str(path), "--bootstrap", "8", "--json").stdout)
+    val = json.loads(capscale_cli("validate", str(path), "--bootstrap", "8", "--json").stdout)
     assert set(val["rho"]) == {"L", "F", "C"}
     row = val["formats"][0]
     assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"}
-    comp = json.loads(capkit("compose", str(path), "--bootstrap", "8", "--json").stdout)
+    comp = json.loads(capscale_cli("compose", str(path), "--bootstrap", "8", "--json").stdout)
     assert comp[0]["combined"] == "int4/int4" and comp[0]["composes"] in (True, False)
-    pred = json.loads(capkit("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),
+    pred = json.loads(capscale_cli("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),
                              "--bootstrap", "8", "--json").stdout)
     assert rho(gmse("int4", exact=True).gmse) < pred["eff"] < 1 and pred["loss_interval"][0] < pred["loss"]
 
 
-def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capkit):
+def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capscale_cli):
     path = _write(tmp_path, simulate_runs({"bf16": 1.0, "int4": 0.8}).drop(columns="tokens"))
-    out = capkit("fit", str(path))
+    out = capscale_cli("fit", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "tokens" in out.stderr
-    assert capkit("fit", str(tmp_path / "nope.csv")).returncode == 2
+    assert capscale_cli("fit", str(tmp_path / "nope.csv")).returncode == 2
 
 
 def test_report_writes_html_markdown_json_and_figures(tmp_path):

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import capacity
-from capacity import SpecError, gmse, parse, rho
+from capscale import capacity
+from capscale.capacity import SpecError, gmse, parse, rho
 
 EXACT_TARGETS = {  # reference README section 4 (exact values)
     "int1": 0.363380, "int2": 0.118846, "int3": 0.0374397, "int4": 0.0115429,
@@ -148,18 +148,18 @@ def test_bad_specs_raise_clear_errors(bad, fragment):
 
 
 @pytest.mark.parametrize("bad", ["intt4", "int0", "3:2", "sparse(1.5)", "int4(group=-1)", "int4+"])
-def test_cli_bad_input_exits_2_with_one_line(bad, capkit):
-    out = capkit("gmse", bad)
+def test_cli_bad_input_exits_2_with_one_line(bad, capscale_cli):
+    out = capscale_cli("gmse", bad)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_cli_gmse_json_contract(capkit):
-    out = capkit("gmse", "int4", "2:4", "--samples", "65536", "--json")
+def test_cli_gmse_json_contract(capscale_cli):
+    out = capscale_cli("gmse", "int4", "2:4", "--samples", "65536", "--json")
     rows = json.loads(out.stdout)
     assert [r["spec"] for r in rows] == ["int4", "2:4"]
     assert set(rows[0]) == {"spec", "gmse", "stderr", "bits_per_value", "rho"}
-    exact = json.loads(capkit("gmse", "int4", "--exact", "--json").stdout)[0]
+    exact = json.loads(capscale_cli("gmse", "int4", "--exact", "--json").stdout)[0]
     assert exact["gmse"] == pytest.approx(0.0115429, rel=2e-4) and exact["stderr"] == 0
 
 

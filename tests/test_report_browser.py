@@ -10,9 +10,9 @@ import urllib.request
 
 import pytest
 
-from analysis.report import build_report
-from analysis.runs import load_runs
-from analysis.simulate import simulate_runs
+from capscale.analysis.report import build_report
+from capscale.analysis.runs import load_runs
+from capscale.analysis.simulate import simulate_runs
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),

@@ -3,14 +3,15 @@ sittings logged, and a fit healthy enough to read efficiencies from."""
 import json
 from pathlib import Path
 
-from analysis.bootstrap import bootstrap
-from analysis.health import disjoint, fit_health
-from analysis.laws import DecoupledLaw
-from analysis.runs import load_runs
-from capacity.runtable import read_records
-from trainers.sweep import load_sweep
+from capscale.analysis.bootstrap import bootstrap
+from capscale.analysis.health import disjoint, fit_health
+from capscale.analysis.laws import DecoupledLaw
+from capscale.analysis.runs import load_runs
+from capscale.capacity.runtable import read_records
+from capscale import data
+from capscale.trainers.sweep import load_sweep
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+DATA = data.path()
 STUDY = DATA / "study.toml"
 FORMATS = {"bf16", "int8", "int4", "int3", "int2", "fp4_e2m1", "2:4", "sparse(0.5)", "2:4+int4",
            "int4/int4", "int8/int8", "bf16/int4"}
@@ -25,8 +26,9 @@ def completed_sweep(path: Path) -> tuple:
     assert all(r["status"] == "ok" for r in records)
     meta = json.loads(sweep.runs.with_name(sweep.runs.name + ".meta.json").read_text())
     assert sum(s["runs_ran"] for s in meta["sessions"]) == len(records)
-    assert all(s["command"] == f"capkit sweep data/{path.name} --workers 2 --threads 1" and s["wall_time_s"] > 0
-               for s in meta["sessions"])
+    # the program's name is not compared: sittings before the rename to capscale logged `capkit`
+    assert all(s["command"].split(" ", 1)[1] == f"sweep data/{path.name} --workers 2 --threads 1"
+               and s["wall_time_s"] > 0 for s in meta["sessions"])
     return sweep, records
 
 

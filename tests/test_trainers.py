@@ -1,5 +1,6 @@
 """Trainers: model sizing, compressed layers and estimators, data, training runs, checkpoints, sweeps,
 distributed training."""
+import dataclasses
 import json
 import math
 import os
@@ -14,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from scipy.linalg import hadamard
 
-import capacity
-from capacity.runtable import REQUIRED, read_records
-from capacity.structure import fwht
-from trainers.data import load_tokens
-from trainers.layers import CompressedLinear, Compression, backward_mask, default_trust
-from trainers.model import Decoder, config_for_params, count_non_embedding
-from trainers.sweep import load_sweep, run_sweep
-from trainers.train import TrainConfig, train
+from capscale import capacity
+from capscale.capacity.runtable import REQUIRED, read_records
+from capscale.capacity.structure import fwht
+from capscale.trainers.data import load_tokens
+from capscale.trainers.compression import Compression
+from capscale.trainers.layers import CompressedLinear, backward_mask, default_trust
+from capscale.trainers.model import Decoder, config_for_params, count_non_embedding
+from capscale.trainers.sweep import load_sweep, run_sweep
+from capscale.trainers.train import TrainConfig, train
 
 
 @pytest.mark.parametrize("target", [6_250, 20_000, 100_000, 1_000_000, 30_000_000])
@@ -101,9 +103,9 @@ def test_corpus_split_is_deterministic_and_custom_text_works(tmp_path):
     assert bytes(custom.train[:5]) == b"hello"
 
 
-def test_tiny_w4a4_run_appends_a_valid_record(tmp_path, capkit):
+def test_tiny_w4a4_run_appends_a_valid_record(tmp_path, capscale_cli):
     runs = tmp_path / "runs.jsonl"
-    out = capkit("train", "--w-format", "int4", "--a-format", "int4", "--params", "20000", "--tokens", "200000",
+    out = capscale_cli("train", "--w-format", "int4", "--a-format", "int4", "--params", "20000", "--tokens", "200000",
                  "--runs", str(runs), "--quiet", timeout=120)
     assert out.returncode == 0, out.stderr
     (record,) = read_records(runs)
@@ -113,16 +115,16 @@ def test_tiny_w4a4_run_appends_a_valid_record(tmp_path, capkit):
 
 
 def test_training_is_deterministic_and_divergence_is_recorded():
-    cfg = TrainConfig(w_format="int8", params=6000, tokens=40_000)
+    cfg = TrainConfig(Compression("int8"), params=6000, tokens=40_000)
     assert train(cfg, progress=False)["loss"] == train(cfg, progress=False)["loss"]
     assert train(TrainConfig(params=6000, tokens=40_000, lr=1e4, grad_clip=1e9), progress=False)["status"] == "diverged"
 
 
 def test_interrupted_run_resumes_from_checkpoint_to_the_same_result(tmp_path, monkeypatch):
-    import trainers.train as T
-    cfg = TrainConfig(w_format="int4", params=6000, tokens=60_000, checkpoint=str(tmp_path / "ck.pt"),
+    import capscale.trainers.train as T
+    cfg = TrainConfig(Compression("int4"), params=6000, tokens=60_000, checkpoint=str(tmp_path / "ck.pt"),
                       checkpoint_every=5)
-    reference = train(TrainConfig(**{**cfg.__dict__, "checkpoint": None}), progress=False)
+    reference = train(dataclasses.replace(cfg, checkpoint=None), progress=False)
     calls = {"n": 0}
     original = T.random_batch
 
@@ -151,7 +153,7 @@ formats = [{{w = "bf16"}}, {{w = "int4"}}, {{w = "int2"}}]
 def test_sweep_is_killed_midway_and_resumed_without_lost_or_duplicated_runs(tmp_path):
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(SWEEP.format(extra=""))
-    cmd = [sys.executable, "-m", "capacity.cli", "sweep", str(sweep_file), "--threads", "1"]
+    cmd = [sys.executable, "-m", "capscale", "sweep", str(sweep_file), "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     runs = tmp_path / "runs.jsonl"
     deadline = time.time() + 120
@@ -166,27 +168,27 @@ def test_sweep_is_killed_midway_and_resumed_without_lost_or_duplicated_runs(tmp_
     assert len(records) == 6 and len({r["key"] for r in records}) == 6
     assert load_sweep(sweep_file).pending() == []
     meta = json.loads((tmp_path / "runs.jsonl.meta.json").read_text())
-    assert meta["runs_in_table"] == 6 and meta["sessions"][-1]["command"].startswith("capkit sweep")
+    assert meta["runs_in_table"] == 6 and meta["sessions"][-1]["command"].startswith("capscale sweep")
 
 
-def test_sweep_shards_and_dry_run(tmp_path, capkit):
+def test_sweep_shards_and_dry_run(tmp_path, capscale_cli):
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text(SWEEP.format(extra="[train]\ncontext = 64"))
     parts = [load_sweep(sweep_file, f"{i}/2").configs for i in range(2)]
     assert len(parts[0]) + len(parts[1]) == 6 and not {c.key() for c in parts[0]} & {c.key() for c in parts[1]}
-    out = capkit("sweep", str(sweep_file), "--dry-run")
+    out = capscale_cli("sweep", str(sweep_file), "--dry-run")
     assert "6 runs in the grid" in out.stdout and "estimated time" in out.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(SWEEP.format(extra="[train]\ncontxt = 64"))
-    out = capkit("sweep", str(bad))
+    out = capscale_cli("sweep", str(bad))
     assert out.returncode == 2 and "contxt" in out.stderr
 
 
-def test_distributed_two_processes_match_single_process(tmp_path, capkit):
+def test_distributed_two_processes_match_single_process(tmp_path, capscale_cli):
     common = ["--w-format", "int4", "--params", "6000", "--tokens", "60000", "--batch-size", "16", "--quiet"]
-    single = capkit("train", *common, timeout=120)
+    single = capscale_cli("train", *common, timeout=120)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", "29517", "-m", "capacity.cli", "train", *common],
+                          "--master-port", "29517", "-m", "capscale", "train", *common],
                          capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-2000:]
     one = json.loads(single.stdout.strip().splitlines()[-1])

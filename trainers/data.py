@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from capacity import InputError
-from capacity.paths import atomic_write, cache_dir
+from capscale.capacity import InputError
+from capscale.capacity.paths import atomic_write, cache_dir
 
 VOCAB_SIZE = 256
 

@@ -13,38 +13,15 @@ gradient where |x| < min(T_p, T_k) or |x| > max(T_p, T_k), T_p = RMS * Phi^-1(0.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy import stats
 
-import capacity
-from capacity.runtable import is_uncompressed
+from capscale import capacity
 
-ESTIMATORS = ("ste", "clipped", "trust")
-BACKWARD_MASKS = ("masked", "dense", "rbbm")
-
-
-@dataclass(frozen=True)
-class Compression:
-    w_format: str | None = None
-    a_format: str | None = None
-    estimator: str = "trust"
-    trust: float | None = None
-    backward_mask: str = "masked"
-    rbbm_p: float = 0.2
-
-    def __post_init__(self):
-        if self.estimator not in ESTIMATORS:
-            raise capacity.InputError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
-        if self.backward_mask not in BACKWARD_MASKS:
-            raise capacity.InputError(f"backward mask must be one of {', '.join(BACKWARD_MASKS)}, "
-                                      f"got {self.backward_mask!r}")
-        for spec in (self.w_format, self.a_format):
-            if not is_uncompressed(spec):
-                capacity.parse(spec)  # fail early with the spec error
+from .compression import Compression
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +86,6 @@ class CompressedLinear(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.comp = comp
-        self.w_fmt = None if is_uncompressed(comp.w_format) else capacity.parse(comp.w_format)
-        self.a_fmt = None if is_uncompressed(comp.a_format) else capacity.parse(comp.a_format)
 
     def forward(self, x):
-        return F.linear(compress(x, self.a_fmt, self.comp), compress(self.weight, self.w_fmt, self.comp))
+        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(self.weight, self.comp.w_fmt, self.comp))

@@ -7,7 +7,7 @@ A sweep file is TOML:
     tokens_per_param = [50, 100]
     seeds = [0]
     formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}]
-    [train]                             # any TrainConfig field, for every run
+    [train]                             # any training setting (TrainConfig or Compression field), for every run
     context = 128
 
 Runs are identified by a content key (TrainConfig.key): finished runs (ok or diverged) are skipped, a
@@ -16,13 +16,14 @@ appended under a file lock, one per finished run, so workers and crashes never l
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing as mp
 import os
 import platform
 import sys
 from datetime import datetime, timezone
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,8 +34,8 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from capacity import InputError
-from capacity.runtable import append_record, format_label, read_records
+from capscale.capacity import InputError
+from capscale.capacity.runtable import append_record, read_records
 
 from .train import TrainConfig, failed_record, package_version, train
 
@@ -42,7 +43,7 @@ from .train import TrainConfig, failed_record, package_version, train
 # capped at 1.2e5; compressed formats cost ~1.6x. Only used for --dry-run estimates.
 def estimated_seconds(cfg: TrainConfig) -> float:
     rate = min(1.2e5, 1.3e4 * (cfg.params / 1e6) ** -0.8)
-    slow = 1.0 if cfg.w_format in (None, "bf16") and not cfg.a_format else 1.6
+    slow = 1.0 if cfg.compression.w_fmt is None and cfg.compression.a_fmt is None else 1.6
     return cfg.tokens / rate * slow + 2.0
 
 
@@ -67,11 +68,8 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
         raise InputError(f"{path}: cannot read sweep file: {err}") from None
     for key in ("sizes", "tokens_per_param", "formats"):
         if key not in spec:
-            raise InputError(f"{path}: missing '{key}' (see `capkit sweep --help`)")
-    known = {f.name for f in fields(TrainConfig)}
+            raise InputError(f"{path}: missing '{key}' (see `capscale sweep --help`)")
     overrides = spec.get("train", {})
-    if unknown := set(overrides) - known:
-        raise InputError(f"{path}: [train] has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     configs = []
     for size in spec["sizes"]:
         for tpp in spec["tokens_per_param"]:
@@ -79,9 +77,12 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
                 if "w" not in fmt and "a" not in fmt:
                     raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC")
                 for seed in spec.get("seeds", [0]):
-                    configs.append(TrainConfig(**{**overrides, "w_format": fmt.get("w", "bf16"),
-                                                  "a_format": fmt.get("a"), "params": int(size),
-                                                  "tokens": int(size * tpp), "seed": int(seed)}))
+                    try:
+                        configs.append(TrainConfig.from_flat(**{**overrides, "w_format": fmt.get("w"),
+                                                                "a_format": fmt.get("a"), "params": int(size),
+                                                                "tokens": int(size * tpp), "seed": int(seed)}))
+                    except InputError as err:
+                        raise InputError(f"{path}: {err}") from None
     if shard:
         try:
             index, count = (int(v) for v in shard.split("/"))
@@ -95,7 +96,7 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
 def _run_one(job) -> tuple[str, float]:
     cfg, runs, checkpoint, threads = job
     torch.set_num_threads(threads)
-    cfg = TrainConfig(**{**cfg.__dict__, "checkpoint": checkpoint})
+    cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
     try:
         record = train(cfg, progress=False)
     except KeyboardInterrupt:
@@ -117,7 +118,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
                file=sys.stderr)
     if workers <= 1:
         for job in jobs:
-            bar.set_postfix_str(f"{format_label(job[0].w_format, job[0].a_format)} N={job[0].params}")
+            bar.set_postfix_str(f"{job[0].compression.label} N={job[0].params}")
             _run_one(job)
             bar.update()
     else:
@@ -134,7 +135,7 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
     lines = [f"{len(sweep.configs)} runs in the grid, {len(sweep.configs) - len(todo)} done, {len(todo)} to run "
              f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h "
              "(reference 2-core CPU throughput model)"]
-    lines += [f"  {format_label(c.w_format, c.a_format):>24}  N~{c.params:>9,}  D={c.tokens:>12,}  seed {c.seed}"
+    lines += [f"  {c.compression.label:>24}  N~{c.params:>9,}  D={c.tokens:>12,}  seed {c.seed}"
               for c in todo]
     return "\n".join(lines)
 
@@ -146,7 +147,7 @@ def log_session(sweep: Sweep, command: str, started: float, finished: float, ran
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
     meta["sessions"].append({"command": command, "started": iso(started), "finished": iso(finished),
                              "wall_time_s": round(finished - started, 1), "runs_ran": ran,
-                             "capkit_version": package_version(), "torch_version": torch.__version__,
+                             "capscale_version": package_version(), "torch_version": torch.__version__,
                              "python": platform.python_version(), "machine": f"{platform.machine()}, "
                              f"{os.cpu_count()} cores, {platform.system()}"})
     meta["runs_in_table"] = len(read_records(sweep.runs))

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -22,19 +22,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import capacity
-from capacity.paths import atomic_write
-from capacity.runtable import format_label
+from capscale import capacity
+from capscale.capacity.paths import atomic_write
+from capscale.capacity.runtable import format_label
 
 from .data import load_tokens, random_batch, validation_batches
-from .layers import Compression
+from .compression import Compression
 from .model import Decoder, config_for_params
 
 
 @dataclass
 class TrainConfig:
-    w_format: str | None = "bf16"
-    a_format: str | None = None
+    compression: Compression = field(default_factory=Compression)
     params: int = 20_000            # target non-embedding parameters (the exact count is recorded)
     tokens: int = 200_000           # training tokens (rounded up to whole steps)
     seed: int = 0
@@ -44,10 +43,6 @@ class TrainConfig:
     warmup: float = 0.1
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    estimator: str = "trust"
-    trust: float | None = None
-    backward_mask: str = "masked"
-    rbbm_p: float = 0.2
     eval_tokens: int = 65_536
     data: str | None = None
     device: str = "cpu"
@@ -55,13 +50,23 @@ class TrainConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 100
 
-    RUN_FIELDS = ("w_format", "a_format", "params", "tokens", "seed", "context", "batch_size", "lr", "warmup",
-                  "weight_decay", "grad_clip", "estimator", "trust", "backward_mask", "rbbm_p", "eval_tokens", "data")
+    RUN_FIELDS = ("params", "tokens", "seed", "context", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
+                  "eval_tokens", "data")  # with the compression settings: what determines a run's result
+
+    @classmethod
+    def from_flat(cls, **values) -> "TrainConfig":
+        """A config from one flat mapping of fields and compression settings (a sweep's [train] table, a CLI)."""
+        known = {f.name for f in fields(cls)} - {"compression"}
+        if unknown := set(values) - known - Compression.names():
+            raise capacity.InputError(f"unknown training setting(s) {sorted(unknown)}; known: "
+                                      f"{sorted(known | Compression.names())}")
+        return cls(compression=Compression(**{k: v for k, v in values.items() if k in Compression.names()}),
+                   **{k: v for k, v in values.items() if k in known})
 
     def key(self) -> str:
         """Content key of the run: what determines its result (not where or how fast it runs)."""
-        payload = json.dumps({f: getattr(self, f) for f in self.RUN_FIELDS}, sort_keys=True)
-        return hashlib.sha1(payload.encode()).hexdigest()[:16]
+        payload = {**self.compression.settings(), **{f: getattr(self, f) for f in self.RUN_FIELDS}}
+        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def resolved_batch_size(self) -> int:
         """Fixed per model size, never per token budget: in a scaling study more tokens must mean more steps
@@ -76,7 +81,7 @@ class TrainConfig:
 
 def package_version() -> str:
     try:
-        return version("capkit")
+        return version("capscale")
     except PackageNotFoundError:
         return "unknown"
 
@@ -123,9 +128,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
-    comp = Compression(cfg.w_format, cfg.a_format, cfg.estimator, cfg.trust, cfg.backward_mask, cfg.rbbm_p)
     data = load_tokens(cfg.data)
-    model = Decoder(config_for_params(cfg.params, cfg.context), comp).to(device)
+    model = Decoder(config_for_params(cfg.params, cfg.context), cfg.compression).to(device)
     n_params = model.non_embedding_params()
     batch, lr = cfg.resolved_batch_size(), cfg.resolved_lr(n_params)
     if batch % world:
@@ -146,7 +150,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     status, train_loss, started = "ok", float("nan"), time.perf_counter()
     bar = tqdm(range(start_step, steps), disable=not progress or rank != 0, leave=False,
-               desc=f"{format_label(cfg.w_format, cfg.a_format)} N={n_params} D={steps * batch * cfg.context}")
+               desc=f"{cfg.compression.label} N={n_params} D={steps * batch * cfg.context}")
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, cfg.warmup)
@@ -174,25 +178,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         status = "diverged"
     trained = (steps - start_step) * batch * cfg.context
     mcfg = model.cfg
-    return {
-        "format": format_label(cfg.w_format, cfg.a_format), "params": n_params,
-        "tokens": steps * batch * cfg.context, "loss": val_loss,
-        "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
-        "w_gmse": capacity.spec_gmse(cfg.w_format), "a_gmse": capacity.spec_gmse(cfg.a_format),
-        "status": status, "seed": cfg.seed, "train_loss": train_loss,
-        "n_layer": mcfg.n_layer, "n_head": mcfg.n_head, "n_embd": mcfg.n_embd, "context": cfg.context,
-        "batch_size": batch, "lr": lr, "steps": steps, "estimator": cfg.estimator,
-        "trust": cfg.trust, "backward_mask": cfg.backward_mask, "rbbm_p": cfg.rbbm_p,
-        "wall_time_s": round(wall, 3), "tokens_per_s": round(trained / max(wall, 1e-9), 1),
-        "resumed_from_step": start_step, "device": str(device), "world_size": world,
-        "capkit_version": package_version(), "torch_version": torch.__version__,
-        "data": Path(data.source).name, "key": cfg.key(),
-    }
+    return run_record(cfg, status, params=n_params, tokens=steps * batch * cfg.context, loss=val_loss,
+                      train_loss=train_loss, n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd,
+                      context=cfg.context, batch_size=batch, lr=lr, steps=steps, wall_time_s=round(wall, 3),
+                      tokens_per_s=round(trained / max(wall, 1e-9), 1), resumed_from_step=start_step,
+                      device=str(device), world_size=world, torch_version=torch.__version__,
+                      data=Path(data.source).name)
+
+
+def run_record(cfg: TrainConfig, status: str, **measured) -> dict:
+    """The one writer of a run's record: schema columns, the compression settings, what was measured."""
+    return {**cfg.compression.to_record(), "params": cfg.params, "tokens": cfg.tokens, "loss": float("nan"),
+            "status": status, "seed": cfg.seed, **measured, "capscale_version": package_version(), "key": cfg.key()}
 
 
 def failed_record(cfg: TrainConfig, error: BaseException) -> dict:
-    """The record of a run that crashed: schema columns, status=failed and the error."""
-    return {"format": format_label(cfg.w_format, cfg.a_format), "params": cfg.params, "tokens": cfg.tokens,
-            "loss": float("nan"), "w_format": cfg.w_format or "bf16", "a_format": cfg.a_format or "none",
-            "status": "failed", "seed": cfg.seed, "error": f"{type(error).__name__}: {error}",
-            "capkit_version": package_version(), "key": cfg.key(), "config": dataclasses.asdict(cfg)}
+    """The record of a run that crashed: status=failed, the error, and the config to retry it."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compression"}
+    return run_record(cfg, "failed", error=f"{type(error).__name__}: {error}",
+                      config={**config, **cfg.compression.settings()})

@@ -1,18 +1,21 @@
-"""The `capkit` command line. Subcommands come from the `capkit.commands` entry-point group, each an
-`add(subparsers)` function, so the packages that build on `capacity` plug in without it importing them."""
+"""The `capscale` command line: one command, a subcommand per job, above the three packages.
+
+capacity jobs (formats, gmse, compare) are here; training jobs in `commands_train`, analysis jobs in
+`commands_analysis`. Every job is also a plain Python function, which the subcommand only calls.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from importlib.metadata import entry_points
 
 import pandas as pd
 
-from .formats import InputError
-from .gmse import DEFAULT_SAMPLES, compare, gmse
-from .spec import registry
+from capscale.capacity import InputError, compare, gmse, registry
+from capscale.capacity.gmse import DEFAULT_SAMPLES
+
+from . import commands_analysis, commands_train
 
 
 def print_table(frame: pd.DataFrame, floatfmt: str = "{:.6g}") -> None:
@@ -67,15 +70,12 @@ def add_compare_command(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="capkit", description="Capacity of compressed number formats: Gaussian MSE, training over formats, "
-                                   "scaling-law fits and reports. `capkit demo` runs the whole study.")
+        prog="capscale", description="Capacity of compressed number formats: Gaussian MSE, training over formats, "
+                                     "scaling-law fits and reports. `capscale demo` runs the whole study.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    adders = {ep.name: ep for ep in entry_points(group="capkit.commands")}
-    if not adders:  # running from a source tree that was never installed: at least the capacity jobs
-        for add in (add_formats_command, add_gmse_command, add_compare_command):
-            add(sub)
-    for name in sorted(adders):
-        adders[name].load()(sub)
+    for add in (add_formats_command, add_gmse_command, add_compare_command, *commands_train.ADDERS,
+                *commands_analysis.ADDERS):
+        add(sub)
     return parser
 
 
@@ -84,15 +84,11 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except InputError as err:
-        print(f"capkit {args.command}: error: {err}", file=sys.stderr)
+        print(f"capscale {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("capkit: interrupted", file=sys.stderr)
+        print("capscale: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stdout = open(os.devnull, "w")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

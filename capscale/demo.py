@@ -1,9 +1,8 @@
-"""`capkit demo`: the whole claim of the toolkit on the shipped CPU study, in a few minutes.
+"""`capscale demo`: the whole claim of the toolkit on the shipped CPU study, in a few minutes.
 
 Capacity of the study's formats; decoupled and unified fits with bootstrap; leave-one-format-out
 validation of capacity predictions; composability on runs and on the published grids; the report.
-`--train` first regenerates a small study from scratch (through the `sweep` command, so this module
-does not depend on the trainer package directly).
+`--train` first regenerates a small study from scratch with the trainer's sweep.
 """
 from __future__ import annotations
 
@@ -13,32 +12,24 @@ from pathlib import Path
 
 import pandas as pd
 
-import capacity
-from capacity import InputError
-from capacity.cli import main as capkit_main
-
-from .report import build_report, format_interval
-from .runs import format_table, load_runs
-
-DATA = Path(__file__).resolve().parents[1] / "data"
+from capscale import capacity, data
+from capscale.analysis.report import build_report, format_interval
+from capscale.analysis.runs import format_table, load_runs
+from capscale.trainers.sweep import load_sweep, run_sweep
 
 
 def _study(train: bool, out: Path) -> Path:
     if not train:
-        path = DATA / "study_runs.jsonl"
-        if not path.exists():
-            raise InputError(f"{path}: the shipped study is missing (install capkit from a source checkout, "
-                             "or run `capkit demo --train`)")
-        return path
+        return data.path("study_runs.jsonl")
     out.mkdir(parents=True, exist_ok=True)
     sweep = out / "demo_small.toml"
-    shutil.copy(DATA / "demo_small.toml", sweep)
-    if capkit_main(["sweep", str(sweep)]) != 0:
-        raise InputError("the demo sweep failed; see the messages above")
-    return out / "demo_runs.jsonl"
+    shutil.copy(data.path("demo_small.toml"), sweep)
+    small = load_sweep(sweep)
+    run_sweep(small)
+    return small.runs
 
 
-def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
+def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
              n_jobs: int | None = None) -> Path:
     started = time.time()
     out = Path(out)
@@ -51,11 +42,11 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
                                                     "method"]].to_string(index=False, float_format="{:.4g}".format))
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
           f"({n_boot} bootstrap refits) ==")
-    grids = {p.stem.removeprefix("capacity_"): p for p in sorted((DATA / "reference").glob("capacity_*.csv"))}
-    seeds_path = DATA / "study_seed_runs.jsonl"
+    grids = {p.stem.removeprefix("capacity_"): p for p in sorted(data.path("reference").glob("capacity_*.csv"))}
+    seeds_path = data.path("study_seed_runs.jsonl")
     replicates = load_runs(seeds_path) if not train and seeds_path.exists() else None
     report = build_report(runs, out, n_boot=n_boot, seed=seed, grids=grids, n_jobs=n_jobs,
-                          title=f"capkit demo: {runs_path.name}", replicates=replicates)
+                          title=f"capscale demo: {runs_path.name}", replicates=replicates)
     res = report.results
     dec = res["decoupled"]
     print(f"decoupled law: alpha {dec['params']['alpha']['value']:.3f}, beta {dec['params']['beta']['value']:.3f}, "
@@ -64,7 +55,7 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
     print("\nfit health:")
     for h in report.health.itertuples():
         print(f"  {h.check}: {h.value} ({h.verdict}); {h.detail}")
-    print(f"\n== Paired comparison with '{runs.attrs['baseline']}' at equal (N, D): mean log loss ratio (law-free) ==")
+    print(f"\n== Paired comparison with '{capacity.BASELINE}' at equal (N, D): mean log loss ratio (law-free) ==")
     print(report.paired.to_string(index=False, float_format="{:.4f}".format))
     t = report.validation.table
     print("\n== Capacity predictions vs trained efficiencies (leave-one-format-out) ==")
@@ -86,15 +77,3 @@ def run_demo(out: "str | Path" = "capkit-demo", train: bool = False, n_boot: int
         print(f"\nextrapolation to the largest models (held out): mean |error| {e['mean_abs_rel_error']:.2%}")
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.time() - started:.0f} s)")
     return out
-
-
-def add_demo_command(sub) -> None:
-    p = sub.add_parser("demo", help="the main job: capacity, fits, validation, composability and a report",
-                       description="Run the whole analysis on the shipped CPU scaling study (data/study_runs.jsonl) "
-                                   "and write a report folder; --train regenerates a small study first.")
-    p.add_argument("-o", "--output", default="capkit-demo", help="report folder (default: ./capkit-demo)")
-    p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes")
-    p.set_defaults(func=lambda a: run_demo(a.output, a.train, a.bootstrap, a.seed, a.jobs))

@@ -1,18 +1,20 @@
-"""`capkit fit | validate | predict | compose | report` (and `demo`, in analysis.demo)."""
+"""Analysis commands: `capscale fit | validate | predict | compose | report | demo`."""
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import pandas as pd
 
-from capacity.runtable import BASELINE_LABEL
+from capscale.analysis.bootstrap import bootstrap, extrapolation_check
+from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
+from capscale.analysis.laws import LAWS, make_law
+from capscale.analysis.report import build_report, fit_json
+from capscale.analysis.runs import RunTableError, load_runs
+from capscale.analysis.validate import FORMS, predict_format, validate
+from capscale.capacity import BASELINE
 
-from .bootstrap import bootstrap, extrapolation_check
-from .compose import compose_grid, compose_runs, grid_summary, read_grid
-from .laws import LAWS, make_law
-from .runs import RunTableError, load_runs
-from .validate import FORMS, predict_format, validate
+from .demo import run_demo
 
 
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
@@ -21,7 +23,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
         p.add_argument("--runs", required=True, metavar="RUNS", help=help_runs)
     else:
         p.add_argument("runs", metavar="RUNS", help=help_runs)
-    p.add_argument("--baseline", default=BASELINE_LABEL, help="label of the uncompressed baseline (eff = 1)")
+    p.add_argument("--baseline", default=BASELINE, help="label of the uncompressed baseline (eff = 1)")
     p.add_argument("--query", default=None, help="pandas query to select rows, e.g. \"params > 2e4\"")
     p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
                    help="read other column names, e.g. --map loss=val_loss,params=n_params")
@@ -34,24 +36,6 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
 
 def runs_from_args(args):
     return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
-
-
-def _finite(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
-
-
-def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
-    def p(name, value):
-        if intervals is None or name not in intervals.index:
-            return {"value": float(value), "se": None, "ci": None}
-        row = intervals.loc[name]
-        return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
-    return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_,
-            "rmse_log_loss": law.rmse_log_, "rmse_loss": law.rmse_loss_,
-            "params": {k: p(k, v) for k, v in law.params_.items()},
-            "eff": {k: p(f"eff[{k}]", v) for k, v in law.eff_.items()},
-            "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
-                                                     "failed": boot.n_failed}}
 
 
 def _fit_command(args) -> None:
@@ -91,7 +75,7 @@ def add_fit_command(sub) -> None:
 
 def _validate_command(args) -> None:
     v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
-                 n_jobs=args.jobs)
+                 n_jobs=args.jobs, baseline=args.baseline)
     print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
 
 
@@ -106,7 +90,7 @@ def add_validate_command(sub) -> None:
 
 def _predict_command(args) -> None:
     out = predict_format(runs_from_args(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
-                         seed=args.seed, form=args.form)
+                         seed=args.seed, form=args.form, baseline=args.baseline)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -158,3 +142,40 @@ def add_compose_command(sub) -> None:
     p.add_argument("--edge-row", default=None, help="grid row where the other part is uncompressed")
     p.add_argument("--edge-col", default=None, help="grid column where the other part is uncompressed")
     p.set_defaults(func=_compose_command)
+
+
+def _report_command(args) -> None:
+    runs = runs_from_args(args)
+    grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
+    replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
+    report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
+                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline)
+    print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
+
+
+def add_report_command(sub) -> None:
+    p = sub.add_parser("report", help="write an HTML/Markdown/JSON report with figures",
+                       description="Fit, bootstrap, validate capacity predictions, test composability and plot "
+                                   "everything into a folder.")
+    add_run_arguments(p, bootstrap_default=200)
+    p.add_argument("-o", "--output", default="capscale-report", help="output folder")
+    p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
+                                                        "fitted): the fit-health check compares the misfit with it")
+    p.set_defaults(func=_report_command)
+
+
+def add_demo_command(sub) -> None:
+    p = sub.add_parser("demo", help="the main job: capacity, fits, validation, composability and a report",
+                       description="Run the whole analysis on the study shipped inside the package and write a "
+                                   "report folder; --train regenerates a small study first.")
+    p.add_argument("-o", "--output", default="capscale-demo", help="report folder (default: ./capscale-demo)")
+    p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes")
+    p.set_defaults(func=lambda a: run_demo(a.output, a.train, a.bootstrap, a.seed, a.jobs))
+
+
+ADDERS = (add_fit_command, add_validate_command, add_predict_command, add_compose_command, add_report_command,
+          add_demo_command)

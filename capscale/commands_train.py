@@ -1,4 +1,4 @@
-"""`capkit train` and `capkit sweep`."""
+"""Training commands: `capscale train` and `capscale sweep`."""
 from __future__ import annotations
 
 import json
@@ -7,21 +7,18 @@ import time
 
 import torch
 
-from capacity.runtable import append_record
-
-from .layers import BACKWARD_MASKS, ESTIMATORS
-from .sweep import describe_plan, load_sweep, log_session, run_sweep
-from .train import TrainConfig, failed_record, train
+from capscale.capacity.runtable import append_record
+from capscale.trainers.compression import Compression
+from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
+from capscale.trainers.train import TrainConfig, failed_record, train
 
 
 def _train_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(w_format=args.w_format, a_format=args.a_format, params=args.params, tokens=args.tokens,
-                      seed=args.seed, context=args.context, batch_size=args.batch_size, lr=args.lr,
-                      estimator=args.estimator, trust=args.trust, backward_mask=args.backward_mask,
-                      rbbm_p=args.rbbm_p, data=args.data, device=args.device, compile=args.compile,
-                      checkpoint=args.checkpoint)
+    cfg = TrainConfig(compression=Compression.from_options(args), params=args.params, tokens=args.tokens,
+                      seed=args.seed, context=args.context, batch_size=args.batch_size, lr=args.lr, data=args.data,
+                      device=args.device, compile=args.compile, checkpoint=args.checkpoint)
     try:
         record = train(cfg, progress=not args.quiet)
     except (KeyboardInterrupt, ValueError):
@@ -41,11 +38,10 @@ def add_train_command(sub) -> None:
     d = TrainConfig()
     p = sub.add_parser("train", help="train one model over a format and append its run record",
                        description="Train a Llama-style byte-level model whose linear layers pass weights "
-                                   "(--w-format) and input activations (--a-format) through capacity formats; "
+                                   "(--w-format) and input activations (--a-format) through capscale formats; "
                                    "print the run record and append it to --runs (JSON lines). Multi-GPU: "
-                                   "torchrun --nproc-per-node K -m capacity.cli train ... --device cuda")
-    p.add_argument("--w-format", default=d.w_format, help="weights format spec (default: bf16, uncompressed)")
-    p.add_argument("--a-format", default=None, help="input-activations format spec (default: uncompressed)")
+                                   "torchrun --nproc-per-node K -m capscale train ... --device cuda")
+    Compression.add_options(p)
     p.add_argument("--params", type=int, default=d.params, help="target non-embedding parameters")
     p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -54,11 +50,6 @@ def add_train_command(sub) -> None:
     p.add_argument("--context", type=int, default=d.context)
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: size-dependent)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: size-dependent)")
-    p.add_argument("--estimator", default=d.estimator, choices=ESTIMATORS)
-    p.add_argument("--trust", type=float, default=None, help="trust radius in RMS units (default: per format)")
-    p.add_argument("--backward-mask", default=d.backward_mask, choices=BACKWARD_MASKS,
-                   help="gradient of pruned entries in sparse formats")
-    p.add_argument("--rbbm-p", type=float, default=d.rbbm_p)
     p.add_argument("--data", default=None, help="text file or folder (default: the installed KJV corpus)")
     p.add_argument("--checkpoint", default=None, help="checkpoint path: saved periodically, resumed if present")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -74,7 +65,7 @@ def _sweep_command(args) -> None:
         return
     started = time.time()
     ran = run_sweep(sweep, workers=args.workers, threads=args.threads)
-    log = log_session(sweep, "capkit " + " ".join(sys.argv[1:]), started, time.time(), ran)
+    log = log_session(sweep, "capscale " + " ".join(sys.argv[1:]), started, time.time(), ran)
     print(f"ran {ran} run(s); run table: {sweep.runs} (sessions logged in {log.name})")
 
 
@@ -83,10 +74,13 @@ def add_sweep_command(sub) -> None:
                        description="Run every pending run of a sweep file (sizes x tokens-per-parameter x "
                                    "formats x seeds). Finished runs are skipped by content key, interrupted "
                                    "ones resume from checkpoints. Example Slurm array: "
-                                   "#SBATCH --array=0-7 ; capkit sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
+                                   "#SBATCH --array=0-7 ; capscale sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("sweep", help="sweep TOML file")
     p.add_argument("--workers", type=int, default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")
     p.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time, run nothing")
     p.set_defaults(func=_sweep_command)
+
+
+ADDERS = (add_train_command, add_sweep_command)
