@@ -9,7 +9,7 @@ any shape, on any device; blocks and groups run along the last dimension.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +20,18 @@ Inner = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASELINE_BITS = 16.0  # storage of an uncompressed value (bf16), used where a chain ends without a quantizer
 SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
 SCALE_POLICIES = ("opt", "rms", "absmax", "absmean", "none")
+SCALE_UNITS = ("row", "tensor")  # besides a group size: one scale per row (last dim) or per whole tensor
+
+
+class Compressed(NamedTuple):
+    """What a format made of a tensor: the values, and what gradient estimators need to know about them.
+
+    tolerance: per entry, half the largest gap between adjacent levels times the entry's scale, i.e. the
+    largest rounding error of an in-range value (None where the chain has no scalar grid); keep: the entries
+    a sparsity step kept (None: all)."""
+    values: torch.Tensor
+    tolerance: torch.Tensor | None
+    keep: torch.Tensor | None
 
 
 class InputError(ValueError):
@@ -74,17 +86,34 @@ class Format:
             raise SpecError("empty format spec")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.compress(x).values
+
+    def compress(self, x: torch.Tensor) -> Compressed:
+        """x compressed and decompressed (same shape and dtype), with the tolerance of its last scalar grid and
+        the keep mask of its sparsity steps. Computed in float32 whatever the input dtype."""
+        seen = {"tolerance": None, "keep": None}
+
         def run(i: int, t: torch.Tensor, keep):
             if i == len(self.parts):
+                seen["keep"] = keep
                 return t
-            return self.parts[i].apply(t, keep, lambda u, k: run(i + 1, u, k))
-        return run(0, x.float(), None).to(x.dtype)
+            part = self.parts[i]
+            if isinstance(part, ScaledQuantizer):  # run it here to see its tolerance; apply() does the same
+                t, seen["tolerance"] = part.quantize(t, keep)
+                return run(i + 1, t, keep)
+            return part.apply(t, keep, lambda u, k: run(i + 1, u, k))
+        values = run(0, x.float(), None).to(x.dtype)
+        return Compressed(values, seen["tolerance"], seen["keep"])
 
     def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
         keep = None
         for part in self.parts:
             keep = part.keep_mask(x, keep)
         return keep
+
+    def component(self, kind: type) -> "Component | None":
+        """The first component of a kind (a sparsity step, a quantizer), or None."""
+        return next((p for p in self.parts if isinstance(p, kind)), None)
 
     @property
     def bits_per_value(self) -> float:
@@ -137,31 +166,33 @@ def _masked_mean(v: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
 
 
 class ScaledQuantizer(Component):
-    """Rounding to a fixed set of points times a scale chosen per tensor or per group.
+    """Rounding to a fixed set of points times a scale chosen per row, per group or per tensor.
 
-    Scale policies: `opt` searches the MSE-minimising scale on the data itself (golden section around
-    the Gaussian optimum); `rms` is RMS times the Gaussian-MSE-optimal factor (QuEST's choice, no search);
-    `absmax` maps the largest magnitude to the outermost point; `absmean` uses mean |x| (BitNet);
-    `none` is scale 1. The scale itself is stored in `scale_format` (rounded accordingly).
-    On fine grids (fp8, int8) `opt` fits each tensor's own optimum, which on 65k Gaussian samples lies
-    ~0.5-1% below the population GMSE; `rms` is unbiased there and costs one rounding instead of ~14.
+    Where the scale is taken (`group`): `row` (default for scalar grids: one scale per row along the last
+    dimension, i.e. per output row of a weight and per token of an activation, as QuEST does), a group size
+    (blocks of consecutive values along the last dimension, as MX formats do), or `tensor` (one scale for
+    everything, for ablations). Scale policies: `rms` is the row's RMS times the Gaussian-MSE-optimal
+    multiple (QuEST's rule and constants, the default); `opt` searches the MSE-minimising scale on the data itself (golden
+    section around the Gaussian optimum); `absmax` maps the largest magnitude to the outermost point;
+    `absmean` uses mean |x| (BitNet); `none` is scale 1. The scale is stored in `scale_format`: by default
+    fp16 per group (counted in the bits) and fp32 per row or tensor (as QuEST keeps it; counted as free).
     """
 
     element_bits: float
     top: float            # largest coordinate of the point set, for absmax
     gaussian_scale: float  # MSE-optimal scale for unit-variance Gaussian data
+    half_gap: float | None = None  # half the largest gap between adjacent points (unit scale): the trust radius
     search_iters = 12
 
     def __init__(self, **params):
-        if params.get("group") == "none":
-            params["group"] = None
         super().__init__(**params)
         group, scale = self.params.get("group"), self.params.get("scale")
-        if group is not None and (not isinstance(group, int) or group < 1):
-            raise SpecError(f"{self.name}: group must be a positive integer, got {group!r}")
+        if group not in SCALE_UNITS and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
+            raise SpecError(f"{self.name}: group must be row, tensor or a positive integer, got {group!r}")
         if scale not in SCALE_POLICIES:
             raise SpecError(f"{self.name}: scale must be one of {', '.join(SCALE_POLICIES)}, got {scale!r}")
-        if self.params.get("scale_format", "fp32") not in SCALE_BITS:
+        self.scale_format = self.params.get("scale_format") or ("fp32" if group in SCALE_UNITS else "fp16")
+        if self.scale_format not in SCALE_BITS:
             raise SpecError(f"{self.name}: scale_format must be one of {', '.join(SCALE_BITS)}")
 
     def round(self, u: torch.Tensor) -> torch.Tensor:
@@ -169,21 +200,34 @@ class ScaledQuantizer(Component):
         raise NotImplementedError
 
     def bits(self, inner_bits):
+        """Element bits plus the scale's share; a row or tensor scale is counted as free (rows are long)."""
         group = self.params.get("group")
-        overhead = SCALE_BITS[self.params.get("scale_format", "fp32")] / group if group else 0.0
+        overhead = 0.0 if group in SCALE_UNITS else SCALE_BITS[self.scale_format] / group
         return self.element_bits + overhead
 
-    def apply(self, x, keep, inner):
+    def _groups(self, x: torch.Tensor) -> torch.Tensor:
         group = self.params.get("group")
-        if group and x.shape[-1] % group:
+        if group == "tensor" or x.dim() == 0:
+            return x.reshape(1, -1)
+        if group == "row":
+            return x.reshape(-1, x.shape[-1])
+        if x.shape[-1] % group:
             raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of group {group}")
-        xg = x.reshape(-1, group) if group else x.reshape(1, -1)
+        return x.reshape(-1, group)
+
+    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(quantized x, per-entry tolerance): the tolerance is half_gap times the entry's scale."""
+        xg = self._groups(x)
         w = None if keep is None else keep.reshape(xg.shape).to(xg.dtype)
         s = self._scale(xg, w, x)
         y = s * self.round(xg / s)
         if w is not None:
             y = y * w
-        return inner(y.reshape(x.shape), keep)
+        tolerance = None if self.half_gap is None else (self.half_gap * s).expand_as(xg).reshape(x.shape)
+        return y.reshape(x.shape), tolerance
+
+    def apply(self, x, keep, inner):
+        return inner(self.quantize(x, keep)[0], keep)
 
     def _scale(self, xg, w, x):
         policy = self.params["scale"]
@@ -201,7 +245,7 @@ class ScaledQuantizer(Component):
         return torch.where(s > 0, s, torch.ones_like(s))
 
     def _store_scale(self, s, x):
-        fmt = self.params.get("scale_format", "fp32")
+        fmt = self.scale_format
         if fmt in ("fp16", "bf16"):
             return s.to(torch.float16 if fmt == "fp16" else torch.bfloat16).float()
         if fmt == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax of the element type)
@@ -237,16 +281,20 @@ class GridQuantizer(ScaledQuantizer):
     """Nearest-level rounding to a scalar grid: integer, Lloyd-Max, minifloat, NF4, ternary, binary."""
 
     def __init__(self, name: str, levels, element_bits: float, defaults: dict,
-                 cast: torch.dtype | None = None, uniform: bool = False, **params):
+                 cast: torch.dtype | None = None, uniform: bool = False, rms_scale: float | None = None, **params):
+        """`rms_scale`: the level scale per unit RMS of the `rms` rule (default: the Gaussian-MSE optimum)."""
         self.name, self.defaults = name, defaults
         self.levels_np = np.asarray(levels, dtype=np.float64)
         self.levels = torch.tensor(self.levels_np, dtype=torch.float32)
         self.midpoints = (self.levels[1:] + self.levels[:-1]) / 2
         self.element_bits, self.cast, self.uniform = element_bits, cast, uniform
         self.top = float(np.abs(self.levels_np).max())
+        self.half_gap = float(np.diff(np.sort(self.levels_np)).max()) / 2 if len(self.levels_np) > 1 else None
         super().__init__(**params)
         needs_gaussian = self.params["scale"] in ("opt", "rms")
         self.gaussian_scale = grids.optimal_scale(self.levels_np)[0] if needs_gaussian else 1.0
+        if rms_scale is not None and self.params["scale"] == "rms":
+            self.gaussian_scale = rms_scale
 
     def round(self, u):
         if self.uniform:  # midrise integer grid: +-0.5, +-1.5, ...
@@ -257,8 +305,11 @@ class GridQuantizer(ScaledQuantizer):
         return levels[torch.bucketize(u, mids)]
 
     def exact_mse(self):
-        if self.params.get("group") is None and self.params["scale"] in ("opt", "rms"):
+        """The population value: the grid at its Gaussian-optimal scale, as rows of unbounded length see it."""
+        if self.params.get("group") in SCALE_UNITS and self.params["scale"] == "opt":
             return grids.optimal_scale(self.levels_np)[1]
-        if self.params.get("group") is None and self.params["scale"] == "none":
+        if self.params.get("group") in SCALE_UNITS and self.params["scale"] == "rms":
+            return grids.grid_mse(self.levels_np, self.gaussian_scale)
+        if self.params["scale"] == "none":
             return grids.grid_mse(self.levels_np, 1.0)
         return super().exact_mse()

@@ -39,9 +39,14 @@ class GMSEResult:
 
 
 def gmse(spec: "str | Format", samples: int = DEFAULT_SAMPLES, seed: int = 0, exact: bool = False,
-         shape: tuple = MEASURE_SHAPE, device: str = "cpu") -> GMSEResult:
-    """GMSE of a format: E[(x - Q(x))^2] for x ~ N(0, 1), with its standard error and rho(GMSE)."""
+         shape: tuple = MEASURE_SHAPE, device: str = "cpu", row_length: int | None = None) -> GMSEResult:
+    """GMSE of a format: E[(x - Q(x))^2] for x ~ N(0, 1), with its standard error and rho(GMSE).
+
+    Per-row scales estimate each row's RMS from its own values: `row_length` measures on rows of that length
+    (a model's real input width) instead of MEASURE_SHAPE's 1024, keeping 65,536 values per tensor."""
     fmt = parse(spec)
+    if row_length is not None:
+        shape = (max(1, math.prod(MEASURE_SHAPE) // row_length), row_length)
     if exact:
         value, stderr, n = fmt.exact_mse(), 0.0, 0
     else:

@@ -170,7 +170,8 @@ def parse(spec: "str | Format") -> Format:
 
 # ---- built-in formats ------------------------------------------------------------------------------
 
-SCALED = {"group": None, "scale": "opt", "scale_format": "fp16"}
+# Scalar grids: QuEST's recipe by default, one scale per row at the Gaussian-optimal multiple of its RMS.
+SCALED = {"group": "row", "scale": "rms", "scale_format": None}
 
 
 def _bits_from(match, low=1, high=8, family="int") -> int:
@@ -188,7 +189,9 @@ def _int(match, grid="midrise", **kw):
         raise SpecError(f"int{bits}: grid must be midrise or signed, got {grid!r}")
     defaults = {**SCALED, "grid": "midrise"}
     if grid == "midrise":
-        return GridQuantizer(f"int{bits}", grids.uniform_levels(bits), bits, defaults, uniform=True, **kw)
+        levels = grids.uniform_levels(bits)
+        return GridQuantizer(f"int{bits}", levels, bits, defaults, uniform=True,
+                             rms_scale=grids.QUEST_CLIP[bits] / levels.max(), **kw)
     if bits == 1:
         raise SpecError("int1: the signed grid needs at least 2 bits")
     half = 2 ** (bits - 1) - 1
@@ -204,8 +207,8 @@ def _minifloat(kind: str, name: str):
     bits = {"e2m1": 4, "e2m3": 6, "e3m2": 6, "e4m3": 8, "e5m2": 8}[kind]
 
     def factory(**kw):
-        return GridQuantizer(name, grids.minifloat_levels(kind), bits, dict(SCALED),
-                             cast=grids.TORCH_FLOAT8.get(kind), **kw)
+        return GridQuantizer(name, grids.minifloat_levels(kind), bits, dict(SCALED), cast=grids.TORCH_FLOAT8.get(kind),
+                             rms_scale=grids.QUEST_FP4_SCALE if kind == "e2m1" else None, **kw)
     return factory
 
 
@@ -237,8 +240,8 @@ def _binary(**kw):
     return GridQuantizer("binary", [-1.0, 1.0], 1, {**SCALED, "scale": "absmean"}, **kw)
 
 
-def _nm(match):
-    return NMSparse(int(match.group(1)), int(match.group(2)))
+def _nm(match, vector=1):
+    return NMSparse(int(match.group(1)), int(match.group(2)), vector)
 
 
 def _register_builtins():
@@ -261,8 +264,8 @@ def _register_builtins():
     register("nf4", _nf4, "NormalFloat-4 codebook, absmax per block (default 64, fp32 scale)")
     register("sparse", Sparse, "unstructured magnitude sparsity at a fraction: sparse(0.5)",
              example="sparse(0.5)")
-    register("N:M", _nm, "N:M magnitude sparsity along the last dim: 2:4, 4:8", pattern=r"(\d+):(\d+)",
-             example="2:4")
+    register("N:M", _nm, "N:M magnitude sparsity along the last dim: 2:4; over vectors of a length by L2 norm: "
+             "4:8(vector=2) (QuEST's pairs)", pattern=r"(\d+):(\d+)", example="2:4")
     register("vq", VectorQuantizer, "vector quantization, k-means Gaussian codebook: vq(dim=2,bits=4)",
              example="vq(dim=2,bits=4)")
     register("hadamard", Hadamard, "block Hadamard rotation around what follows: hadamard+int4",

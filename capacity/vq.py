@@ -44,7 +44,7 @@ class VectorQuantizer(ScaledQuantizer):
     """Groups of `dim` consecutive values (last dim) rounded to the nearest of 2^(dim*bits) codewords."""
 
     name = "vq"
-    defaults = {"dim": 2, "bits": 4, "group": None, "scale": "rms", "scale_format": "fp16"}
+    defaults = {"dim": 2, "bits": 4, "group": "row", "scale": "rms", "scale_format": None}
     gaussian_scale = 1.0  # the codebook is fitted to unit-variance data
 
     def __init__(self, **params):
@@ -57,7 +57,7 @@ class VectorQuantizer(ScaledQuantizer):
             raise SpecError(f"vq: 2^(dim*bits) must be a whole number of codewords in [2, {MAX_CODEWORDS}], "
                             f"got {codewords}")
         group = self.params["group"]
-        if group is not None and group % dim:
+        if isinstance(group, int) and group % dim:
             raise SpecError(f"vq: group {group} is not a multiple of dim {dim}")
         self.codebook = gaussian_codebook(dim, int(codewords))
         self.element_bits = float(bits)

@@ -31,7 +31,8 @@ def add_formats_command(sub) -> None:
 
 
 def _gmse_command(args) -> None:
-    results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact) for s in args.specs]
+    results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact, row_length=args.row_length)
+               for s in args.specs]
     if args.json:
         print(json.dumps([{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho")}
                           for r in results], indent=1))
@@ -47,6 +48,8 @@ def add_gmse_command(sub) -> None:
     p.add_argument("--exact", action="store_true", help="closed-form GMSE (elementwise scalar grids, sparsity)")
     p.add_argument("--samples", type=int, default=DEFAULT_SAMPLES, help="Monte Carlo sample count")
     p.add_argument("--seed", type=int, default=0, help="Monte Carlo seed")
+    p.add_argument("--row-length", type=int, default=None, metavar="N",
+                   help="measure on rows of N values (a model's input width): per-row scales see N values")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=_gmse_command)
 

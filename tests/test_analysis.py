@@ -121,7 +121,7 @@ def test_prediction_interval_and_extrapolation():
 
 
 def test_paired_comparison_orders_formats_by_their_loss_penalty():
-    from analysis.compare import paired_comparison
+    from capscale.analysis.compare import paired_comparison
     runs = load_runs(simulate_runs({"bf16": 1.0, "int8": 0.99, "int4": 0.8, "int2": 0.4}, noise=0.002))
     table = paired_comparison(runs).set_index("format")
     assert list(table.index) == ["int8", "int4", "int2"]
@@ -217,7 +217,7 @@ def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capscale_cli):
 
 
 def test_report_writes_html_markdown_json_and_figures(tmp_path):
-    from analysis.report import build_report
+    from capscale.analysis.report import build_report
     runs = load_runs(simulate_runs(capacity_effs(), noise=0.003, specs=SPECS))
     report = build_report(runs, tmp_path, n_boot=8, progress=False,
                           grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})

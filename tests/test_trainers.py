@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from scipy.linalg import hadamard
 
 from capscale import capacity
@@ -20,7 +21,7 @@ from capscale.capacity.runtable import REQUIRED, read_records
 from capscale.capacity.structure import fwht
 from capscale.trainers.data import load_tokens
 from capscale.trainers.compression import Compression
-from capscale.trainers.layers import CompressedLinear, backward_mask, default_trust
+from capscale.trainers.layers import CompressedLinear, compress_with_mask
 from capscale.trainers.model import Decoder, config_for_params, count_non_embedding
 from capscale.trainers.sweep import load_sweep, run_sweep
 from capscale.trainers.train import TrainConfig, train
@@ -31,60 +32,78 @@ def test_size_helper_builds_close_to_target_and_reports_exact_count(target):
     cfg = config_for_params(target)
     model = Decoder(cfg)
     assert model.non_embedding_params() == count_non_embedding(cfg.n_layer, cfg.n_embd)
-    assert abs(math.log(model.non_embedding_params() / target)) < 0.25
+    assert abs(math.log(model.non_embedding_params() / target)) < 0.3  # widths come in steps of 64 (16 below)
     assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0
+    assert cfg.n_embd in (16, 32, 48) or cfg.n_embd % 64 == 0
+    assert cfg.mlp_hidden % min(128, cfg.n_embd & -cfg.n_embd) == 0  # the down-projection takes the same block
+    if target >= 100_000:
+        assert cfg.n_layer >= 2 and cfg.n_embd % 64 == 0
 
 
 @pytest.mark.parametrize("w,a", [("int4", None), ("2:4+int4", "int8"), ("hadamard+mxfp4", "nvfp4"),
-                                 ("vq(dim=2,bits=2)", None)])
+                                 ("vq(dim=2,bits=2)", None), ("bf16", "int4")])
 def test_layer_forward_uses_exactly_the_gmse_format(w, a):
-    """The same Format object that capacity.gmse measures is what the forward pass applies."""
-    layer = CompressedLinear(64, 32, Compression(w, a))
+    """The same Format objects that capscale.gmse measures are what the forward pass applies, in the rotated
+    domain where the formats call for it (sparse ones are never rotated)."""
+    comp = Compression(w, a)
+    layer = CompressedLinear(64, 32, comp)
     torch.nn.init.normal_(layer.weight)
     x = torch.randn(8, 64)
-    fmt_w = capacity.parse(w)
-    expected_x = capacity.parse(a)(x) if a else x
-    torch.testing.assert_close(layer(x), F.linear(expected_x, fmt_w(layer.weight)))
-    gen = torch.Generator().manual_seed(0)
-    samples = [torch.randn(capacity.MEASURE_SHAPE, generator=gen) for _ in range(2)]  # what gmse draws for seed 0
-    ours = np.mean([float(((fmt_w(s) - s) ** 2).mean()) for s in samples])
-    assert ours == pytest.approx(capacity.gmse(w, samples=2 * samples[0].numel(), seed=0).gmse, rel=1e-12)
+    block = layer.hadamard_block
+    assert block == (0 if "2:4" in w else 64)
+    turn = (lambda v: fwht(v, block)) if block else (lambda v: v)
+    expected_x = comp.a_fmt(turn(x)) if a else turn(x)
+    expected_w = comp.w_fmt(turn(layer.weight)) if comp.w_fmt else turn(layer.weight)
+    torch.testing.assert_close(layer(x), F.linear(expected_x, expected_w))
+    if comp.w_fmt is not None and not w.startswith("hadamard"):
+        gen = torch.Generator().manual_seed(0)
+        samples = [torch.randn(capacity.MEASURE_SHAPE, generator=gen) for _ in range(2)]  # what gmse draws for seed 0
+        ours = np.mean([float(((comp.w_fmt(s) - s) ** 2).mean()) for s in samples])
+        assert ours == pytest.approx(capacity.gmse(w, samples=2 * samples[0].numel(), seed=0).gmse, rel=1e-12)
 
 
 def test_estimators_mask_the_gradient_as_documented():
     x = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
     x[0, 0] = 40.0  # far outside the grid: clipped
-    fmt = capacity.parse("int4(scale=rms)")
-    q = fmt(x)
-    assert backward_mask(x, q, fmt, Compression("int4", estimator="ste")) is None
-    trust = backward_mask(x, q, fmt, Compression("int4", estimator="trust"))
-    clipped = backward_mask(x, q, fmt, Compression("int4", estimator="clipped"))
+    fmt = capacity.parse("int4")
+    q, none = compress_with_mask(x, fmt, Compression("int4", estimator="ste"))
+    assert none is None and torch.equal(q, fmt(x))
+    _, trust = compress_with_mask(x, fmt, Compression("int4", estimator="trust"))
+    _, clipped = compress_with_mask(x, fmt, Compression("int4", estimator="clipped"))
     assert not trust[0, 0] and not clipped[0, 0] and trust.float().mean() > 0.99
-    assert default_trust("int4(scale=rms)") == pytest.approx(0.5 * 2.514 / 7.5, rel=0.02)  # half a step: outer level 7.5 steps
+    rms = x.pow(2).mean(-1, keepdim=True).sqrt()
+    half_step = 2.5139305786 / 15 * rms  # QuEST: c_4 / (2^4 - 1) row RMS
+    assert torch.equal(trust, (q - x).abs() <= half_step)
+    _, wide = compress_with_mask(x, fmt, Compression("int4", estimator="trust", trust=10.0))
+    assert wide[1:].all()
 
 
-def test_sparse_backward_masks_and_rbbm():
-    from scipy import stats
+@pytest.mark.parametrize("spec", ["sparse(0.5)", "2:4"])
+def test_sparse_backward_masks_and_rbbm(spec):
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
-    fmt = capacity.parse("sparse(0.5)")
-    q = fmt(x)
-    keep = q != 0
-    masked = backward_mask(x, q, fmt, Compression("sparse(0.5)", estimator="ste", backward_mask="masked"))
-    assert torch.equal(masked, keep)
-    same = backward_mask(x, q, fmt, Compression("sparse(0.5)", estimator="ste", backward_mask="rbbm", rbbm_p=0.0))
-    assert torch.equal(same, keep)  # p = 0: the plain masked gradient
-    rbbm = backward_mask(x, q, fmt, Compression("sparse(0.5)", estimator="ste", backward_mask="rbbm", rbbm_p=0.1))
-    t_p = x.pow(2).mean().sqrt() * float(stats.norm.ppf(0.6))
-    assert torch.equal(rbbm[~keep], (x.abs() < t_p)[~keep])  # smallest pruned weights get gradient, the band not
-    dense = backward_mask(x, q, fmt, Compression("sparse(0.5)", estimator="ste", backward_mask="dense"))
-    assert dense is None
+    x[::4] *= 5.0  # rows of different scale: the band follows each row's RMS
+    fmt = capacity.parse(spec)
+    keep = fmt(x) != 0
+    for estimator in ("ste", "trust"):
+        _, masked = compress_with_mask(x, fmt, Compression(spec, estimator=estimator, backward_mask="masked"))
+        assert torch.equal(masked, keep)
+        _, dense = compress_with_mask(x, fmt, Compression(spec, estimator=estimator, backward_mask="dense"))
+        assert dense.all()  # pruned weights receive gradient whatever the estimator
+        _, same = compress_with_mask(x, fmt, Compression(spec, estimator=estimator, backward_mask="rbbm", rbbm_p=0.0))
+        assert torch.equal(same, keep)  # p = 0: the plain masked gradient
+    _, rbbm = compress_with_mask(x, fmt, Compression(spec, backward_mask="rbbm", rbbm_p=0.1))
+    t_p = x.pow(2).mean(-1, keepdim=True).sqrt() * float(stats.norm.ppf(0.6))
+    pruned_max = torch.where(keep, torch.zeros_like(x), x.abs())
+    t_k = pruned_max.amax() if spec.startswith("sparse") else pruned_max.reshape(-1, 4).amax(-1).repeat_interleave(4).reshape(x.shape)
+    low, high = torch.minimum(t_p, t_k), torch.maximum(t_p, t_k)
+    assert torch.equal(rbbm, (x.abs() < low) | (x.abs() > high))
 
 
 def test_gradients_flow_through_compressed_layers():
     layer = CompressedLinear(32, 16, Compression("hadamard+int4", "int4"))
     torch.nn.init.normal_(layer.weight)
     layer(torch.randn(4, 32)).square().sum().backward()
-    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert layer.hadamard_block == 32 and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
 def test_fast_hadamard_matches_the_matrix_and_is_its_own_inverse():
@@ -184,8 +203,12 @@ def test_sweep_shards_and_dry_run(tmp_path, capscale_cli):
     assert out.returncode == 2 and "contxt" in out.stderr
 
 
-def test_distributed_two_processes_match_single_process(tmp_path, capscale_cli):
-    common = ["--w-format", "int4", "--params", "6000", "--tokens", "60000", "--batch-size", "16", "--quiet"]
+@pytest.mark.parametrize("w,a,tolerance", [("int4", "int4", 5e-4), ("2:4+int4", "int8", 2e-3)])
+def test_distributed_two_processes_match_single_process(tmp_path, capscale_cli, w, a, tolerance):
+    """Per-row / per-token scales make each rank's slice of the batch see the same formats as one process (with
+    tensor-wide activation scales W4A4 missed by 4.5e-3); what remains is the order of float reductions, which
+    top-k sparsity masks amplify a little."""
+    common = ["--w-format", w, "--a-format", a, "--params", "6000", "--tokens", "60000", "--batch-size", "16", "--quiet"]
     single = capscale_cli("train", *common, timeout=120)
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                           "--master-port", "29517", "-m", "capscale", "train", *common],
@@ -193,13 +216,13 @@ def test_distributed_two_processes_match_single_process(tmp_path, capscale_cli):
     assert single.returncode == 0 and ddp.returncode == 0, ddp.stderr[-2000:]
     one = json.loads(single.stdout.strip().splitlines()[-1])
     two = json.loads([l for l in ddp.stdout.splitlines() if l.startswith("{")][-1])
-    assert two["world_size"] == 2 and two["loss"] == pytest.approx(one["loss"], abs=2e-3)
+    assert two["world_size"] == 2 and two["loss"] == pytest.approx(one["loss"], abs=tolerance)
 
 
 @pytest.mark.slow
 def test_tiny_sweep_orders_formats_and_fits(tmp_path):
-    from analysis.laws import DecoupledLaw
-    from analysis.runs import load_runs
+    from capscale.analysis.laws import DecoupledLaw
+    from capscale.analysis.runs import load_runs
     sweep_file = tmp_path / "sweep.toml"
     sweep_file.write_text('runs = "runs.jsonl"\nsizes = [6250, 12500, 25000]\ntokens_per_param = [20, 40]\n'
                           'formats = [{w = "bf16"}, {w = "int8"}, {w = "int4"}, {w = "int2"}]\n')

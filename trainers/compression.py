@@ -6,12 +6,18 @@ option, the run record, the run's content key and the sweep file's [train] table
 """
 from __future__ import annotations
 
+import argparse
 import functools
+import math
 from dataclasses import dataclass, field, fields
+
+from scipy import stats
 
 from capscale import capacity
 from capscale.capacity import BASELINE, InputError, is_uncompressed
+from capscale.capacity.formats import ScaledQuantizer
 from capscale.capacity.runtable import format_label
+from capscale.capacity.structure import Hadamard, NMSparse, Sparse
 
 ESTIMATORS = ("ste", "clipped", "trust")
 BACKWARD_MASKS = ("masked", "dense", "rbbm")
@@ -34,6 +40,13 @@ class Compression:
     backward_mask: str = field(default="masked", metadata=_option(
         "gradient of pruned entries in sparse formats", choices=BACKWARD_MASKS))
     rbbm_p: float = field(default=0.2, metadata=_option("RBBM band parameter p", type=float))
+    rotate: bool = field(default=True, metadata=_option(
+        "Hadamard-rotate weight and activation of each linear along its input dimension when a format quantizes "
+        "and neither sparsifies (QuEST); scales and trust masks are then taken in the rotated domain",
+        action=argparse.BooleanOptionalAction))
+    hadamard_block: int = field(default=128, metadata=_option(
+        "largest Hadamard block; a layer uses the largest power of two dividing both it and its input width",
+        type=int))
 
     def __post_init__(self):
         # One meaning of "uncompressed": weights default to the baseline label, activations to no spec.
@@ -43,16 +56,50 @@ class Compression:
             raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.backward_mask not in BACKWARD_MASKS:
             raise InputError(f"backward mask must be one of {', '.join(BACKWARD_MASKS)}, got {self.backward_mask!r}")
+        if self.hadamard_block < 1 or self.hadamard_block & (self.hadamard_block - 1):
+            raise InputError(f"hadamard block must be a power of two, got {self.hadamard_block}")
         self.w_fmt, self.a_fmt  # parse now: a bad spec fails before any training
+
+    def _parsed(self, spec: str | None) -> tuple[capacity.Format | None, int | None]:
+        """(the Format the layer applies, the Hadamard block a leading `hadamard` component asks for). A leading
+        rotation becomes the layer's: rotating the other operand too leaves the product exact while the scale
+        and the trust mask are taken in the rotated domain (rotating only this one and back would not)."""
+        if is_uncompressed(spec):
+            return None, None
+        fmt = capacity.parse(spec)
+        if isinstance(fmt.parts[0], Hadamard) and len(fmt.parts) > 1:
+            return capacity.Format(fmt.parts[1:]), fmt.parts[0].params["block"]
+        return fmt, None
 
     @functools.cached_property
     def w_fmt(self) -> capacity.Format | None:
         """The weights' Format, parsed once (None: uncompressed)."""
-        return None if is_uncompressed(self.w_format) else capacity.parse(self.w_format)
+        return self._parsed(self.w_format)[0]
 
     @functools.cached_property
     def a_fmt(self) -> capacity.Format | None:
-        return None if is_uncompressed(self.a_format) else capacity.parse(self.a_format)
+        return self._parsed(self.a_format)[0]
+
+    @functools.cached_property
+    def rotation_block(self) -> int:
+        """Largest Hadamard block for this pair of formats, 0 for none: rotation applies when a format quantizes
+        and neither sparsifies (sparsity must stay in the weights' own basis), or when a spec asks for it."""
+        asked = [b for b in (self._parsed(self.w_format)[1], self._parsed(self.a_format)[1]) if b]
+        formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
+        sparsifies = any(f.component(Sparse) or f.component(NMSparse) for f in formats)
+        quantizes = any(f.component(ScaledQuantizer) for f in formats)
+        if asked:
+            return min(asked)
+        return self.hadamard_block if self.rotate and quantizes and not sparsifies else 0
+
+    def block_for(self, width: int) -> int:
+        """The Hadamard block of a layer with this input width: 0 (none) or a power of two dividing it."""
+        return math.gcd(self.rotation_block, width & -width) if self.rotation_block else 0
+
+    @functools.cached_property
+    def rbbm_z(self) -> float:
+        """Phi^-1(0.5 + p): RBBM's band edge in RMS units."""
+        return float(stats.norm.ppf(0.5 + self.rbbm_p))
 
     @property
     def label(self) -> str:

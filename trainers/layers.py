@@ -1,70 +1,67 @@
 """Compressed linear layers and the gradient estimators that let a model train through a format.
 
-The forward pass uses exactly `fmt(x)`: the Format object that `capacity.gmse` measures. The backward
-pass is an estimator's masked identity:
+The recipe is QuEST's (reference section 5a). A linear layer y = x W^T whose formats quantize rotates
+both operands along the input dimension with the same block Hadamard H (H H^T = I, so x H (W H)^T = x W^T)
+and quantizes them in the rotated domain, where each row (an output row of W, a token of x) looks Gaussian;
+the product is taken there, without rotating back. The forward pass is exactly `fmt(v)`, the Format object
+that `capscale.gmse` measures. The backward pass is an estimator's masked identity, per entry:
   ste      gradient everywhere (straight-through);
-  clipped  gradient where |x| <= max |Q(x)| of the tensor (nothing for clipped values);
-  trust    gradient where |Q(x) - x| <= trust * RMS(x) (QuEST's trust region); trust defaults to the
-           format's largest in-range rounding error on Gaussian data (half a step for a uniform grid).
+  clipped  gradient where |v| <= the row's largest |Q(v)| (nothing for clipped values);
+  trust    gradient where |Q(v) - v| <= half the grid's largest step at the row's scale (QuEST's trust region:
+           c_b / (2^b - 1) row RMS for int<b>, 0.487 RMS for fp4); `trust=` sets it in row-RMS units instead.
+           Formats without a scalar grid (vq, user components) pass the gradient straight through.
 For sparse formats the pruned entries follow `backward_mask`: `masked` (no gradient, the default),
-`dense` (straight-through, lets pruned weights regrow), or `rbbm` (RMS-banded backward masking:
-gradient where |x| < min(T_p, T_k) or |x| > max(T_p, T_k), T_p = RMS * Phi^-1(0.5 + p)).
+`dense` (straight-through: pruned weights keep learning and can regrow), or `rbbm` (RMS-banded backward
+masking: gradient where |v| < min(T_p, T_k) or |v| > max(T_p, T_k), with T_p = row RMS * Phi^-1(0.5 + p)
+and T_k the forward's own threshold: the tensor's for unstructured sparsity, each group's for N:M).
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy import stats
 
 from capscale import capacity
+from capscale.capacity.structure import NMSparse, Sparse, fwht
 
 from .compression import Compression
 
 
-@functools.lru_cache(maxsize=None)
-def default_trust(spec: str) -> float:
-    """Largest rounding error, in RMS units, of in-range values of Gaussian data: half a step for int grids."""
-    fmt = capacity.parse(spec)
-    x = torch.randn(capacity.MEASURE_SHAPE, generator=torch.Generator().manual_seed(0))
-    q = fmt(x)
-    keep = fmt.keep_mask(x)
-    in_range = x.abs() <= q.abs().max()
-    if keep is not None:
-        in_range &= keep
-    err = (q - x).abs()[in_range]
-    return float(err.max()) if err.numel() else float("inf")
+def _row_rms(v: torch.Tensor) -> torch.Tensor:
+    return v.pow(2).mean(-1, keepdim=True).sqrt()
 
 
-def backward_mask(x: torch.Tensor, q: torch.Tensor, fmt: capacity.Format, comp: Compression) -> torch.Tensor | None:
-    """Where the gradient of `fmt` at x passes (None: everywhere)."""
+def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression):
+    """(fmt(v), the entries where the gradient passes, or None for everywhere), per the estimator."""
+    out = fmt.compress(v)
+    q, keep = out.values, out.keep
     if comp.estimator == "ste":
         mask = None
     elif comp.estimator == "clipped":
-        mask = x.abs() <= q.abs().max()
+        mask = v.abs() <= q.abs().amax(-1, keepdim=True)
+    elif comp.trust is not None:
+        mask = (q - v).abs() <= comp.trust * _row_rms(v)
     else:
-        trust = comp.trust if comp.trust is not None else default_trust(str(fmt))
-        mask = (q - x).abs() <= trust * x.pow(2).mean().sqrt()
-    keep = fmt.keep_mask(x)
-    if keep is None or comp.backward_mask == "dense":
-        return mask
-    mask = torch.ones_like(keep) if mask is None else mask | ~keep  # pruned entries: the sparse rule decides
+        mask = None if out.tolerance is None else (q - v).abs() <= out.tolerance
+    if keep is None:
+        return q, mask
+    kept = keep if mask is None else mask & keep  # the quantizer's rule holds for the values it stored
     if comp.backward_mask == "masked":
-        return mask & keep
-    t_k = x.abs()[~keep].max() if (~keep).any() else x.abs().new_zeros(())  # forward keeps |x| > t_k
-    t_p = x.pow(2).mean().sqrt() * float(stats.norm.ppf(0.5 + comp.rbbm_p))
+        return q, kept
+    passing = kept | ~keep                          # pruned entries get gradient ...
+    if comp.backward_mask == "dense":
+        return q, passing
+    sparsity = fmt.component(NMSparse) or fmt.component(Sparse)  # ... outside RBBM's band
+    t_k, t_p = sparsity.prune_threshold(v, keep), _row_rms(v) * comp.rbbm_z
     low, high = torch.minimum(t_k, t_p), torch.maximum(t_k, t_p)
-    return mask & ((x.abs() < low) | (x.abs() > high))
+    return q, passing & ((v.abs() < low) | (v.abs() > high))
 
 
 class _Estimate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, fmt, comp):
+    def forward(ctx, v, fmt, comp):
         with torch.no_grad():
-            q = fmt(x)
-            mask = backward_mask(x, q, fmt, comp)
+            q, mask = compress_with_mask(v, fmt, comp)
         ctx.save_for_backward(mask if mask is not None else torch.empty(0))
         ctx.has_mask = mask is not None
         return q
@@ -75,17 +72,28 @@ class _Estimate(torch.autograd.Function):
         return (grad * mask if ctx.has_mask else grad), None, None
 
 
-def compress(x: torch.Tensor, fmt: capacity.Format | None, comp: Compression) -> torch.Tensor:
-    return x if fmt is None else _Estimate.apply(x, fmt, comp)
+def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) -> torch.Tensor:
+    return v if fmt is None else _Estimate.apply(v, fmt, comp)
+
+
+def rotate(v: torch.Tensor, block: int) -> torch.Tensor:
+    """Block Hadamard along the last dim in float32 (also under bf16 autocast: the quantizer sees exact values)."""
+    with torch.autocast(v.device.type, enabled=False):
+        return fwht(v.float(), block)
 
 
 class CompressedLinear(nn.Module):
-    """y = A(x) @ W(w)^T: weights W and input activations A pass through formats (each optional)."""
+    """y = A(x H) @ W(W H)^T: weights and input activations rotated by a block Hadamard H (when the formats
+    call for it) and passed through their formats (each optional)."""
 
     def __init__(self, in_features: int, out_features: int, comp: Compression):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.comp = comp
+        self.hadamard_block = comp.block_for(in_features)
 
     def forward(self, x):
-        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(self.weight, self.comp.w_fmt, self.comp))
+        w = self.weight
+        if self.hadamard_block:
+            x, w = rotate(x, self.hadamard_block), rotate(w, self.hadamard_block)
+        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp))

@@ -28,8 +28,10 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU width: 8/3 of the model width, rounded up to a multiple of 8."""
-        return 8 * math.ceil(8 * self.n_embd / 3 / 8)
+        """SwiGLU width: 8/3 of the model width, rounded up to a multiple of the width's largest power-of-two
+        factor (at most 128), so that the down-projection's input takes as large a Hadamard block as the rest."""
+        unit = min(128, self.n_embd & -self.n_embd)
+        return unit * math.ceil(8 * self.n_embd / 3 / unit)
 
 
 class RMSNorm(nn.Module):
@@ -113,6 +115,12 @@ class Decoder(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=self.cfg.n_embd ** -0.5)
 
+    def hadamard_blocks(self) -> dict:
+        """The recipe as it ran: each compressed layer's Hadamard block (0: not rotated), by layer name."""
+        first = self.blocks[0]
+        layers = {"qkv": first.attn.qkv, "proj": first.attn.proj, "gate_up": first.mlp.gate_up, "down": first.mlp.down}
+        return {name: layer.hadamard_block for name, layer in layers.items()}
+
     def non_embedding_params(self) -> int:
         return sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm.parameters())
 
@@ -132,18 +140,22 @@ def count_non_embedding(n_layer: int, n_embd: int) -> int:
     return n_layer * per_block + n_embd
 
 
+WIDTHS = (16, 32, 48, *range(64, 4097, 64))
+
+
 def config_for_params(target: int, context: int = 128, vocab_size: int = 256) -> ModelConfig:
-    """(layers, heads, width) whose non-embedding count is closest to `target`, with a width/depth
-    ratio between 16 and 128 (closest to 48 on ties), widths in multiples of 8, heads of 8 (width < 64),
-    16 (width < 256) or 64 dimensions."""
+    """(layers, heads, width) whose non-embedding count is closest to `target` (within 1%), preferring 2+
+    layers, then a width/depth ratio near 48 (between 4 and 128). Widths are multiples of 64 (so Hadamard
+    blocks of 64-128 fit), or 16, 32, 48 for budgets too small for that; heads of 8 (width < 64), 16
+    (width < 256) or 64 dimensions."""
     best = None
     for n_layer in range(1, 33):
-        for n_embd in range(16, 4097, 8 if n_layer < 4 else 16):
+        for n_embd in WIDTHS:
             ratio = n_embd / n_layer
-            if not 16 <= ratio <= 128:
+            if not 4 <= ratio <= 128:
                 continue
             miss = abs(math.log(count_non_embedding(n_layer, n_embd) / target))
-            key = (round(miss, 2), abs(math.log(ratio / 48)))
+            key = (round(miss, 2), n_layer < 2, abs(math.log(ratio / 48)))
             if best is None or key < best[0]:
                 best = (key, n_layer, n_embd)
     _, n_layer, n_embd = best

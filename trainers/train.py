@@ -142,10 +142,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
+        gen.set_state(state["generator"].cpu())
         start_step = state["step"]
 
     status, train_loss, started = "ok", float("nan"), time.perf_counter()
@@ -180,7 +180,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     mcfg = model.cfg
     return run_record(cfg, status, params=n_params, tokens=steps * batch * cfg.context, loss=val_loss,
                       train_loss=train_loss, n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd,
-                      context=cfg.context, batch_size=batch, lr=lr, steps=steps, wall_time_s=round(wall, 3),
+                      mlp_hidden=mcfg.mlp_hidden, hadamard_blocks=model.hadamard_blocks(), context=cfg.context,
+                      batch_size=batch, lr=lr, steps=steps, wall_time_s=round(wall, 3),
                       tokens_per_s=round(trained / max(wall, 1e-9), 1), resumed_from_step=start_step,
                       device=str(device), world_size=world, torch_version=torch.__version__,
                       data=Path(data.source).name)
