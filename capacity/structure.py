@@ -135,10 +135,16 @@ class Outliers(_FractionComponent):
 
 @functools.lru_cache(maxsize=None)
 def _sylvester(size: int, device: str, dtype: torch.dtype) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < size:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h.to(device=device, dtype=dtype)
+    with torch.inference_mode(False):  # a cached tensor must serve autograd too, wherever it was first asked for
+        h = torch.ones(1, 1)
+        while h.shape[0] < size:
+            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+        return h.to(device=device, dtype=dtype)
+
+
+def hadamard_matrix(block: int) -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix H_b / sqrt(b) (symmetric, its own inverse), float32 on CPU."""
+    return _sylvester(block, "cpu", torch.float32).clone() / math.sqrt(block)
 
 
 DENSE_HADAMARD_BELOW = 256

@@ -17,6 +17,7 @@ from .analysis.runs import load_runs
 from .analysis.validate import validate
 from .capacity import BASELINE, Component, Format, compare, gmse, parse, register, registry, rho
 from .trainers.compression import Compression
+from .trainers.diagnose import diagnose
 from .trainers.train import TrainConfig, train
 
 try:
@@ -24,6 +25,6 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
-__all__ = ["BASELINE", "Component", "Compression", "DecoupledLaw", "Format", "FrantarLaw", "KumarLaw", "TrainConfig",
+__all__ = ["BASELINE", "Component", "Compression", "DecoupledLaw", "diagnose", "Format", "FrantarLaw", "KumarLaw", "TrainConfig",
            "UnifiedLaw", "bootstrap", "build_report", "compare", "gmse", "load_runs", "make_law", "parse", "register",
            "registry", "rho", "train", "validate", "__version__"]

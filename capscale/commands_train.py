@@ -9,6 +9,7 @@ import torch
 
 from capscale.capacity.runtable import append_record
 from capscale.trainers.compression import Compression
+from capscale.trainers.diagnose import diagnose
 from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
 from capscale.trainers.train import TrainConfig, failed_record, train
 
@@ -83,4 +84,26 @@ def add_sweep_command(sub) -> None:
     p.set_defaults(func=_sweep_command)
 
 
-ADDERS = (add_train_command, add_sweep_command)
+def _diagnose_command(args) -> None:
+    table = diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens)
+    if args.json:
+        print(table.to_json(orient="records", indent=1))
+    else:
+        print(table.to_string(index=False, float_format="{:.4g}".format))
+
+
+def add_diagnose_command(sub) -> None:
+    p = sub.add_parser("diagnose", help="a format's error on a trained model's own weights and activations",
+                       description="For each compressed layer of a checkpoint (capscale train --checkpoint): the "
+                                   "relative MSE of a format on the trained weights (per row) and on the layer's "
+                                   "inputs recorded on validation text (per token), with and without Hadamard "
+                                   "rotation, next to its Gaussian MSE at the same row length. Ratios far above 1 "
+                                   "show where the Gaussian assumption behind rho(GMSE) breaks.")
+    p.add_argument("checkpoint", help="checkpoint written by `capscale train --checkpoint PATH`")
+    p.add_argument("--format", default=None, metavar="SPEC", help="format to diagnose (default: the run's weights')")
+    p.add_argument("--eval-tokens", type=int, default=4096, help="validation tokens whose activations are recorded")
+    p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    p.set_defaults(func=_diagnose_command)
+
+
+ADDERS = (add_train_command, add_sweep_command, add_diagnose_command)

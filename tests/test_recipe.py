@@ -102,9 +102,10 @@ def test_gmse_on_the_models_row_length():
 
 
 def test_rotation_under_bf16_autocast_is_exact_to_float32():
+    from capscale.capacity.structure import hadamard_matrix
     from capscale.trainers.layers import rotate
     x = torch.randn(64, 256)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        inside = rotate(x, 128)
+        inside = rotate(x, hadamard_matrix(128))
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, fwht(x.double(), 128).float(), rtol=1e-6, atol=1e-6)

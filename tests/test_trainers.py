@@ -233,3 +233,49 @@ def test_tiny_sweep_orders_formats_and_fits(tmp_path):
     assert (table["int4"] < table["int2"]).all()
     fit = DecoupledLaw().fit(runs)
     assert fit.eff_["int2"] < fit.eff_["int4"] < 1.05
+
+
+def test_token_shards_and_text_folders_train(tmp_path):
+    rng = np.random.default_rng(0)
+    shard = tmp_path / "tokens.bin"
+    rng.integers(0, 300, 40_000, dtype=np.uint16).tofile(shard)
+    nanogpt = tmp_path / "nanogpt"
+    nanogpt.mkdir()
+    rng.integers(0, 300, 30_000, dtype=np.uint16).tofile(nanogpt / "train.bin")
+    rng.integers(0, 300, 5_000, dtype=np.uint16).tofile(nanogpt / "val.bin")
+    for source in (shard, nanogpt):
+        data = load_tokens(source, vocab_size=300)
+        assert data.vocab_size == 300 and data.train.dtype == np.uint16 and data.train.max() < 300
+        record = train(TrainConfig(params=6000, tokens=20_000, data=str(source), vocab_size=300), progress=False)
+        assert record["status"] == "ok" and record["loss"] < math.log(300) + 0.5
+    with pytest.raises(capacity.InputError, match="vocab-size"):
+        load_tokens(shard)
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(3):
+        (texts / f"{i}.txt").write_text(f"document {i} " * 200)
+    folder = load_tokens(texts)
+    assert folder.vocab_size == 256 and len(folder.train) + len(folder.val) == 3 * len("document 0 " * 200) + 2
+
+
+def test_diagnose_shows_where_the_gaussian_assumption_breaks(tmp_path):
+    from capscale.trainers.diagnose import diagnose
+    checkpoint = tmp_path / "int4.pt"
+    train(TrainConfig(Compression("int4"), params=13_456, tokens=60_000, checkpoint=str(checkpoint)), progress=False)
+    table = diagnose(checkpoint, eval_tokens=1024, samples=1 << 16)
+    assert set(table["tensor"]) == {"weight", "activation"} and len(table) == 4 * 4 * 4  # 4 layers x 4 linears x 4
+    rotated = table[table["rotation"] > 0]
+    assert rotated["ratio"].between(0.5, 2.0).all()  # rotated rows look Gaussian to the format
+    down = table[(table["layer"].str.endswith("mlp.down")) & (table["tensor"] == "activation")]
+    assert (down[down["rotation"] == 0]["ratio"] > 3).all()  # SwiGLU outputs are heavy-tailed until rotated
+    int2 = diagnose(checkpoint, spec="int2", eval_tokens=1024, samples=1 << 16)
+    assert (int2["gaussian_gmse"] > 0.1).all()
+
+
+@pytest.mark.parametrize("w,a,mask", [("int4", "int4", "masked"), ("2:4", None, "rbbm")])
+def test_compiled_training_matches_eager(w, a, mask):
+    """--compile traces the formats, rotations and estimators (nothing cached or generated inside the graph)."""
+    cfg = TrainConfig(Compression(w, a, backward_mask=mask), params=6736, tokens=10_000)
+    eager = train(cfg, progress=False)
+    compiled = train(dataclasses.replace(cfg, compile=True), progress=False)
+    assert compiled["status"] == "ok" and compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capscale import capacity
-from capscale.capacity.structure import NMSparse, Sparse, fwht
+from capscale.capacity.structure import NMSparse, Sparse, hadamard_matrix
 
 from .compression import Compression
 
@@ -76,10 +76,12 @@ def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) ->
     return v if fmt is None else _Estimate.apply(v, fmt, comp)
 
 
-def rotate(v: torch.Tensor, block: int) -> torch.Tensor:
-    """Block Hadamard along the last dim in float32 (also under bf16 autocast: the quantizer sees exact values)."""
+def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
+    """Block Hadamard along the last dim, in float32 also under bf16 autocast (the quantizer sees exact values).
+    One dense product per block: training blocks are at most 128 wide, where it beats the fast transform."""
+    block = hadamard.shape[0]
     with torch.autocast(v.device.type, enabled=False):
-        return fwht(v.float(), block)
+        return (v.float().reshape(-1, block) @ hadamard).reshape(v.shape)
 
 
 class CompressedLinear(nn.Module):
@@ -91,9 +93,11 @@ class CompressedLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.comp = comp
         self.hadamard_block = comp.block_for(in_features)
+        if self.hadamard_block:  # a buffer: it follows the module to its device, and torch.compile sees a tensor
+            self.register_buffer("hadamard", hadamard_matrix(self.hadamard_block), persistent=False)
 
     def forward(self, x):
         w = self.weight
         if self.hadamard_block:
-            x, w = rotate(x, self.hadamard_block), rotate(w, self.hadamard_block)
+            x, w = rotate(x, self.hadamard), rotate(w, self.hadamard)
         return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp))

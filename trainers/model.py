@@ -134,6 +134,13 @@ class Decoder(nn.Module):
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token (forward and backward): 6 x (matrix parameters, output head included) plus the
+    attention scores, 12 x layers x width x context (PaLM's model-FLOPs convention, used for MFU)."""
+    matrices = count_non_embedding(cfg.n_layer, cfg.n_embd) + cfg.vocab_size * cfg.n_embd
+    return 6.0 * matrices + 12.0 * cfg.n_layer * cfg.n_embd * cfg.context
+
+
 def count_non_embedding(n_layer: int, n_embd: int) -> int:
     cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1)
     per_block = 4 * n_embd * n_embd + 3 * n_embd * cfg.mlp_hidden + 2 * n_embd

@@ -3,7 +3,8 @@
 A sweep file is TOML:
 
     runs = "runs.jsonl"                 # the run table (JSON lines), relative to the sweep file
-    sizes = [10_000, 20_000, 40_000]    # target non-embedding parameters
+    sizes = [10_000, 20_000, 40_000]    # target non-embedding parameters, or instead explicit shapes:
+    # shapes = [{n_layer = 6, n_head = 5, n_embd = 640, lr = 1.2e-3}]
     tokens_per_param = [50, 100]
     seeds = [0]
     formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}]
@@ -37,14 +38,22 @@ except ImportError:  # Python 3.10
 from capscale.capacity import InputError
 from capscale.capacity.runtable import append_record, read_records
 
+from .model import count_non_embedding, flops_per_token
 from .train import TrainConfig, failed_record, package_version, train
 
-# CPU throughput model from the reference machine (2 threads, fp32, context 128): tokens/s ~ 1.3e4 (N/1e6)^-0.8,
-# capped at 1.2e5; compressed formats cost ~1.6x. Only used for --dry-run estimates.
-def estimated_seconds(cfg: TrainConfig) -> float:
+GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
+
+
+def estimated_seconds(cfg: TrainConfig, gpu_tflops: float = GPU_TFLOPS) -> float:
+    """A --dry-run estimate. CPU: the reference 2-core machine's throughput (2 threads, fp32, context 128),
+    tokens/s ~ 1.3e4 (N/1e6)^-0.8 capped at 1.2e5, compressed formats ~1.2x slower. CUDA: model FLOPs at
+    `gpu_tflops`, compressed formats ~1.3x slower (their quantizers are elementwise, not matmuls)."""
+    dense = cfg.compression.w_fmt is None and cfg.compression.a_fmt is None
+    if cfg.device.startswith("cuda"):
+        flops = flops_per_token(cfg.model_config(cfg.vocab_size or 256)) * cfg.tokens
+        return flops / (gpu_tflops * 1e12) * (1.0 if dense else 1.3) + 30.0
     rate = min(1.2e5, 1.3e4 * (cfg.params / 1e6) ** -0.8)
-    slow = 1.0 if cfg.compression.w_fmt is None and cfg.compression.a_fmt is None else 1.6
-    return cfg.tokens / rate * slow + 2.0
+    return cfg.tokens / rate * (1.0 if dense else 1.2) + 2.0
 
 
 @dataclass
@@ -66,21 +75,27 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
         spec = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"{path}: cannot read sweep file: {err}") from None
-    for key in ("sizes", "tokens_per_param", "formats"):
+    for key in ("tokens_per_param", "formats"):
         if key not in spec:
             raise InputError(f"{path}: missing '{key}' (see `capscale sweep --help`)")
+    if ("sizes" in spec) == ("shapes" in spec):
+        raise InputError(f"{path}: give either 'sizes' (target parameters) or 'shapes' (n_layer, n_head, n_embd)")
     overrides = spec.get("train", {})
+    models = [{"params": int(size)} for size in spec.get("sizes", [])]
+    for shape in spec.get("shapes", []):  # an explicit shape, with its own settings (a published lr, say)
+        models.append({**shape, "params": count_non_embedding(shape["n_layer"], shape["n_embd"])})
     configs = []
-    for size in spec["sizes"]:
+    for model in models:
         for tpp in spec["tokens_per_param"]:
             for fmt in spec["formats"]:
                 if "w" not in fmt and "a" not in fmt:
                     raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC")
                 for seed in spec.get("seeds", [0]):
                     try:
-                        configs.append(TrainConfig.from_flat(**{**overrides, "w_format": fmt.get("w"),
-                                                                "a_format": fmt.get("a"), "params": int(size),
-                                                                "tokens": int(size * tpp), "seed": int(seed)}))
+                        configs.append(TrainConfig.from_flat(**{**overrides, **model, "w_format": fmt.get("w"),
+                                                                "a_format": fmt.get("a"),
+                                                                "tokens": int(model["params"] * tpp),
+                                                                "seed": int(seed)}))
                     except InputError as err:
                         raise InputError(f"{path}: {err}") from None
     if shard:
@@ -132,11 +147,12 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
 def describe_plan(sweep: Sweep, workers: int = 1) -> str:
     todo = sweep.pending()
     seconds = sum(estimated_seconds(c) for c in todo) / max(1, workers)
+    gpu = any(c.device.startswith("cuda") for c in todo)
+    basis = (f"model FLOPs at {GPU_TFLOPS:g} TFLOP/s per GPU" if gpu else "reference 2-core CPU throughput model")
     lines = [f"{len(sweep.configs)} runs in the grid, {len(sweep.configs) - len(todo)} done, {len(todo)} to run "
-             f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h "
-             "(reference 2-core CPU throughput model)"]
-    lines += [f"  {c.compression.label:>24}  N~{c.params:>9,}  D={c.tokens:>12,}  seed {c.seed}"
-              for c in todo]
+             f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h ({basis})"]
+    lines += [f"  {c.compression.label:>24}  N~{c.params:>11,}  D={c.tokens:>14,}  seed {c.seed}  "
+              f"~{estimated_seconds(c) / 3600:.2f} h" for c in todo]
     return "\n".join(lines)
 
 

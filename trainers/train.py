@@ -28,13 +28,16 @@ from capscale.capacity.runtable import format_label
 
 from .data import load_tokens, random_batch, validation_batches
 from .compression import Compression
-from .model import Decoder, config_for_params
+from .model import Decoder, ModelConfig, config_for_params
 
 
 @dataclass
 class TrainConfig:
     compression: Compression = field(default_factory=Compression)
     params: int = 20_000            # target non-embedding parameters (the exact count is recorded)
+    n_layer: int | None = None      # an explicit shape (all three), e.g. a published one; default: the size helper
+    n_head: int | None = None
+    n_embd: int | None = None
     tokens: int = 200_000           # training tokens (rounded up to whole steps)
     seed: int = 0
     context: int = 128
@@ -44,14 +47,24 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     eval_tokens: int = 65_536
-    data: str | None = None
+    data: str | None = None         # text file or folder, or uint16 token shards (.bin); default: the KJV corpus
+    vocab_size: int | None = None   # required for token shards; bytes have 256
     device: str = "cpu"
     compile: bool = False
     checkpoint: str | None = None
     checkpoint_every: int = 100
 
-    RUN_FIELDS = ("params", "tokens", "seed", "context", "batch_size", "lr", "warmup", "weight_decay", "grad_clip",
-                  "eval_tokens", "data")  # with the compression settings: what determines a run's result
+    RUN_FIELDS = ("params", "n_layer", "n_head", "n_embd", "tokens", "seed", "context", "batch_size", "lr", "warmup",
+                  "weight_decay", "grad_clip", "eval_tokens", "data", "vocab_size")  # with the compression settings:
+    # what determines a run's result
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        shape = (self.n_layer, self.n_head, self.n_embd)
+        if any(v is not None for v in shape):
+            if None in shape:
+                raise capacity.InputError("an explicit shape needs all of n_layer, n_head and n_embd")
+            return ModelConfig(*shape, vocab_size=vocab_size, context=self.context)
+        return config_for_params(self.params, self.context, vocab_size)
 
     @classmethod
     def from_flat(cls, **values) -> "TrainConfig":
@@ -128,8 +141,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
     torch.manual_seed(cfg.seed)
-    data = load_tokens(cfg.data)
-    model = Decoder(config_for_params(cfg.params, cfg.context), cfg.compression).to(device)
+    data = load_tokens(cfg.data, cfg.vocab_size)
+    model = Decoder(cfg.model_config(data.vocab_size), cfg.compression).to(device)
     n_params = model.non_embedding_params()
     batch, lr = cfg.resolved_batch_size(), cfg.resolved_lr(n_params)
     if batch % world:
@@ -168,10 +181,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         train_loss = float(loss.detach())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}")
-        if ckpt and rank == 0 and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "generator": gen.get_state(), "step": step + 1}
-            atomic_write(ckpt, lambda f: torch.save(state, f))
+        if ckpt and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
+            save_checkpoint(ckpt, cfg, model, optimizer, gen, step + 1)
     wall = time.perf_counter() - started
     val_loss = evaluate(model, data, cfg, device) if status == "ok" else float("nan")
     if status == "ok" and not math.isfinite(val_loss):
@@ -187,6 +198,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                       data=Path(data.source).name)
 
 
+def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, gen, step: int) -> None:
+    """Tensors and plain values only (loadable with weights_only=True): the state to resume from, and the run's
+    settings and shape to rebuild the model from (`capscale diagnose`)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
+             "step": step, "settings": flat_settings(cfg), "model_config": dataclasses.asdict(model.cfg)}
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def flat_settings(cfg: TrainConfig) -> dict:
+    """The config as one flat mapping of plain values, the inverse of TrainConfig.from_flat."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compression"}
+    return {**config, **cfg.compression.settings()}
+
+
 def run_record(cfg: TrainConfig, status: str, **measured) -> dict:
     """The one writer of a run's record: schema columns, the compression settings, what was measured."""
     return {**cfg.compression.to_record(), "params": cfg.params, "tokens": cfg.tokens, "loss": float("nan"),
@@ -195,6 +220,4 @@ def run_record(cfg: TrainConfig, status: str, **measured) -> dict:
 
 def failed_record(cfg: TrainConfig, error: BaseException) -> dict:
     """The record of a run that crashed: status=failed, the error, and the config to retry it."""
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "compression"}
-    return run_record(cfg, "failed", error=f"{type(error).__name__}: {error}",
-                      config={**config, **cfg.compression.settings()})
+    return run_record(cfg, "failed", error=f"{type(error).__name__}: {error}", config=flat_settings(cfg))
