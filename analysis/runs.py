@@ -5,21 +5,17 @@ is row 1 in JSON lines), the column and what was expected.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from capscale.capacity import InputError, spec_gmse
-from capscale.capacity import BASELINE, is_uncompressed
-from capscale.capacity.runtable import OPTIONAL, REQUIRED, STATUSES
+from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
+from capscale.capacity.runtable import OPTIONAL, REQUIRED, STATUSES, RunTableError, read_lines
+
+from .query import select
 
 MIN_RUNS_PER_FORMAT = 2
-
-
-class RunTableError(InputError):
-    """A run table that cannot be fitted: the message names file, row and column."""
 
 
 def parse_mapping(pairs) -> dict:
@@ -36,26 +32,22 @@ def parse_mapping(pairs) -> dict:
     return mapping
 
 
-def read_table(path: "str | Path") -> tuple[pd.DataFrame, int]:
-    """The raw table and the row number of its first data row (2 for CSV with a header, 1 for JSONL)."""
+def read_table(path: "str | Path") -> pd.DataFrame:
+    """The raw table, indexed by the row number a person sees (the line in JSON lines; in CSV the header is row 1)."""
     path = Path(path)
     if not path.exists():
         raise RunTableError(f"{path}: no such file")
+    if not path.is_file():
+        raise RunTableError(f"{path}: not a file")
     if path.suffix in (".jsonl", ".json", ".ndjson"):
-        rows, numbers = [], []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise RunTableError(f"{path}: row {n}: not valid JSON ({err.msg})") from None
-                numbers.append(n)
-        frame = pd.DataFrame(rows)
-        frame.index = numbers
-        return frame, 1
-    frame = pd.read_csv(path)
+        lines = read_lines(path)
+        return pd.DataFrame([r for _, r in lines], index=[n for n, _ in lines])
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise RunTableError(f"{path}: cannot read as CSV ({type(err).__name__}: {str(err).strip()[:200]})") from None
     frame.index = range(2, len(frame) + 2)
-    return frame, 2
+    return frame
 
 
 def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | None = None,
@@ -65,14 +57,15 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
         frame, where = source.copy(), name or "<DataFrame>"
         frame.index = range(1, len(frame) + 1)
     else:
-        frame, _ = read_table(source)
+        frame = read_table(source)
         where = str(source)
+    if frame.empty:
+        raise RunTableError(f"{where}: no rows")
     frame = frame.rename(columns=parse_mapping(mapping) if not isinstance(mapping, dict) else mapping)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise RunTableError(f"{where}: missing column(s) {missing}; found {list(frame.columns)} "
                             "(map other names with --map loss=val_loss,params=n_params)")
-    frame["format"] = frame["format"].astype(str)
     if "status" not in frame.columns:
         frame["status"] = "ok"
     frame["status"] = frame["status"].fillna("ok").astype(str)
@@ -80,24 +73,23 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
         if status not in STATUSES:
             raise RunTableError(f"{where}: row {row}, column 'status': expected one of {STATUSES}, got '{status}'")
     ok = frame["status"] == "ok"
-    for col in ("params", "tokens", "loss"):
-        values = pd.to_numeric(frame[col], errors="coerce")
-        bad = ok & ~(np.isfinite(values) & (values > 0))
-        if bad.any():
-            row = bad.idxmax()
-            raise RunTableError(f"{where}: row {row}, column '{col}': expected a positive number, "
-                                f"got {frame.at[row, col]!r}")
+    for row, label in frame.loc[ok, "format"].items():
+        if not isinstance(label, str) or not label.strip():
+            raise RunTableError(f"{where}: row {row}, column 'format': expected a format label, got {label!r}")
+    for col, expected in (("params", "a number >= 1"), ("tokens", "a number >= 1"), ("loss", "a positive number")):
+        values = pd.Series([_number(v) for v in frame[col]], index=frame.index, dtype=float)
+        valid = np.isfinite(values) & ((values > 0) if col == "loss" else (values >= 1))
+        if (ok & ~valid).any():
+            row = (ok & ~valid).idxmax()
+            raise RunTableError(f"{where}: row {row}, column '{col}': expected {expected}, got {frame.at[row, col]!r}")
         frame[col] = values
-    duplicated = frame.duplicated(subset=["format", "params", "tokens", "loss"] +
-                                  (["seed"] if "seed" in frame.columns else []), keep="first")
-    if duplicated.any():
+    duplicated = frame[ok].duplicated(subset=["format", "params", "tokens", "loss"] +
+                                      (["seed"] if "seed" in frame.columns else []), keep="first")
+    if duplicated.any():  # failed and diverged records may repeat: a retried run leaves one per attempt
         row = duplicated.idxmax()
-        raise RunTableError(f"{where}: row {row} duplicates an earlier row (format, params, tokens, loss)")
+        raise RunTableError(f"{where}: row {row} duplicates an earlier ok row (format, params, tokens, loss)")
     if query:
-        try:
-            frame = frame.query(query, engine="python")
-        except Exception as err:
-            raise RunTableError(f"--query '{query}': {err}") from None
+        frame = select(frame, query)
     runs = frame[frame["status"] == "ok"].copy()
     if runs.empty:
         raise RunTableError(f"{where}: no rows with status 'ok' to fit")
@@ -109,6 +101,16 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     runs.attrs.update(source=where,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
     return runs
+
+
+def _number(value) -> float:
+    """A cell as a float, NaN where it is not a number (text, lists, objects, booleans)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str, np.number)):
+        return float("nan")
+    try:
+        return float(value)
+    except (ValueError, OverflowError):
+        return float("nan")
 
 
 def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:

@@ -1,8 +1,13 @@
 """Format specs (`int4(group=128,scale=absmax)`, `2:4+int4`, `hadamard+mxfp4`) and the format registry.
 
 A spec is components joined by `+`, applied left to right; a component is `name` or `name(args)`.
-Names are registered (`register`) either exactly or as a family pattern (`int<bits>`, `N:M`); a
-component `module:callable` imports a user factory. Every factory returns a Component.
+Names are registered (`register`) either exactly or as a family pattern (`int<bits>`, `N:M`). Every
+factory returns a Component.
+
+A spec never runs code that the user did not choose to load. Formats from other packages arrive by the
+user's explicit act: an installed package's `capscale.formats` entry point (a function that registers its
+formats), or `load_plugin(MODULE)` / `capscale --plugin MODULE`. `module:Class` in a spec resolves only in
+a module loaded that way, and only to a Component subclass, checked before it is called.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import functools
 import importlib
 import re
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Callable
 
 import numpy as np
@@ -31,6 +37,8 @@ class Entry:
 
 
 _REGISTRY: dict[str, Entry] = {}
+_PLUGINS: dict[str, object] = {}  # modules the user loaded explicitly (load_plugin, --plugin)
+_ENTRY_POINTS_LOADED = False
 
 
 def register(name: str, factory: Callable, description: str = "", pattern: str | None = None,
@@ -45,7 +53,32 @@ def register(name: str, factory: Callable, description: str = "", pattern: str |
 
 
 def registry() -> list[Entry]:
+    _load_entry_points()
     return list(_REGISTRY.values())
+
+
+def load_plugin(module: str) -> None:
+    """Import a module of the user's own formats (it registers them, or defines Component classes that specs
+    then name as `module:Class`). The user's explicit act: nothing in a spec or a table loads a module."""
+    try:
+        _PLUGINS[module] = importlib.import_module(module)
+    except ImportError as err:
+        raise SpecError(f"--plugin {module}: cannot import it ({err})") from None
+
+
+def loaded_plugins() -> list[str]:
+    """The modules loaded with load_plugin, in order (sweep workers load the same ones)."""
+    return list(_PLUGINS)
+
+
+def _load_entry_points() -> None:
+    """Formats of installed packages: each `capscale.formats` entry point is a function that registers them."""
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    for ep in entry_points(group="capscale.formats"):
+        ep.load()()
 
 
 # ---- uncompressed names and the baseline -----------------------------------------------------------
@@ -142,16 +175,21 @@ def parse_component(text: str) -> Component:
         if entry.pattern is not None and (match := entry.pattern.fullmatch(name)):
             return _call(entry.factory, name, match, *args, **kwargs)
     if ":" in name and not name[0].isdigit():
-        return _import_component(name, args, kwargs)
+        return _plugin_component(name, args, kwargs)
+    if not _ENTRY_POINTS_LOADED:
+        _load_entry_points()
+        return parse_component(text)
     raise SpecError(f"unknown format '{name}'{_suggest(name)}")
 
 
-def _import_component(name: str, args, kwargs) -> Component:
+def _plugin_component(name: str, args, kwargs) -> Component:
     module_name, attr = name.split(":", 1)
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise SpecError(f"cannot import format factory '{name}': {err}") from None
+    if module_name not in _PLUGINS:
+        raise SpecError(f"'{name}': module '{module_name}' is not a loaded plugin; a spec never imports code by "
+                        "itself (your own formats load with `capscale --plugin MODULE`)")
+    factory = getattr(_PLUGINS[module_name], attr, None)
+    if not (isinstance(factory, type) and issubclass(factory, Component)):
+        raise SpecError(f"'{name}': not a Component subclass of plugin '{module_name}'")
     component = _call(factory, name, *args, **kwargs)
     if not getattr(component, "spec_override", None):
         inner = ",".join([str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()])

@@ -12,7 +12,7 @@ import sys
 
 import pandas as pd
 
-from capscale.capacity import InputError, compare, gmse, registry
+from capscale.capacity import InputError, compare, gmse, load_plugin, registry
 from capscale.capacity.gmse import DEFAULT_SAMPLES
 
 from . import commands_analysis, commands_train
@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capscale", description="Capacity of compressed number formats: Gaussian MSE, training over formats, "
                                      "scaling-law fits and reports. `capscale demo` runs the whole study.")
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first: your own formats (it registers them, or specs name its Component "
+                             "classes as MODULE:Class). Nothing else ever imports code named in a spec or a table")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_formats_command, add_gmse_command, add_compare_command, *commands_train.ADDERS,
                 *commands_analysis.ADDERS):
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        for module in args.plugin:
+            load_plugin(module)
         args.func(args)
     except InputError as err:
         print(f"capscale {args.command}: error: {err}", file=sys.stderr)

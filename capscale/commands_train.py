@@ -7,11 +7,11 @@ import time
 
 import torch
 
-from capscale.capacity.runtable import append_record
+from capscale.capacity import InputError
 from capscale.trainers.compression import Compression
 from capscale.trainers.diagnose import diagnose
 from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
-from capscale.trainers.train import TrainConfig, failed_record, train
+from capscale.trainers.train import TrainConfig, failed_record, train, train_and_record
 
 
 def _train_command(args) -> None:
@@ -20,16 +20,22 @@ def _train_command(args) -> None:
     cfg = TrainConfig(compression=Compression.from_options(args), params=args.params, tokens=args.tokens,
                       seed=args.seed, context=args.context, batch_size=args.batch_size, lr=args.lr, data=args.data,
                       device=args.device, compile=args.compile, checkpoint=args.checkpoint)
-    try:
-        record = train(cfg, progress=not args.quiet)
-    except (KeyboardInterrupt, ValueError):
-        raise
-    except Exception as err:
-        record = failed_record(cfg, err)
+    if args.runs:
+        record = train_and_record(cfg, args.runs, progress=not args.quiet)
+        if record is None:
+            print(f"run {cfg.key()} ({cfg.compression.label}, N={cfg.params}, D={cfg.tokens}, seed {cfg.seed}) has "
+                  f"already finished in {args.runs}, or another process is training it: nothing to do",
+                  file=sys.stderr)
+            return
+    else:
+        try:
+            record = train(cfg, progress=not args.quiet)
+        except (KeyboardInterrupt, InputError):
+            raise
+        except Exception as err:
+            record = failed_record(cfg, err)
     if int(record.get("world_size", 1)) > 1 and torch.distributed.get_rank() != 0:
         return
-    if args.runs:
-        append_record(args.runs, record)
     print(json.dumps(record))
     if record["status"] != "ok":
         sys.exit(1)

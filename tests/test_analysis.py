@@ -156,7 +156,7 @@ def _write(tmp_path, frame, name="runs.csv"):
     (lambda f: f.assign(loss=f["loss"].astype(object).where(f.index != 3, "abc")), "row 5, column 'loss'"),
     (lambda f: f.assign(params=f["params"].where(f.index != 0, -5)), "row 2, column 'params'"),
     (lambda f: f.assign(tokens=f["tokens"].where(f.index != 1, np.nan)), "row 3, column 'tokens'"),
-    (lambda f: pd.concat([f, f.iloc[[2]]]), "duplicates an earlier row"),
+    (lambda f: pd.concat([f, f.iloc[[2]]]), "duplicates an earlier ok row"),
     (lambda f: f[f["format"] != "bf16"], "no baseline rows"),
     (lambda f: f.assign(status=f["status"].where(f.index != 0, "weird")), "column 'status'"),
 ])

@@ -19,18 +19,12 @@ from capscale.capacity.structure import fwht
 from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
 from .model import Decoder, ModelConfig
-from .train import TrainConfig
+from .train import TrainConfig, load_state
 
 
 def load_checkpoint(path: "str | Path") -> tuple[Decoder, TrainConfig]:
     """The trained model and its config, from a checkpoint written by `capscale train --checkpoint`."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        raise capacity.InputError(f"{path}: not a readable capscale checkpoint ({err})") from None
-    if not isinstance(state, dict) or not {"model", "settings", "model_config"} <= set(state):
-        raise capacity.InputError(f"{path}: not a capscale checkpoint with its settings (written by an older "
-                                  "version, or not by `capscale train --checkpoint`)")
+    state = load_state(path)
     cfg = TrainConfig.from_flat(**{k: v for k, v in state["settings"].items() if k not in ("device", "compile")})
     model = Decoder(ModelConfig(**state["model_config"]), cfg.compression)
     model.load_state_dict(state["model"])

@@ -12,8 +12,9 @@ A sweep file is TOML:
     context = 128
 
 Runs are identified by a content key (TrainConfig.key): finished runs (ok or diverged) are skipped, a
-run interrupted mid-way resumes from its checkpoint, and failed runs are tried again. Records are
-appended under a file lock, one per finished run, so workers and crashes never lose or duplicate one.
+run interrupted mid-way resumes from its checkpoint, and failed runs are tried again. Each run is claimed
+before training, so concurrent sweeps on one table (sharded or not) never train a run twice; records are
+appended under a file lock, one per attempt, so workers and crashes never lose or duplicate one.
 """
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from capscale.capacity import InputError
-from capscale.capacity.runtable import append_record, read_records
+from capscale.capacity import InputError, load_plugin
+from capscale.capacity.spec import loaded_plugins
+from capscale.capacity.runtable import finished_keys, read_records
 
 from .model import count_non_embedding, flops_per_token
-from .train import TrainConfig, failed_record, package_version, train
+from .train import TrainConfig, package_version, train_and_record
 
 GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
 
@@ -62,7 +64,7 @@ class Sweep:
     configs: list[TrainConfig]
 
     def pending(self) -> list[TrainConfig]:
-        done = {r.get("key") for r in read_records(self.runs) if r.get("status") in ("ok", "diverged")}
+        done = finished_keys(self.runs)
         return [c for c in self.configs if c.key() not in done]
 
     def checkpoint_for(self, cfg: TrainConfig) -> str:
@@ -108,40 +110,40 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
     return Sweep(path.parent / spec.get("runs", "runs.jsonl"), configs)
 
 
-def _run_one(job) -> tuple[str, float]:
-    cfg, runs, checkpoint, threads = job
+def _run_one(job) -> str:
+    """Train one run unless it finished or is claimed elsewhere; its status, or 'skipped'."""
+    cfg, runs, checkpoint, threads, plugins = job
     torch.set_num_threads(threads)
-    cfg = dataclasses.replace(cfg, checkpoint=checkpoint)
-    try:
-        record = train(cfg, progress=False)
-    except KeyboardInterrupt:
-        raise
-    except Exception as err:  # a crash is a result too: recorded as failed, retried on the next resume
-        record = failed_record(cfg, err)
-    append_record(runs, record)
+    for module in plugins:  # a spawned worker loads the plugins its parent's user asked for
+        load_plugin(module)
+    record = train_and_record(dataclasses.replace(cfg, checkpoint=checkpoint), runs, progress=False)
+    if record is None:
+        return "skipped"
     Path(checkpoint).unlink(missing_ok=True)
-    return record["status"], record.get("wall_time_s", 0.0)
+    return record["status"]
 
 
 def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True) -> int:
-    """Run the pending runs of a sweep, longest first so that parallel workers finish together; returns
-    how many ran."""
+    """Run the pending runs of a sweep, longest first so that parallel workers finish together; returns how many
+    this process trained (runs claimed by a concurrent sweep, or finished meanwhile, are skipped)."""
     todo = sorted(sweep.pending(), key=estimated_seconds, reverse=True)
     threads = threads or max(1, torch.get_num_threads() // workers)
-    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads) for c in todo]
+    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads, loaded_plugins()) for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
                file=sys.stderr)
+    statuses = []
     if workers <= 1:
         for job in jobs:
             bar.set_postfix_str(f"{job[0].compression.label} N={job[0].params}")
-            _run_one(job)
+            statuses.append(_run_one(job))
             bar.update()
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            for _ in pool.imap_unordered(_run_one, jobs):
+            for status in pool.imap_unordered(_run_one, jobs):
+                statuses.append(status)
                 bar.update()
     bar.close()
-    return len(jobs)
+    return sum(s != "skipped" for s in statuses)
 
 
 def describe_plan(sweep: Sweep, workers: int = 1) -> str:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from capscale import capacity
 from capscale.capacity.paths import atomic_write
-from capscale.capacity.runtable import format_label
+from capscale.capacity.runtable import append_record, claim, finished_keys
 
 from .data import load_tokens, random_batch, validation_batches
 from .compression import Compression
@@ -155,7 +156,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 
     start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+        state = load_state(ckpt, device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"].cpu())
@@ -196,6 +197,46 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                       tokens_per_s=round(trained / max(wall, 1e-9), 1), resumed_from_step=start_step,
                       device=str(device), world_size=world, torch_version=torch.__version__,
                       data=Path(data.source).name)
+
+
+def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True) -> dict | None:
+    """Train a run and append its record to the table `runs`; None, without training, if the run already finished
+    there or another live process has claimed it. A crash is recorded as failed (a later sweep retries it); bad
+    input raises. Under torchrun every rank trains and rank 0 writes."""
+    key, distributed = cfg.key(), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if key in finished_keys(runs):
+        return None
+    held = None if distributed else claim(runs, key)
+    if held is None and not distributed:
+        return None
+    try:
+        if key in finished_keys(runs):  # finished by another process while this one was claiming it
+            return None
+        try:
+            record = train(cfg, progress=progress)
+        except (KeyboardInterrupt, capacity.InputError):
+            raise
+        except Exception as err:  # a crash is a result too: recorded as failed, retried on the next sweep
+            record = failed_record(cfg, err)
+        if not distributed or dist.get_rank() == 0:
+            append_record(runs, record)
+        return record
+    finally:
+        if held is not None:
+            held.release()
+
+
+def load_state(path: "str | Path", device: str = "cpu") -> dict:
+    """A checkpoint's contents: tensors and plain values only (weights_only), so a file carrying code fails here."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise capacity.InputError(f"{path}: not a loadable capscale checkpoint ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or not {"model", "step", "settings", "model_config"} <= set(state):
+        raise capacity.InputError(f"{path}: not a capscale checkpoint (written by an older version, or not by "
+                                  "`capscale train --checkpoint`)")
+    return state
 
 
 def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, gen, step: int) -> None:
