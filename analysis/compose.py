@@ -64,13 +64,18 @@ def read_grid(path: "str | Path") -> pd.DataFrame:
     if bad.any().any():
         row, col = bad.stack()[bad.stack()].index[0]
         raise RunTableError(f"{path}: row '{row}', column '{col}': expected a number, got {grid.at[row, col]!r}")
-    return grid.astype(float)
+    grid = grid.astype(float)
+    grid.index, grid.columns = grid.index.astype(str), grid.columns.astype(str)  # labels as the user types them
+    return grid
 
 
 def compose_grid(grid: pd.DataFrame, edge_row=None, edge_col=None) -> dict:
     """Product-of-edges prediction, best rank-1 fit, element-wise errors and the worst cell of a grid."""
     values = grid.to_numpy(float)
     r0, c0 = np.unravel_index(np.argmax(values), values.shape)
+    for edge, labels, what in ((edge_row, grid.index, "row"), (edge_col, grid.columns, "column")):
+        if edge is not None and edge not in labels:
+            raise RunTableError(f"--edge-{what} {edge!r}: the grid has no such {what}; {what}s are {list(labels)}")
     r0 = grid.index.get_loc(edge_row) if edge_row is not None else r0
     c0 = grid.columns.get_loc(edge_col) if edge_col is not None else c0
     product = np.outer(values[:, c0], values[r0, :]) / values[r0, c0]

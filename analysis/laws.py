@@ -18,7 +18,7 @@ import pandas as pd
 from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
-from capscale.capacity import BASELINE, bits_of, is_uncompressed, parse, rho
+from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, parse, rho
 
 from .runs import check_identifiable, format_table
 
@@ -83,11 +83,24 @@ class ScalingLaw:
         self.residuals_ = np.log(pred) - np.log(loss)
         self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
         self.rmse_loss_ = float(np.sqrt(np.mean((pred - loss) ** 2)))
+        self.warnings_ = self._weak_estimates(loss.min())
         return self
+
+    def _weak_estimates(self, min_loss: float) -> list[str]:
+        """Estimates the runs do not pin down: E at its bound 0, exponents at the edge of what was searched."""
+        out = []
+        if "E" in self.params_ and self.params_["E"] < 0.01 * min_loss and getattr(self, "fix_E", None) is None:
+            out.append(f"E = {self.params_['E']:.3g} is at its lower bound 0: the runs do not identify the irreducible "
+                       "loss (more tokens per parameter, or --fix-E)")
+        for name in ("alpha", "beta"):
+            if name in self.params_ and not EXPONENT_GRID[0] * 1.05 < self.params_[name] < EXPONENT_GRID[-1] * 0.95:
+                out.append(f"{name} = {self.params_[name]:.3g} is at the edge of the range searched "
+                           f"[{EXPONENT_GRID[0]:g}, {EXPONENT_GRID[-1]:g}]: not identified by these runs")
+        return out
 
     def efficiency(self, label: str, row=None) -> float:
         if label not in self.eff_:
-            raise ValueError(f"format '{label}' was not in the fitted runs; the {self.law} law cannot predict it")
+            raise InputError(f"format '{label}' was not in the fitted runs; the {self.law} law cannot predict it")
         return self.eff_[label]
 
     def predict(self, runs: pd.DataFrame) -> np.ndarray:
@@ -137,7 +150,7 @@ class DecoupledLaw(ScalingLaw):
         loss = np.exp(log_l)
         fixed_e = 0.0 if self.fix_E is None else float(self.fix_E)
         if self.fix_E is not None and not 0 < fixed_e < loss.min():
-            raise ValueError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
+            raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         onehot = np.eye(k)[fi]
         candidates = []
         for alpha in EXPONENT_GRID:
@@ -203,6 +216,11 @@ class _FormulaLaw(ScalingLaw):
 
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame):
+        compressed = set(runs["format"]) - {self.baseline}
+        if len(compressed) < len(self.constant_names):
+            raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
+                             f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
+                             f"format(s) besides '{self.baseline}': train more formats")
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
         specs = [tuple(self._specs.loc[f]) for f in self.formats_]
@@ -289,7 +307,7 @@ class FrantarLaw(ScalingLaw):
         s = runs["w_spec"].map(sparsity_of)
         keep = s.notna() & runs["a_spec"].isna()
         if keep.sum() < 4:
-            raise ValueError("the Frantar law needs dense and pure-sparsity runs (sparse(f) or N:M weights)")
+            raise InputError("the Frantar law needs dense and pure-sparsity runs (sparse(f) or N:M weights)")
         return runs[keep], s[keep].to_numpy(float)
 
     @single_threaded_blas
@@ -334,5 +352,5 @@ LAWS = {"decoupled": DecoupledLaw, "unified": UnifiedLaw, "kumar": KumarLaw, "fr
 
 def make_law(name: str, **kwargs) -> ScalingLaw:
     if name not in LAWS:
-        raise ValueError(f"unknown law '{name}'; choose from {', '.join(LAWS)}")
+        raise InputError(f"unknown law '{name}'; choose from {', '.join(LAWS)}")
     return LAWS[name](**kwargs)

@@ -13,7 +13,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from capscale.capacity import BASELINE, bits_of, pair_rho
+from capscale.capacity import BASELINE, InputError, bits_of, pair_rho
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check
@@ -34,6 +34,21 @@ class Report:
     paired: pd.DataFrame
     law_comparison: pd.DataFrame
     health: pd.DataFrame
+
+
+def writable_folder(folder: "str | Path") -> Path:
+    """The output folder, created and checked writable now, before any computation that would be lost."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"-o {folder}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".capscale-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise InputError(f"-o {folder}: cannot write there ({err.strerror})") from None
+    return folder
 
 
 def _law_comparison(runs, decoupled, delta):
@@ -64,7 +79,17 @@ def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
             "params": {k: p(k, v) for k, v in law.params_.items()},
             "eff": {k: p(f"eff[{k}]", v) for k, v in law.eff_.items()},
             "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
-                                                     "failed": boot.n_failed}}
+                                                     "failed": boot.n_failed},
+            "warnings": fit_warnings(law, boot)}
+
+
+def fit_warnings(law, boot=None) -> list[str]:
+    """What a reader should know before trusting the numbers: weak estimates, refits that would not converge."""
+    out = list(law.warnings_)
+    if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
+        out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is fragile "
+                   "and its intervals understate the uncertainty")
+    return out
 
 
 def _figure_png(fig) -> bytes:
@@ -88,8 +113,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                  n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE) -> Report:
     """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
     of some runs, not fitted) give the fit-health check its seed-to-seed scatter."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = writable_folder(folder)
     law = DecoupledLaw(baseline, delta).fit(runs)
     boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress) if n_boot else None
     intervals = boot.intervals(law.values()) if boot else None

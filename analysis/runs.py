@@ -114,7 +114,17 @@ def _number(value) -> float:
 
 
 def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:
-    """Every format needs runs at >= 2 distinct (N, D) points for its efficiency to be identified."""
+    """What the law needs before it is fitted: >= 2 model sizes (else the N term is a constant), >= 2
+    tokens-per-parameter ratios (else D = r N and the N and D terms cannot be told apart), and >= 2 distinct
+    (N, D) points per format (else its efficiency is not identified)."""
+    where = where or runs.attrs.get("source", "")
+    if runs["params"].nunique() < 2:
+        raise RunTableError(f"{where}: all runs have one model size (N = {runs['params'].iloc[0]:.4g}): the law's N "
+                            "term and every efficiency are unidentified; train at least 2 sizes")
+    if (runs["tokens"] / runs["params"]).round(6).nunique() < 2:
+        raise RunTableError(f"{where}: all runs have the same tokens per parameter, so D = r N and the N and D terms "
+                            "cannot be separated (alpha, beta and the efficiencies trade off); add another token "
+                            "budget (--fix-E only pins E)")
     points = runs.groupby("format")[["params", "tokens"]].apply(lambda g: len(g.drop_duplicates()))
     thin = points[points < MIN_RUNS_PER_FORMAT]
     if len(thin):

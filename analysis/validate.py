@@ -13,9 +13,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity import spec_gmse
 from capscale.capacity.law import rho
-from capscale.capacity import BASELINE, is_uncompressed
+from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, law_loss, single_threaded_blas
@@ -36,7 +35,7 @@ class CapacityRegression:
 
     def __init__(self, form: str = "tanh"):
         if form not in FORMS:
-            raise ValueError(f"unknown rho form '{form}'; choose from {', '.join(FORMS)}")
+            raise InputError(f"unknown rho form '{form}'; choose from {', '.join(FORMS)}")
         self.form = form
 
     def evaluate(self, c, formats: pd.DataFrame) -> np.ndarray:
@@ -57,6 +56,11 @@ class CapacityRegression:
         best = min((optimize.minimize(loss, s, method="L-BFGS-B", bounds=bounds) for s in starts), key=lambda r: r.fun)
         self.constants_ = dict(zip(names, map(float, best.x)))
         self.sse_ = float(best.fun)
+        self.warnings_ = [f"{n} = {v:.3g} is at its bound [{lo:g}, {hi:g}]" for (n, v), (lo, hi)
+                          in zip(self.constants_.items(), bounds) if not lo * 1.001 < v < hi * 0.999]
+        if self.constants_.get("L", 1.0) > L_PLAUSIBLE:
+            self.warnings_.append(f"L = {self.constants_['L']:.3g} is above its plausible range (<= {L_PLAUSIBLE}): "
+                                  "a capacity above 1 at GMSE 0 is not physical; the fit extrapolates")
         return self
 
     def predict(self, formats: pd.DataFrame) -> np.ndarray:
@@ -64,6 +68,7 @@ class CapacityRegression:
 
 
 SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
+L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
 
 
 def fit_rho(formats: pd.DataFrame, eff, form: str = "tanh") -> CapacityRegression:
@@ -97,7 +102,12 @@ class Validation:
                          "predicted_interval": None if pd.isna(r["pred_lo"]) else [r["pred_lo"], r["pred_hi"]],
                          "within": bool(r["within"]), "capacity": r["capacity"], "w_gmse": r["w_gmse"],
                          "a_gmse": r["a_gmse"]})
-        return {"form": self.form, "rho": {k: p(k) for k in self.constants}, "formats": rows}
+        return {"form": self.form, "rho": {k: p(k) for k in self.constants}, "formats": rows,
+                "warnings": self.warnings}
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.law.warnings_ + self.regression.warnings_
 
     def summary(self) -> str:
         consts = ", ".join(f"{k} = {v:.3g}" + (f" [{self.constants_ci[k][0]:.3g}, {self.constants_ci[k][1]:.3g}]"
@@ -124,8 +134,11 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
         boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress)
     info = format_table(runs).loc[[f for f in law.formats_ if f != baseline]]
     fitted = pd.Series({f: law.eff_[f] for f in info.index})
-    if len(info) < 2:
-        raise ValueError("validation needs at least two compressed formats besides the baseline")
+    n_constants = len(FORMS[form][1])
+    if len(info) <= n_constants:
+        raise InputError(f"the {form} rho has {n_constants} constants, so it needs at least {n_constants + 1} compressed "
+                         f"formats besides the baseline '{baseline}' (found {len(info)}: {list(info.index)}); train "
+                         "more formats, or choose a rho form with fewer constants (--form)")
     reg = fit_rho(info, fitted, form)
     samples = boot.samples[_eff_columns(info.index)] if boot is not None and len(boot.samples) else None
     constants_ci, draws = {}, None

@@ -280,9 +280,10 @@ class ScaledQuantizer(Component):
 class GridQuantizer(ScaledQuantizer):
     """Nearest-level rounding to a scalar grid: integer, Lloyd-Max, minifloat, NF4, ternary, binary."""
 
-    def __init__(self, name: str, levels, element_bits: float, defaults: dict,
-                 cast: torch.dtype | None = None, uniform: bool = False, rms_scale: float | None = None, **params):
-        """`rms_scale`: the level scale per unit RMS of the `rms` rule (default: the Gaussian-MSE optimum)."""
+    def __init__(self, name: str, levels, element_bits: float, defaults: dict, params: dict | None = None, *,
+                 cast: torch.dtype | None = None, uniform: bool = False, rms_scale: float | None = None):
+        """`params`: the spec's own (only names in `defaults`); the rest is how the format is built, which a spec
+        cannot set. `rms_scale`: the level scale per unit RMS of the `rms` rule (default: the Gaussian optimum)."""
         self.name, self.defaults = name, defaults
         self.levels_np = np.asarray(levels, dtype=np.float64)
         self.levels = torch.tensor(self.levels_np, dtype=torch.float32)
@@ -290,7 +291,7 @@ class GridQuantizer(ScaledQuantizer):
         self.element_bits, self.cast, self.uniform = element_bits, cast, uniform
         self.top = float(np.abs(self.levels_np).max())
         self.half_gap = float(np.diff(np.sort(self.levels_np)).max()) / 2 if len(self.levels_np) > 1 else None
-        super().__init__(**params)
+        super().__init__(**(params or {}))
         needs_gaussian = self.params["scale"] in ("opt", "rms")
         self.gaussian_scale = grids.optimal_scale(self.levels_np)[0] if needs_gaussian else 1.0
         if rms_scale is not None and self.params["scale"] == "rms":

@@ -48,7 +48,7 @@ def register(name: str, factory: Callable, description: str = "", pattern: str |
     With `pattern` (a regex over the whole name), the factory is called as factory(match, **kwargs),
     for families such as `int<b>`. The factory must return a `capscale.capacity.Component`.
     """
-    _REGISTRY[name] = Entry(name, factory, description, re.compile(pattern) if pattern else None,
+    _REGISTRY[name] = Entry(name, factory, description, re.compile(pattern, re.ASCII) if pattern else None,
                             example or name)
 
 
@@ -103,7 +103,10 @@ def bits_of(spec) -> float:
 
 # ---- parsing ---------------------------------------------------------------------------------------
 
-_COMPONENT = re.compile(r"^\s*([A-Za-z_][\w.]*(?::[A-Za-z_][\w.]*)?|\d+:\d+)\s*(?:\((.*)\))?\s*$")
+# A spec is short and plain: ASCII, a few components, names and numbers of sensible length.
+MAX_SPEC_LENGTH, MAX_COMPONENTS, MAX_NAME_LENGTH, MAX_NUMBER_LENGTH = 500, 16, 64, 32
+_COMPONENT = re.compile(r"^\s*([A-Za-z_][\w.]*(?::[A-Za-z_][\w.]*)?|\d+:\d+)\s*(?:\((.*)\))?\s*$", re.ASCII)
+_KEY = re.compile(r"[a-z_]+", re.ASCII)
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:
@@ -124,6 +127,8 @@ def _split_top_level(text: str, sep: str) -> list[str]:
 
 def _value(text: str):
     text = text.strip()
+    if len(text) > MAX_NUMBER_LENGTH:
+        raise SpecError(f"parameter value '{text[:20]}...' is longer than {MAX_NUMBER_LENGTH} characters")
     for cast in (int, float):
         try:
             return cast(text)
@@ -138,8 +143,12 @@ def _arguments(text: str | None) -> tuple[list, dict]:
         return args, kwargs
     for item in _split_top_level(text, ","):
         if "=" in item:
-            key, val = item.split("=", 1)
-            kwargs[key.strip()] = _value(val)
+            key, val = (part.strip() for part in item.split("=", 1))
+            if not _KEY.fullmatch(key):
+                raise SpecError(f"parameter name '{key}' is not a lower-case name")
+            if key in kwargs:
+                raise SpecError(f"parameter '{key}' is given twice")
+            kwargs[key] = _value(val)
         elif kwargs:
             raise SpecError(f"positional argument '{item.strip()}' after keyword arguments")
         else:
@@ -165,6 +174,8 @@ def _call(factory: Callable, where: str, *args, **kwargs) -> Component:
 
 def parse_component(text: str) -> Component:
     m = _COMPONENT.match(text)
+    if m and len(m.group(1)) > MAX_NAME_LENGTH:
+        raise SpecError(f"format name '{m.group(1)[:20]}...' is longer than {MAX_NAME_LENGTH} characters")
     if not m:
         raise SpecError(f"cannot parse format component '{text.strip()}'" if text.strip()
                         else "empty format component (a stray '+'?)")
@@ -203,7 +214,12 @@ def parse(spec: "str | Format") -> Format:
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"empty format spec {spec!r}")
-    return Format(parse_component(part) for part in _split_top_level(spec, "+"))
+    if len(spec) > MAX_SPEC_LENGTH or not spec.isascii():
+        raise SpecError(f"a format spec is ASCII text of at most {MAX_SPEC_LENGTH} characters, got {spec[:40]!r}...")
+    parts = _split_top_level(spec, "+")
+    if len(parts) > MAX_COMPONENTS:
+        raise SpecError(f"'{spec[:40]}...': {len(parts)} components, at most {MAX_COMPONENTS}")
+    return Format(parse_component(part) for part in parts)
 
 
 # ---- built-in formats ------------------------------------------------------------------------------
@@ -229,16 +245,16 @@ def _int(match, grid="midrise", **kw):
     if grid == "midrise":
         levels = grids.uniform_levels(bits)
         return GridQuantizer(f"int{bits}", levels, bits, defaults, uniform=True,
-                             rms_scale=grids.QUEST_CLIP[bits] / levels.max(), **kw)
+                             rms_scale=grids.QUEST_CLIP[bits] / levels.max(), params=kw)
     if bits == 1:
         raise SpecError("int1: the signed grid needs at least 2 bits")
     half = 2 ** (bits - 1) - 1
-    return GridQuantizer(f"int{bits}", np.arange(-half, half + 1.0), bits, defaults, grid=grid, **kw)
+    return GridQuantizer(f"int{bits}", np.arange(-half, half + 1.0), bits, defaults, params={**kw, "grid": grid})
 
 
 def _lloydmax(match, **kw):
     bits = _bits_from(match, family="lloydmax")
-    return GridQuantizer(f"lloydmax{bits}", grids.lloyd_max_levels(bits), bits, dict(SCALED), **kw)
+    return GridQuantizer(f"lloydmax{bits}", grids.lloyd_max_levels(bits), bits, dict(SCALED), params=kw)
 
 
 def _minifloat(kind: str, name: str):
@@ -246,7 +262,7 @@ def _minifloat(kind: str, name: str):
 
     def factory(**kw):
         return GridQuantizer(name, grids.minifloat_levels(kind), bits, dict(SCALED), cast=grids.TORCH_FLOAT8.get(kind),
-                             rms_scale=grids.QUEST_FP4_SCALE if kind == "e2m1" else None, **kw)
+                             rms_scale=grids.QUEST_FP4_SCALE if kind == "e2m1" else None, params=kw)
     return factory
 
 
@@ -256,26 +272,26 @@ def _mx(kind: str, name: str):
     def factory(**kw):
         defaults = {"group": 32, "scale": "absmax", "scale_format": "e8m0"}
         return GridQuantizer(name, grids.minifloat_levels(kind), bits, defaults,
-                             cast=grids.TORCH_FLOAT8.get(kind), **kw)
+                             cast=grids.TORCH_FLOAT8.get(kind), params=kw)
     return factory
 
 
 def _nvfp4(**kw):
     defaults = {"group": 16, "scale": "absmax", "scale_format": "e4m3"}
-    return GridQuantizer("nvfp4", grids.minifloat_levels("e2m1"), 4, defaults, **kw)
+    return GridQuantizer("nvfp4", grids.minifloat_levels("e2m1"), 4, defaults, params=kw)
 
 
 def _nf4(**kw):
     defaults = {"group": 64, "scale": "absmax", "scale_format": "fp32"}
-    return GridQuantizer("nf4", grids.NF4_CODEBOOK, 4, defaults, **kw)
+    return GridQuantizer("nf4", grids.NF4_CODEBOOK, 4, defaults, params=kw)
 
 
 def _ternary(**kw):
-    return GridQuantizer("ternary", [-1.0, 0.0, 1.0], float(np.log2(3)), dict(SCALED), **kw)
+    return GridQuantizer("ternary", [-1.0, 0.0, 1.0], float(np.log2(3)), dict(SCALED), params=kw)
 
 
 def _binary(**kw):
-    return GridQuantizer("binary", [-1.0, 1.0], 1, {**SCALED, "scale": "absmean"}, **kw)
+    return GridQuantizer("binary", [-1.0, 1.0], 1, {**SCALED, "scale": "absmean"}, params=kw)
 
 
 def _nm(match, vector=1):

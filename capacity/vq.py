@@ -50,7 +50,8 @@ class VectorQuantizer(ScaledQuantizer):
     def __init__(self, **params):
         super().__init__(**params)
         dim, bits = self.params["dim"], self.params["bits"]
-        if not (isinstance(dim, int) and dim >= 1 and isinstance(bits, (int, float)) and bits > 0):
+        if not (isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= 16 and
+                isinstance(bits, (int, float)) and not isinstance(bits, bool) and 0 < bits <= 12):
             raise SpecError(f"vq: dim must be a positive integer and bits positive, got dim={dim}, bits={bits}")
         codewords = 2 ** (dim * bits)
         if codewords != int(codewords) or not 2 <= codewords <= MAX_CODEWORDS:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -9,12 +10,13 @@ import pandas as pd
 from capscale.analysis.bootstrap import bootstrap, extrapolation_check
 from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
 from capscale.analysis.laws import LAWS, make_law
-from capscale.analysis.report import build_report, fit_json
+from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
 from capscale.analysis.runs import RunTableError, load_runs
 from capscale.analysis.validate import FORMS, predict_format, validate
 from capscale.capacity import BASELINE
 
 from .demo import run_demo
+from .options import nonnegative, positive, whole
 
 
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
@@ -27,11 +29,16 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--query", default=None, help="pandas query to select rows, e.g. \"params > 2e4\"")
     p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
                    help="read other column names, e.g. --map loss=val_loss,params=n_params")
-    p.add_argument("--bootstrap", type=int, default=bootstrap_default, metavar="B", help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log-loss residuals")
-    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes (default: all cores)")
+    p.add_argument("--bootstrap", type=whole(0), default=bootstrap_default, metavar="B", help="bootstrap replicates")
+    p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed")
+    p.add_argument("--delta", type=positive, default=1e-3, help="Huber delta on log-loss residuals")
+    p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes (default: all cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
+
+
+def _warn(messages) -> None:
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def runs_from_args(args):
@@ -46,6 +53,7 @@ def _fit_command(args) -> None:
     law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
     boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
     intervals = boot.intervals(law.values()) if boot else None
+    _warn(fit_warnings(law, boot))
     if args.json:
         print(json.dumps(fit_json(law, intervals, boot), indent=1))
         return
@@ -68,7 +76,7 @@ def add_fit_command(sub) -> None:
     p.add_argument("--law", default="decoupled", choices=list(LAWS),
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
-    p.add_argument("--fix-E", type=float, default=None, metavar="E",
+    p.add_argument("--fix-E", type=nonnegative, default=None, metavar="E",
                    help="hold the irreducible loss E fixed (where the runs cannot identify it)")
     p.set_defaults(func=_fit_command)
 
@@ -76,6 +84,7 @@ def add_fit_command(sub) -> None:
 def _validate_command(args) -> None:
     v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
                  n_jobs=args.jobs, baseline=args.baseline)
+    _warn(v.warnings)
     print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
 
 
@@ -105,8 +114,8 @@ def add_predict_command(sub) -> None:
                        description="Predicted efficiency (rho fitted on the trained formats) and loss of SPEC.")
     p.add_argument("spec", metavar="SPEC", help="weights format spec")
     p.add_argument("--a-format", default=None, help="activations format spec")
-    p.add_argument("--params", type=float, required=True)
-    p.add_argument("--tokens", type=float, required=True)
+    p.add_argument("--params", type=positive, required=True)
+    p.add_argument("--tokens", type=positive, required=True)
     p.add_argument("--form", default="tanh", choices=list(FORMS))
     add_run_arguments(p, bootstrap_default=200, runs_option=True)
     p.set_defaults(func=_predict_command)
@@ -145,6 +154,7 @@ def add_compose_command(sub) -> None:
 
 
 def _report_command(args) -> None:
+    writable_folder(args.output)
     runs = runs_from_args(args)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
     replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
@@ -171,9 +181,9 @@ def add_demo_command(sub) -> None:
                                    "report folder; --train regenerates a small study first.")
     p.add_argument("-o", "--output", default="capscale-demo", help="report folder (default: ./capscale-demo)")
     p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap replicates")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=None, help="bootstrap worker processes")
+    p.add_argument("--bootstrap", type=whole(0), default=200, help="bootstrap replicates")
+    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes")
     p.set_defaults(func=lambda a: run_demo(a.output, a.train, a.bootstrap, a.seed, a.jobs))
 
 

@@ -13,6 +13,8 @@ from capscale.trainers.diagnose import diagnose
 from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
 from capscale.trainers.train import TrainConfig, failed_record, train, train_and_record
 
+from .options import positive, whole
+
 
 def _train_command(args) -> None:
     if args.threads:
@@ -49,18 +51,18 @@ def add_train_command(sub) -> None:
                                    "print the run record and append it to --runs (JSON lines). Multi-GPU: "
                                    "torchrun --nproc-per-node K -m capscale train ... --device cuda")
     Compression.add_options(p)
-    p.add_argument("--params", type=int, default=d.params, help="target non-embedding parameters")
-    p.add_argument("--tokens", type=int, default=d.tokens, help="training tokens")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--params", type=whole(1), default=d.params, help="target non-embedding parameters")
+    p.add_argument("--tokens", type=whole(1), default=d.tokens, help="training tokens")
+    p.add_argument("--seed", type=whole(0), default=d.seed)
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:K")
-    p.add_argument("--context", type=int, default=d.context)
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: size-dependent)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: size-dependent)")
+    p.add_argument("--context", type=whole(2), default=d.context)
+    p.add_argument("--batch-size", type=whole(1), default=None, help="sequences per step (default: size-dependent)")
+    p.add_argument("--lr", type=positive, default=None, help="peak learning rate (default: size-dependent)")
     p.add_argument("--data", default=None, help="text file or folder (default: the installed KJV corpus)")
     p.add_argument("--checkpoint", default=None, help="checkpoint path: saved periodically, resumed if present")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_command)
 
@@ -83,8 +85,8 @@ def add_sweep_command(sub) -> None:
                                    "ones resume from checkpoints. Example Slurm array: "
                                    "#SBATCH --array=0-7 ; capscale sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("sweep", help="sweep TOML file")
-    p.add_argument("--workers", type=int, default=1, help="parallel training processes on this machine")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: cores/workers)")
+    p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
+    p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")
     p.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time, run nothing")
     p.set_defaults(func=_sweep_command)
@@ -107,7 +109,7 @@ def add_diagnose_command(sub) -> None:
                                    "show where the Gaussian assumption behind rho(GMSE) breaks.")
     p.add_argument("checkpoint", help="checkpoint written by `capscale train --checkpoint PATH`")
     p.add_argument("--format", default=None, metavar="SPEC", help="format to diagnose (default: the run's weights')")
-    p.add_argument("--eval-tokens", type=int, default=4096, help="validation tokens whose activations are recorded")
+    p.add_argument("--eval-tokens", type=whole(1), default=4096, help="validation tokens whose activations are recorded")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_diagnose_command)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from capscale import capacity, data
-from capscale.analysis.report import build_report, format_interval
+from capscale.analysis.report import build_report, format_interval, writable_folder
 from capscale.analysis.runs import format_table, load_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
 
@@ -32,7 +32,7 @@ def _study(train: bool, out: Path) -> Path:
 def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
              n_jobs: int | None = None) -> Path:
     started = time.time()
-    out = Path(out)
+    out = writable_folder(out)
     runs_path = _study(train, out)
     runs = load_runs(runs_path)
     info = format_table(runs)

@@ -5,6 +5,8 @@ import os
 import pickle
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +154,106 @@ def test_rerunning_a_finished_train_says_so_and_appends_nothing(tmp_path, capsca
     again = capscale_cli(*args)
     assert again.returncode == 0 and "already finished" in again.stderr
     assert len(read_records(tmp_path / "r.jsonl")) == 1
+
+
+# ---- fuzzing: any input gives a result or an InputError (exit 2), never another exception or a side effect ----
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SPEC_PIECES = st.sampled_from(["int", "4", "8", "(", ")", "+", ",", "=", ":", "group", "scale", "rms", "row", "tensor",
+                               "sparse", "0.5", "2:4", "vector", "vq", "dim", "bits", "nf4", "hadamard", "block", "-1",
+                               "nan", "inf", "1e308", "os", "system", "fp4_e2m1", "mxfp4", " ", "true", "x"])
+
+
+@FUZZ
+@given(st.one_of(st.text(max_size=60), st.lists(SPEC_PIECES, max_size=12).map("".join)))
+def test_fuzz_any_text_as_a_spec(text):
+    try:
+        fmt = capacity.parse(text)
+    except capacity.InputError:
+        return
+    try:
+        assert fmt(torch.randn(4, 64)).shape == (4, 64)
+    except capacity.InputError:  # a well-formed spec that does not fit this shape (group 128 on rows of 64)
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.sampled_from([".jsonl", ".csv"]))
+def test_fuzz_any_bytes_as_a_run_table(tmp_path, data, suffix):
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))  # one folder per example: its only file is the table
+    path = tmp_path / f"runs{suffix}"
+    path.write_bytes(data)
+    try:
+        load_runs(path)
+    except capacity.InputError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+VALUE = st.one_of(st.integers(-5, 10**7), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(),
+                  st.lists(st.one_of(st.integers(-3, 10**5), st.floats(), st.text(max_size=6)), max_size=3))
+
+
+@FUZZ
+@given(st.dictionaries(st.sampled_from(["sizes", "tokens_per_param", "seeds", "runs", "formats", "shapes", "train",
+                                        "junk"]), VALUE, max_size=7),
+       st.dictionaries(st.sampled_from(["lr", "batch_size", "context", "trust", "rbbm_p", "w_format", "rotate",
+                                        "hadamard_block", "bogus"]), VALUE, max_size=3))
+def test_fuzz_any_toml_as_a_sweep_file(tmp_path, top, train_table):
+    from capscale.trainers.sweep import load_sweep
+    tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
+
+    def toml(v):
+        if isinstance(v, float) and v != v:
+            return "nan"
+        if isinstance(v, float) and v in (float("inf"), float("-inf")):
+            return "inf" if v > 0 else "-inf"
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(toml(x) for x in v) + "]"
+        return json.dumps(v)
+    text = "".join(f"{k} = {toml(v)}\n" for k, v in top.items() if k != "train")
+    text += 'formats = [{w = "int4"}]\n' if "formats" not in top else ""
+    text += "[train]\n" + "".join(f"{k} = {toml(v)}\n" for k, v in train_table.items())
+    path = tmp_path / "sweep.toml"
+    path.write_text(text)
+    try:
+        load_sweep(path)
+    except capacity.InputError:
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sweep.toml"]
+
+
+BAD_COMMANDS = [
+    ["gmse", "vq(bits=inf)"], ["gmse", "binary(cast=float64)"], ["gmse", "nf4(cast=x)"], ["gmse", "+".join(["int4"] * 400)],
+    ["gmse", "int" + "9" * 5000], ["gmse", "int４"], ["gmse", "int4(group=32,group=64)"], ["gmse", "nf4(uniform=true)"],
+    ["fit", "{table}", "--delta", "0"], ["fit", "{table}", "--delta", "nan"], ["fit", "{table}", "--bootstrap", "-5"],
+    ["fit", "{table}", "--jobs", "-1"], ["fit", "{table}", "--fix-E", "100"], ["fit", "{dir}"], ["fit", "{empty}"],
+    ["fit", "{garbage}"], ["predict", "int4", "--params", "-1", "--tokens", "1e6", "--runs", "{table}"],
+    ["compose", "--grid", "{grid}", "--edge-row", "nonexistent"], ["train", "--lr", "nan"], ["train", "--lr", "-1"],
+    ["train", "--lr", "0"], ["report", "{table}", "-o", "{table}"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_COMMANDS, ids=lambda a: " ".join(a)[:40])
+def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv):
+    from capscale.cli import main
+    table = tmp_path / "runs.csv"
+    simulate_runs({"bf16": 1.0, "int4": 0.8}).to_csv(table, index=False)
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "garbage.jsonl").write_bytes(bytes(range(256)))
+    (tmp_path / "grid.csv").write_text("bits,a4,a16\n4,0.7,0.8\n16,0.9,1.0\n")
+    names = {"table": table, "dir": tmp_path, "empty": tmp_path / "empty.jsonl", "garbage": tmp_path / "garbage.jsonl",
+             "grid": tmp_path / "grid.csv"}
+    argv = [a.format(**names) for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own range errors
+        code = exit_.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err and "Traceback" not in "\n".join(err)
+    assert "error" in err[-1]

@@ -36,7 +36,7 @@ class Compression:
     estimator: str = field(default="trust", metadata=_option(
         "gradient estimator: straight-through, clipped, or QuEST's trust region", choices=ESTIMATORS))
     trust: float | None = field(default=None, metadata=_option(
-        "trust radius in RMS units (default: per format)", type=float))
+        "trust radius in row-RMS units (default: half the grid's largest step)", type=float))
     backward_mask: str = field(default="masked", metadata=_option(
         "gradient of pruned entries in sparse formats", choices=BACKWARD_MASKS))
     rbbm_p: float = field(default=0.2, metadata=_option("RBBM band parameter p", type=float))
@@ -56,7 +56,15 @@ class Compression:
             raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.backward_mask not in BACKWARD_MASKS:
             raise InputError(f"backward mask must be one of {', '.join(BACKWARD_MASKS)}, got {self.backward_mask!r}")
-        if self.hadamard_block < 1 or self.hadamard_block & (self.hadamard_block - 1):
+        for spec in (self.w_format, self.a_format):
+            if spec is not None and not isinstance(spec, str):
+                raise InputError(f"a format spec is text, got {spec!r}")
+        if self.trust is not None and not (isinstance(self.trust, (int, float)) and 0 < self.trust < math.inf):
+            raise InputError(f"trust must be a positive number of row RMS, got {self.trust!r}")
+        if not (isinstance(self.rbbm_p, (int, float)) and 0 <= self.rbbm_p < 0.5):
+            raise InputError(f"rbbm_p must be in [0, 0.5), got {self.rbbm_p!r}")
+        if not isinstance(self.hadamard_block, int) or self.hadamard_block < 1 or \
+                self.hadamard_block & (self.hadamard_block - 1):
             raise InputError(f"hadamard block must be a power of two, got {self.hadamard_block}")
         self.w_fmt, self.a_fmt  # parse now: a bad spec fails before any training
 

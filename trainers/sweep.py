@@ -82,6 +82,7 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
             raise InputError(f"{path}: missing '{key}' (see `capscale sweep --help`)")
     if ("sizes" in spec) == ("shapes" in spec):
         raise InputError(f"{path}: give either 'sizes' (target parameters) or 'shapes' (n_layer, n_head, n_embd)")
+    _check_lists(path, spec)
     overrides = spec.get("train", {})
     models = [{"params": int(size)} for size in spec.get("sizes", [])]
     for shape in spec.get("shapes", []):  # an explicit shape, with its own settings (a published lr, say)
@@ -107,7 +108,33 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
         except (ValueError, AssertionError):
             raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
         configs = configs[index::count]
-    return Sweep(path.parent / spec.get("runs", "runs.jsonl"), configs)
+    runs = path.parent / spec.get("runs", "runs.jsonl")
+    if runs.is_dir() or not runs.name:
+        raise InputError(f"{path}: runs = {spec.get('runs')!r} names a folder; expected a run table file (.jsonl)")
+    return Sweep(runs, configs)
+
+
+def _check_lists(path: Path, spec: dict) -> None:
+    """The sweep file's values have the types and ranges a grid needs, before any config is built."""
+    def positive(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and 1 <= v < 1e13
+    expected = {"sizes": (positive, "target parameter counts >= 1"),
+                "tokens_per_param": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e9,
+                                     "positive numbers"),
+                "seeds": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "whole numbers >= 0"),
+                "formats": (lambda v: isinstance(v, dict) and set(v) <= {"w", "a"} and v and
+                            all(isinstance(s, str) for s in v.values()), "tables {w = SPEC, a = SPEC}"),
+                "shapes": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] >= 1
+                                                                 for k in ("n_layer", "n_head", "n_embd")),
+                           "tables with n_layer, n_head, n_embd >= 1")}
+    for key, (ok, what) in expected.items():
+        values = spec.get(key, [])
+        if not isinstance(values, list) or not values and key in spec or not all(ok(v) for v in values):
+            raise InputError(f"{path}: '{key}' must be a non-empty list of {what}, got {values!r}")
+    if not isinstance(spec.get("train", {}), dict):
+        raise InputError(f"{path}: [train] must be a table of training settings, got {spec['train']!r}")
+    if not isinstance(spec.get("runs", "runs.jsonl"), str):
+        raise InputError(f"{path}: runs must be a file name, got {spec['runs']!r}")
 
 
 def _run_one(job) -> str:

@@ -55,6 +55,25 @@ class TrainConfig:
     checkpoint: str | None = None
     checkpoint_every: int = 100
 
+    def __post_init__(self):
+        """Every setting checked before any work: one clear error instead of a late traceback or a silent default."""
+        def need(ok: bool, name: str, expected: str):
+            if not ok:
+                raise capacity.InputError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
+        whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least  # noqa: E731
+        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        for name, least in (("params", 1), ("tokens", 1), ("context", 2), ("eval_tokens", 1), ("checkpoint_every", 1)):
+            need(whole(getattr(self, name), least), name, f"a whole number >= {least}")
+        need(whole(self.seed, 0), "seed", "a whole number >= 0")
+        for name in ("batch_size", "n_layer", "n_head", "n_embd", "vocab_size"):
+            need(getattr(self, name) is None or whole(getattr(self, name), 1), name, "a whole number >= 1")
+        need(self.lr is None or real(self.lr) and self.lr > 0, "lr", "a positive learning rate")
+        need(real(self.warmup) and 0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
+        need(real(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
+        need(real(self.grad_clip) and self.grad_clip > 0, "grad_clip", "a positive number")
+        need(isinstance(self.compression, Compression), "compression", "a Compression")
+        need(self.data is None or isinstance(self.data, str), "data", "a path")
+
     RUN_FIELDS = ("params", "n_layer", "n_head", "n_embd", "tokens", "seed", "context", "batch_size", "lr", "warmup",
                   "weight_decay", "grad_clip", "eval_tokens", "data", "vocab_size")  # with the compression settings:
     # what determines a run's result
