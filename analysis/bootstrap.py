@@ -40,12 +40,13 @@ def resample(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
 
 
 def _refit(args):
-    law_cls, law_params, runs, seed, replicates = args
+    law_cls, law_params, runs, seed, replicates, start = args
     results = []
     for b in replicates:
         rng = np.random.default_rng([seed, b])
         try:
-            fit = law_cls(**law_params).fit(resample(runs, rng))
+            law = law_cls(**law_params)
+            fit = law.fit(resample(runs, rng), start=start) if start is not None else law.fit(resample(runs, rng))
             values = fit.values()
             results.append(values if all(np.isfinite(v) for v in values.values()) else None)
         except Exception:  # a replicate that cannot be fitted (e.g. a degenerate resample) is counted as failed
@@ -54,11 +55,13 @@ def _refit(args):
 
 
 def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs: int | None = None,
-              progress: bool = True) -> BootstrapResult:
-    """Refit `law` (an unfitted or fitted estimator; its parameters are reused) on n_boot resamples."""
+              progress: bool = True, warm: bool = True) -> BootstrapResult:
+    """Refit `law` (an unfitted or fitted estimator; its parameters are reused) on n_boot resamples. A fitted
+    decoupled law's refits start from its optimum (`warm`; each falls back to the global search if needed)."""
     n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
+    start = getattr(law, "theta_", None) if warm else None
     chunks = [list(range(i, n_boot, max(1, n_jobs * 4))) for i in range(min(n_boot, max(1, n_jobs * 4)))]
-    jobs = [(type(law), law.get_params(), runs, seed, chunk) for chunk in chunks]
+    jobs = [(type(law), law.get_params(), runs, seed, chunk, start) for chunk in chunks]
     rows, failed = [], 0
     bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
     if n_jobs == 1:

@@ -144,13 +144,24 @@ class DecoupledLaw(ScalingLaw):
         return {**super().get_params(), "fix_E": self.fix_E}
 
     @single_threaded_blas
-    def fit(self, runs: pd.DataFrame):
+    def fit(self, runs: pd.DataFrame, start: np.ndarray | None = None):
+        """Fit by variable projection: an exact linear solve on a grid of exponents, then L-BFGS from the best
+        points. `start` (a fitted law's `theta_`, for bootstrap refits next to it) replaces the grid by one
+        L-BFGS from there; the grid is still searched if that does not converge or leaves the searched range."""
         fi, log_n, log_d, log_l = self._prepare(runs)
         k = len(self.formats_)
         loss = np.exp(log_l)
         fixed_e = 0.0 if self.fix_E is None else float(self.fix_E)
         if self.fix_E is not None and not 0 < fixed_e < loss.min():
             raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
+        free = (None, None)
+        bounds = [free] * (k + 1) + [free if self.fix_E is None else (np.log(fixed_e),) * 2] + [free] * 2
+        if start is not None and len(start) == k + 4:
+            res = optimize.minimize(self._objective, start, args=(fi, log_n, log_d, log_l, k), jac=True,
+                                    method="L-BFGS-B", bounds=bounds,
+                                    options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+            if res.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in res.x[k + 2:]):
+                return self._set(runs, res)
         onehot = np.eye(k)[fi]
         candidates = []
         for alpha in EXPONENT_GRID:
@@ -164,8 +175,6 @@ class DecoupledLaw(ScalingLaw):
                     coef = coef if self.fix_E is None else np.append(coef, fixed_e)
                     candidates.append((huber_total(np.log(pred) - log_l, self.delta), alpha, beta, coef))
         candidates.sort(key=lambda c: c[0])
-        free = (None, None)
-        bounds = [free] * (k + 1) + [free if self.fix_E is None else (np.log(fixed_e),) * 2] + [free] * 2
         best = None
         for _, alpha, beta, coef in candidates[:POLISH_STARTS]:
             logs = np.log(np.maximum(coef, 1e-12))
@@ -175,12 +184,16 @@ class DecoupledLaw(ScalingLaw):
                                     options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
             if best is None or res.fun < best.fun:
                 best = res
-        theta = best.x
-        la, lb, le, alpha, beta = theta[:k], theta[k], theta[k + 1], theta[k + 2], theta[k + 3]
+        return self._set(runs, best)
+
+    def _set(self, runs, res):
+        k = len(self.formats_)
+        self.theta_ = res.x
+        la, lb, le, alpha, beta = res.x[:k], res.x[k], res.x[k + 1], res.x[k + 2], res.x[k + 3]
         self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb)), "E": float(np.exp(le)),
                         "alpha": float(alpha), "beta": float(beta)}
         self.eff_ = {f: float(np.exp(-(la[i] - la[0]) / alpha)) for i, f in enumerate(self.formats_)}
-        return self._finish(runs, best.fun)
+        return self._finish(runs, res.fun)
 
     def _objective(self, theta, fi, log_n, log_d, log_l, k):
         la, lb, le, alpha, beta = theta[:k], theta[k], theta[k + 1], theta[k + 2], theta[k + 3]
