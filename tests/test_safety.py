@@ -41,10 +41,7 @@ def _table(tmp_path, cell: str):
 def test_a_table_cell_naming_code_is_refused_and_runs_nothing(tmp_path, capscale_cli, cell, command):
     path = _table(tmp_path, cell)
     out = capscale_cli(command, str(path), "--bootstrap", "0", cwd=tmp_path)
-    if command == "fit":  # the decoupled law needs no spec: the label fits as a label, and nothing is imported
-        assert out.returncode in (0, 2), out.stderr
-    else:
-        assert out.returncode == 2 and "plugin" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "plugin" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
 
 
