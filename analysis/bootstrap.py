@@ -103,3 +103,14 @@ def extrapolation_check(law, runs: pd.DataFrame) -> pd.DataFrame:
     fit = law.clone().fit(train)
     pred = fit.predict(held)
     return held[["format", "params", "tokens", "loss"]].assign(predicted=pred, rel_error=pred / held["loss"] - 1)
+
+
+def extrapolation_summary(check: pd.DataFrame) -> dict:
+    """Mean |error| alone hides a bias: the signed mean, and how many held-out runs err on its side."""
+    e = check["rel_error"]
+    side = int((np.sign(e) == np.sign(e.mean())).sum())
+    return {"held_out_params": float(check["params"].max()), "mean_abs_rel_error": float(e.abs().mean()),
+            "max_abs_rel_error": float(e.abs().max()), "mean_rel_error": float(e.mean()), "same_sign": side,
+            "n": len(e), "text": f"mean |error| {e.abs().mean():.2%}, signed mean {e.mean():+.2%} ({side} of {len(e)} "
+                                 f"on that side{', all biased one way' if side == len(e) else ''}), max |error| "
+                                 f"{e.abs().max():.2%}"}

@@ -92,6 +92,8 @@ class ScalingLaw:
         if "E" in self.params_ and self.params_["E"] < 0.01 * min_loss and getattr(self, "fix_E", None) is None:
             out.append(f"E = {self.params_['E']:.3g} is at its lower bound 0: the runs do not identify the irreducible "
                        "loss (more tokens per parameter, or --fix-E)")
+        if self.params_.get("L", 0) > 1.2:
+            out.append(f"L = {self.params_['L']:.3g} is above its plausible range (<= 1.2): capacity above 1 at GMSE 0")
         for name in ("alpha", "beta"):
             if name in self.params_ and not EXPONENT_GRID[0] * 1.05 < self.params_[name] < EXPONENT_GRID[-1] * 0.95:
                 out.append(f"{name} = {self.params_[name]:.3g} is at the edge of the range searched "

@@ -16,7 +16,7 @@ import pandas as pd
 from capscale.capacity import BASELINE, InputError, bits_of, pair_rho
 
 from . import plots
-from .bootstrap import bootstrap, extrapolation_check
+from .bootstrap import bootstrap, extrapolation_check, extrapolation_summary
 from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .health import fit_health
@@ -160,10 +160,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "validation": validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
                "capacity": capacity_table.to_dict("records"),
-               "extrapolation": None if extrap is None else {
-                   "held_out_params": float(runs["params"].max()),
-                   "mean_abs_rel_error": float(extrap["rel_error"].abs().mean()),
-                   "max_abs_rel_error": float(extrap["rel_error"].abs().max())},
+               "extrapolation": None if extrap is None else extrapolation_summary(extrap),
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
                "skipped_runs": runs.attrs.get("skipped", [])}
@@ -171,7 +168,8 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
 
     vt = validation.table.assign(fitted_ci=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
                                  predicted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
-    vt = vt[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"]]
+    vt = vt[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside",
+         "overlap"]]
     params = pd.DataFrame([{"parameter": k, "value": v,
                             "95% CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
                             "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
@@ -195,7 +193,8 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
         ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
          "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
         ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
-         "the format; within = its prediction interval overlaps the fitted CI. " + validation.summary().splitlines()[0],
+         "the format. inside: the prediction falls inside the fitted 95% interval; overlap (weaker): the prediction "
+         f"interval and the fitted interval share a value. {validation.verdicts()}.",
          vt),
     ]
     if not comp.empty:

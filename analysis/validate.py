@@ -100,7 +100,7 @@ class Validation:
                          "fitted_ci": None if pd.isna(r["fitted_lo"]) else [r["fitted_lo"], r["fitted_hi"]],
                          "predicted": r["predicted"],
                          "predicted_interval": None if pd.isna(r["pred_lo"]) else [r["pred_lo"], r["pred_hi"]],
-                         "within": bool(r["within"]), "capacity": r["capacity"], "w_gmse": r["w_gmse"],
+                         "inside": r["inside"], "overlap": r["overlap"], "capacity": r["capacity"], "w_gmse": r["w_gmse"],
                          "a_gmse": r["a_gmse"]})
         return {"form": self.form, "rho": {k: p(k) for k in self.constants}, "formats": rows,
                 "warnings": self.warnings}
@@ -113,10 +113,18 @@ class Validation:
         consts = ", ".join(f"{k} = {v:.3g}" + (f" [{self.constants_ci[k][0]:.3g}, {self.constants_ci[k][1]:.3g}]"
                                                if k in self.constants_ci else "") for k, v in self.constants.items())
         cols = ["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_lo", "fitted_hi", "predicted",
-                "pred_lo", "pred_hi", "within"]
+                "pred_lo", "pred_hi", "inside", "overlap"]
         return (f"capacity regression ({self.form}): {consts}\n"
-                "leave-one-format-out: each format's efficiency predicted from capacity with rho refitted on the others\n"
-                + self.table[cols].to_string(index=False, float_format="{:.4g}".format))
+                "leave-one-format-out: each format's efficiency predicted from capacity with rho refitted on the others; "
+                f"{self.verdicts()}\n" + self.table[cols].to_string(index=False, float_format="{:.4g}".format))
+
+    def verdicts(self) -> str:
+        """The two tests in words: the prediction inside the fitted interval (the stricter), the intervals overlapping."""
+        t = self.table.dropna(subset=["inside"])
+        if t.empty:
+            return "no bootstrap intervals, so no verdicts"
+        return (f"{int(t['inside'].sum())} of {len(t)} predictions fall inside the fitted 95% interval; "
+                f"{int(t['overlap'].sum())} of {len(t)} prediction intervals overlap it")
 
 
 def _eff_columns(formats):
@@ -152,17 +160,17 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
         one = info.loc[[f]]
         predicted = float(fit_rho(info[others], fitted[others], form).predict(one)[0])
         lo = hi = flo = fhi = np.nan
+        inside = overlap = None  # without bootstrap intervals neither test can be made
         if samples is not None:
             preds = [fit_rho(info[others], row[others].to_numpy(), form).predict(one)[0]
                      for _, row in samples.iterrows()]
             lo, hi = np.quantile(preds, [0.025, 0.975])
             flo, fhi = samples[f"eff[{f}]"].quantile([0.025, 0.975])
-            within = bool(lo <= fhi and flo <= hi)  # prediction interval and fitted CI overlap
-        else:
-            within = bool(abs(np.log(predicted / fitted[f])) < 0.1)
+            inside = bool(flo <= predicted <= fhi)  # the prediction falls inside the fitted efficiency's interval
+            overlap = bool(lo <= fhi and flo <= hi)  # a weaker test: the two intervals share some value
         rows.append({"format": f, "w_gmse": info.at[f, "w_gmse"], "a_gmse": info.at[f, "a_gmse"],
                      "capacity": float(reg.predict(one)[0]), "fitted": fitted[f], "fitted_lo": flo, "fitted_hi": fhi,
-                     "predicted": predicted, "pred_lo": lo, "pred_hi": hi, "within": within})
+                     "predicted": predicted, "pred_lo": lo, "pred_hi": hi, "inside": inside, "overlap": overlap})
     return Validation(law, boot, form, reg.constants_, constants_ci, pd.DataFrame(rows), reg, draws)
 
 

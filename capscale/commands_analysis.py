@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from capscale.analysis.bootstrap import bootstrap, extrapolation_check
+from capscale.analysis.bootstrap import bootstrap, extrapolation_check, extrapolation_summary
 from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
 from capscale.analysis.laws import LAWS, make_law
 from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
@@ -63,9 +63,8 @@ def _fit_command(args) -> None:
     if runs.attrs.get("skipped"):
         print(f"  not fitted (status not ok): {len(runs.attrs['skipped'])} run(s)")
     if args.extrapolate and runs["params"].nunique() > 2:
-        check = extrapolation_check(law, runs)
-        print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: mean |error| "
-              f"{check['rel_error'].abs().mean():.2%}, max {check['rel_error'].abs().max():.2%}")
+        summary = extrapolation_summary(extrapolation_check(law, runs))
+        print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: {summary['text']}")
 
 
 def add_fit_command(sub) -> None:

@@ -63,17 +63,19 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                         "95% CI": [format_interval(a, b, ".3f") for a, b in zip(t["fitted_lo"], t["fitted_hi"])],
                         "predicted": t["predicted"].round(3),
                         "interval": [format_interval(a, b, ".3f") for a, b in zip(t["pred_lo"], t["pred_hi"])],
-                        "verdict": ["consistent" if w else "differs" for w in t["within"]]}).to_string(index=False))
+                        "prediction inside CI": t["inside"], "intervals overlap": t["overlap"]}).to_string(index=False))
+    print(report.validation.verdicts())
     if not report.composability.empty:
         print("\n== Composability: eff(combined) / (eff(part 1) x eff(part 2)) ==")
         for r in report.composability.itertuples():
-            verdict = "multiplies" if r.composes else "does not multiply"
+            verdict = ("1 inside the interval: consistent with multiplying" if r.composes else
+                       "1 outside the interval: does not multiply")
             print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} {format_interval(r.ratio_lo, r.ratio_hi, '.3f')}"
                   f" -> {verdict}")
     for name, g in res["grids"].items():
         print(f"  grid {name}: product-of-edges max |error| {g['max_abs_error']:.3f} (worst {g['worst_cell'][:2]})")
     if res.get("extrapolation"):
         e = res["extrapolation"]
-        print(f"\nextrapolation to the largest models (held out): mean |error| {e['mean_abs_rel_error']:.2%}")
+        print(f"\nextrapolation to the largest models (held out): {e['text']}")
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.time() - started:.0f} s)")
     return out

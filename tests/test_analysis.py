@@ -98,7 +98,7 @@ def test_validation_predicts_formats_that_follow_capacity():
     v = validate(runs, n_boot=16, seed=0, progress=False)
     table = v.table.set_index("format")
     assert (abs(table["predicted"] / table["fitted"] - 1) < 0.06).all()
-    assert table["within"].mean() >= 0.8
+    assert table["inside"].mean() >= 0.8 and (table["overlap"] >= table["inside"]).all()
     assert v.constants["F"] == pytest.approx(0.41, abs=0.06)
 
 
@@ -106,7 +106,7 @@ def test_validation_flags_a_format_off_the_capacity_curve():
     eff = capacity_effs()
     eff["int3"] = 0.35  # far below rho(GMSE int3) = 0.67
     v = validate(load_runs(simulate_runs(eff, noise=0.002, specs=SPECS)), n_boot=16, progress=False)
-    assert not v.table.set_index("format").loc["int3", "within"]
+    assert not v.table.set_index("format").loc["int3", "inside"]
 
 
 def test_prediction_interval_and_extrapolation():
@@ -139,10 +139,10 @@ def test_runs_composability_detects_parts():
 def test_grid_composability_reproduces_published_products():
     product = compose_grid(read_grid(REFERENCE / "capacity_wbits_x_abits.csv"))["product"]
     for bits, published in [(1, 0.04), (2, 0.22), (3, 0.57), (4, 0.82)]:
-        assert product.loc[bits, f"a{bits}"] == pytest.approx(published, abs=0.01)
+        assert product.loc[str(bits), f"a{bits}"] == pytest.approx(published, abs=0.01)
     product = compose_grid(read_grid(REFERENCE / "capacity_bits_x_sparsity.csv"))["product"]
     for bits, published in [(2, (0.48, 0.39, 0.28)), (4, (0.74, 0.61, 0.43))]:
-        assert product.loc[bits, ["s0.25", "s0.50", "s0.75"]].to_numpy() == pytest.approx(published, abs=0.01)
+        assert product.loc[str(bits), ["s0.25", "s0.50", "s0.75"]].to_numpy() == pytest.approx(published, abs=0.01)
 
 
 def _write(tmp_path, frame, name="runs.csv"):
@@ -201,7 +201,7 @@ def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
     val = json.loads(capscale_cli("validate", str(path), "--bootstrap", "8", "--json").stdout)
     assert set(val["rho"]) == {"L", "F", "C"}
     row = val["formats"][0]
-    assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "within"}
+    assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside", "overlap"}
     comp = json.loads(capscale_cli("compose", str(path), "--bootstrap", "8", "--json").stdout)
     assert comp[0]["combined"] == "int4/int4" and comp[0]["composes"] in (True, False)
     pred = json.loads(capscale_cli("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),

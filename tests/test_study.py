@@ -26,9 +26,8 @@ def completed_sweep(path: Path) -> tuple:
     assert all(r["status"] == "ok" for r in records)
     meta = json.loads(sweep.runs.with_name(sweep.runs.name + ".meta.json").read_text())
     assert sum(s["runs_ran"] for s in meta["sessions"]) == len(records)
-    # the program's name is not compared: sittings before the rename to capscale logged `capkit`
-    assert all(s["command"].split(" ", 1)[1] == f"sweep data/{path.name} --workers 2 --threads 1"
-               and s["wall_time_s"] > 0 for s in meta["sessions"])
+    assert all(s["command"] == f"capscale sweep data/{path.name} --workers 2 --threads 1" and s["wall_time_s"] > 0
+               for s in meta["sessions"])
     return sweep, records
 
 
@@ -39,6 +38,26 @@ def test_shipped_study_is_its_sweep_grid_run_to_completion():
     assert len(params) >= 4 and max(params) / min(params) >= 8
     assert len({c.tokens / c.params for c in sweep.configs}) >= 2
     assert FORMATS <= {r["format"] for r in records}
+
+
+def test_shipped_study_trained_with_the_recipe():
+    """Quantizing formats rotated every layer (the block in each record), sparse ones none; per-row scales."""
+    _, records = completed_sweep(STUDY)
+    for r in records:
+        blocks = set(r["hadamard_blocks"].values())
+        sparse = ":" in r["w_format"] or "sparse" in r["w_format"]
+        uncompressed = r["w_format"] == "bf16" and r["a_format"] == "none"
+        assert r["rotate"] and r["estimator"] == "trust"
+        assert blocks == {0} if sparse or uncompressed else 0 not in blocks, r["format"]
+        assert "group=tensor" not in r["w_format"] + r["a_format"]
+
+
+def test_old_recipe_ablation_sits_at_cells_of_the_study():
+    _, old = completed_sweep(DATA / "study_old_recipe.toml")
+    _, study = completed_sweep(STUDY)
+    cells = {(r["params"], r["tokens"]) for r in study}
+    assert {(r["params"], r["tokens"]) for r in old} <= cells and len({r["params"] for r in old}) == 3
+    assert all(not r["rotate"] and set(r["hadamard_blocks"].values()) == {0} for r in old)
 
 
 def test_seed_repeats_are_their_sweep_grid_at_cells_of_the_study():
