@@ -20,7 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, parse, rho
 
-from .runs import check_identifiable, format_table
+from .runs import check_identifiable, format_table, require_capacity
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
@@ -220,6 +220,10 @@ class _FormulaLaw(ScalingLaw):
     def formula(self, constants, w_spec, a_spec, w_gmse, a_gmse) -> float:
         raise NotImplementedError
 
+    def require(self, info: pd.DataFrame) -> None:
+        """What the formula needs of every format (its GMSE by default), with the formats that lack it named."""
+        require_capacity(info, f"the {self.law} law")
+
     def efficiency(self, label, row=None):
         if label in self.eff_:
             return self.eff_[label]
@@ -236,6 +240,7 @@ class _FormulaLaw(ScalingLaw):
             raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
                              f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
                              f"format(s) besides '{self.baseline}': train more formats")
+        self.require(format_table(runs))
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
         specs = [tuple(self._specs.loc[f]) for f in self.formats_]
@@ -295,6 +300,17 @@ class KumarLaw(_FormulaLaw):
 
     def constant_starts(self, decoupled):
         return [(2.6745, 2.2102), (1.0, 1.0), (5.0, 5.0)]
+
+    def require(self, info):
+        unknown = []
+        for fmt, row in info.iterrows():
+            try:
+                bits_of(row["w_spec"]), bits_of(row["a_spec"])
+            except InputError as err:
+                unknown.append(f"'{fmt}': {err}")
+        if unknown:
+            raise InputError(f"the kumar law needs each format's bits per value, unknown for {'; '.join(unknown)}: "
+                             "give w_format/a_format specs capscale can parse")
 
 
 def sparsity_of(spec) -> float | None:

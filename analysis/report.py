@@ -118,7 +118,10 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress) if n_boot else None
     intervals = boot.intervals(law.values()) if boot else None
     comparison, fits = _law_comparison(runs, law, delta)
-    validation = validate(runs, law=law, boot=boot, n_boot=0, progress=progress)
+    try:
+        validation, capacity_omitted = validate(runs, law=law, boot=boot, n_boot=0, progress=progress), None
+    except InputError as err:  # labels without a GMSE, or too few formats: the capacity sections say why instead
+        validation, capacity_omitted = None, str(err)
     comp = compose_runs(law.eff_, boot)
     paired = paired_comparison(runs, baseline)
     health = fit_health(law, runs, boot, replicates)
@@ -126,7 +129,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
 
     info = format_table(runs)
     capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
-        bits_per_value=lambda d: [bits_of(w) for w in d["w_spec"]],
+        bits_per_value=lambda d: [_bits_or_nan(w) for w in d["w_spec"]],
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
     eff_table = pd.DataFrame([{"format": f, "eff": v,
                                "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
@@ -135,12 +138,14 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     per_bit = eff_table.merge(capacity_table[["format", "bits_per_value"]], on="format").rename(columns={"eff": "fitted"})
 
     figures = {"loss_vs_params": ("Loss against model size, with the fitted decoupled law", plots.loss_vs_params(runs, law)),
-               "efficiency_vs_gmse": ("Fitted efficiency against Gaussian MSE, with the fitted rho curve",
-                                      plots.efficiency_vs_gmse(validation, validation.draws)),
-               "loo_predictions": ("Leave-one-format-out capacity predictions against fitted efficiencies",
-                                   plots.loo_predictions(validation)),
-               "residuals": ("Residuals of the decoupled fit by format", plots.residuals(runs, law)),
-               "per_bit": ("Fitted efficiency against bits per value", plots.per_bit(per_bit))}
+               "residuals": ("Residuals of the decoupled fit by format", plots.residuals(runs, law))}
+    if validation is not None:
+        figures["efficiency_vs_gmse"] = ("Fitted efficiency against Gaussian MSE, with the fitted rho curve",
+                                         plots.efficiency_vs_gmse(validation, validation.draws))
+        figures["loo_predictions"] = ("Leave-one-format-out capacity predictions against fitted efficiencies",
+                                      plots.loo_predictions(validation))
+    if per_bit["bits_per_value"].notna().any():
+        figures["per_bit"] = ("Fitted efficiency against bits per value", plots.per_bit(per_bit.dropna()))
     if boot is not None and len(boot.samples):
         figures["bootstrap"] = ("Bootstrap distributions", plots.bootstrap_distributions(boot.samples, law.formats_))
     if not comp.empty:
@@ -157,19 +162,15 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     results = {"title": title, "source": runs.attrs.get("source"), "baseline": baseline,
                "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
                "unified": fit_json(fits["unified"], None) if "unified" in fits else None,
-               "validation": validation.as_json(), "composability": comp.to_dict("records"),
+               "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
                "capacity": capacity_table.to_dict("records"),
                "extrapolation": None if extrap is None else extrapolation_summary(extrap),
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
-               "skipped_runs": runs.attrs.get("skipped", [])}
+               "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted}
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    vt = validation.table.assign(fitted_ci=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
-                                 predicted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
-    vt = vt[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside",
-         "overlap"]]
     params = pd.DataFrame([{"parameter": k, "value": v,
                             "95% CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
                             "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
@@ -192,11 +193,9 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
          paired),
         ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
          "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
-        ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
-         "the format. inside: the prediction falls inside the fitted 95% interval; overlap (weaker): the prediction "
-         f"interval and the fitted interval share a value. {validation.verdicts()}.",
-         vt),
     ]
+    sections.append(_validation_section(validation) if validation is not None else
+                    ("Capacity predictions against trained runs", f"Omitted: {capacity_omitted}", pd.DataFrame()))
     if not comp.empty:
         sections.append(("Composability", "Ratio eff(combined) / (eff(part 1) x eff(part 2)); 1 inside the "
                                           "interval means the capacities multiply.", comp))
@@ -210,6 +209,24 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                          r["product"].round(3).reset_index()))
     _render(folder, title, sections, figures, images)
     return Report(folder, results, validation, comp, paired, comparison, health)
+
+
+def _bits_or_nan(spec) -> float:
+    try:
+        return bits_of(spec)
+    except InputError:
+        return float("nan")
+
+
+def _validation_section(validation):
+    table = validation.table.assign(
+        fitted_ci=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
+        predicted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
+    table = table[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval",
+                   "inside", "overlap"]]
+    return ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
+            "the format. inside: the prediction falls inside the fitted 95% interval; overlap (weaker): the "
+            f"prediction interval and the fitted interval share a value. {validation.verdicts()}.", table)
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),

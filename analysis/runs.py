@@ -96,7 +96,7 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     if baseline not in set(runs["format"]):
         raise RunTableError(f"{where}: no baseline rows: format '{baseline}' not found; formats are "
                             f"{sorted(set(runs['format']))} (choose one with --baseline)")
-    _fill_gmse(runs, where)
+    _fill_gmse(runs, baseline)
     skipped = frame[frame["status"] != "ok"]
     runs.attrs.update(source=where,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
@@ -141,29 +141,44 @@ def _spec_or_label(row) -> tuple:
     return (None if is_uncompressed(w) else str(w)), (None if is_uncompressed(a) else str(a))
 
 
-def _fill_gmse(runs: pd.DataFrame, where: str) -> None:
-    w_gmse, a_gmse, w_spec, a_spec = [], [], [], []
-    for row_id, row in runs.iterrows():
-        w, a = _spec_or_label(row)
-        w_spec.append(w)
-        a_spec.append(a)
-        try:
-            wg = row.get("w_gmse", np.nan)
-            wg = row.get("gmse", np.nan) if pd.isna(wg) else wg
-            ag = row.get("a_gmse", np.nan)
-            w_gmse.append(float(wg) if pd.notna(wg) else spec_gmse(w))
-            a_gmse.append(float(ag) if pd.notna(ag) else spec_gmse(a))
-        except InputError as err:
-            raise RunTableError(f"{where}: row {row_id}, column 'format'/'w_format': {err}; give numeric "
-                                "w_gmse/a_gmse columns for formats capscale cannot express") from None
-    runs["w_spec"], runs["a_spec"], runs["w_gmse"], runs["a_gmse"] = w_spec, a_spec, w_gmse, a_gmse
+def _gmse_of(spec: str | None, given) -> tuple[float, str]:
+    """(GMSE, why it is unknown): a given number, else the spec's own, else NaN with the parser's reason (a label
+    capscale cannot express fits under laws that need no capacity; nothing it names is ever imported)."""
+    if pd.notna(given):
+        return _number(given), ""
+    try:
+        return spec_gmse(spec), ""
+    except InputError as err:
+        return float("nan"), str(err)
+
+
+def _fill_gmse(runs: pd.DataFrame, baseline: str) -> None:
+    columns = {"w_spec": [], "a_spec": [], "w_gmse": [], "a_gmse": [], "capacity_note": []}
+    for _, row in runs.iterrows():
+        w, a = (None, None) if row["format"] == baseline else _spec_or_label(row)  # the baseline is uncompressed
+        given_w = row.get("w_gmse", np.nan)
+        wg, w_note = _gmse_of(w, row.get("gmse", np.nan) if pd.isna(given_w) else given_w)
+        ag, a_note = _gmse_of(a, row.get("a_gmse", np.nan))
+        for key, value in zip(columns, (w, a, wg, ag, w_note or a_note)):
+            columns[key].append(value)
+    for key, values in columns.items():
+        runs[key] = values
+
+
+def require_capacity(info: pd.DataFrame, what: str) -> None:
+    """`what` needs every format's GMSE: name the formats that lack it, and why."""
+    missing = info[info["w_gmse"].isna() | info["a_gmse"].isna()]
+    if len(missing):
+        reasons = "; ".join(f"'{f}': {note}" for f, note in missing["capacity_note"].items())
+        raise RunTableError(f"{what} needs each format's Gaussian MSE, unknown for {len(missing)} format(s) ({reasons}). "
+                            "Give numeric w_gmse/a_gmse columns, or w_format/a_format specs capscale can parse")
 
 
 def format_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per format: its specs (None where uncompressed), GMSEs and number of runs."""
     table = (runs.groupby("format", sort=False)
                  .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
-                      a_gmse=("a_gmse", "first"), runs=("loss", "size")))
+                      a_gmse=("a_gmse", "first"), capacity_note=("capacity_note", "first"), runs=("loss", "size")))
     for col in ("w_spec", "a_spec"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     return table

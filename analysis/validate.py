@@ -18,7 +18,7 @@ from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, law_loss, single_threaded_blas
-from .runs import format_table
+from .runs import format_table, require_capacity
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
@@ -141,6 +141,7 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
     if boot is None and n_boot:
         boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress)
     info = format_table(runs).loc[[f for f in law.formats_ if f != baseline]]
+    require_capacity(info, "capacity validation (rho fitted to the trained efficiencies)")
     fitted = pd.Series({f: law.eff_[f] for f in info.index})
     n_constants = len(FORMS[form][1])
     if len(info) <= n_constants:

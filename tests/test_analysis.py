@@ -267,3 +267,21 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     assert fit_health(fit, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "weak"
     held = DecoupledLaw(fix_E=0.3).fit(no_floor)
     assert fit_health(held, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "reported"
+
+
+def test_a_label_only_table_fits_and_reports_without_capacity_sections(tmp_path, capscale_cli):
+    """Labels capscale cannot parse and no GMSE columns: the decoupled law fits; what needs capacity says why."""
+    frame = simulate_runs({"dense": 1.0, "myfmt": 0.8, "w4a4": 0.6, "fmt_c": 0.5, "fmt_d": 0.9}).drop(
+        columns=["w_format", "a_format"])
+    path = _write(tmp_path, frame)
+    fit = capscale_cli("fit", str(path), "--baseline", "dense", "--json")
+    assert fit.returncode == 0, fit.stderr
+    eff = json.loads(fit.stdout)["eff"]
+    assert eff["myfmt"]["value"] == pytest.approx(0.8, rel=0.1) and eff["dense"]["value"] == 1.0
+    unified = capscale_cli("fit", str(path), "--baseline", "dense", "--law", "unified")
+    assert unified.returncode == 2 and "myfmt" in unified.stderr and "w_gmse" in unified.stderr
+    report = capscale_cli("report", str(path), "--baseline", "dense", "--bootstrap", "8", "-o", str(tmp_path / "r"))
+    assert report.returncode == 0, report.stderr
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["validation"] is None and "Gaussian MSE" in results["capacity_omitted"]
+    assert "Omitted:" in (tmp_path / "r" / "report.md").read_text()
