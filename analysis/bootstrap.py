@@ -1,6 +1,9 @@
-"""Nonparametric bootstrap of a law fit: runs resampled with replacement within each format (so every
-format keeps its run count), refitted in parallel over cores, seeded per replicate (reproducible for a
-seed whatever the number of workers). Failed refits are counted, not hidden."""
+"""Nonparametric bootstrap of a law fit, refitted in parallel over cores, seeded per replicate (reproducible for
+a seed whatever the number of workers). Failed refits are counted, not hidden.
+
+Two resampling units: `formats` (runs resampled with replacement within each format, so every format keeps
+its run count) and `cells` (whole (N, D, seed) cells resampled with all their formats together: every format
+at a cell shares the seed's initialisation and data order, a pairing the per-format bootstrap ignores)."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -32,21 +35,29 @@ class BootstrapResult:
         return table
 
 
-def resample(runs: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
-    parts = [group.iloc[rng.integers(0, len(group), len(group))] for _, group in runs.groupby("format", sort=False)]
+RESAMPLING_UNITS = ("formats", "cells")
+
+
+def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats") -> pd.DataFrame:
+    if unit == "cells":
+        keys = ["params", "tokens"] + (["seed"] if "seed" in runs.columns else [])
+        cells = [group for _, group in runs.groupby(keys, sort=True)]
+        parts = [cells[i] for i in rng.integers(0, len(cells), len(cells))]
+    else:
+        parts = [group.iloc[rng.integers(0, len(group), len(group))] for _, group in runs.groupby("format", sort=False)]
     out = pd.concat(parts)
     out.attrs = dict(runs.attrs)
     return out
 
 
 def _refit(args):
-    law_cls, law_params, runs, seed, replicates, start = args
+    law_cls, law_params, runs, seed, replicates, start, unit = args
     results = []
     for b in replicates:
         rng = np.random.default_rng([seed, b])
         try:
-            law = law_cls(**law_params)
-            fit = law.fit(resample(runs, rng), start=start) if start is not None else law.fit(resample(runs, rng))
+            law, sample = law_cls(**law_params), resample(runs, rng, unit)
+            fit = law.fit(sample, start=start) if start is not None else law.fit(sample)
             values = fit.values()
             results.append(values if all(np.isfinite(v) for v in values.values()) else None)
         except Exception:  # a replicate that cannot be fitted (e.g. a degenerate resample) is counted as failed
@@ -55,13 +66,15 @@ def _refit(args):
 
 
 def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs: int | None = None,
-              progress: bool = True, warm: bool = True) -> BootstrapResult:
+              progress: bool = True, warm: bool = True, unit: str = "formats") -> BootstrapResult:
     """Refit `law` (an unfitted or fitted estimator; its parameters are reused) on n_boot resamples. A fitted
     decoupled law's refits start from its optimum (`warm`; each falls back to the global search if needed)."""
     n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
     start = getattr(law, "theta_", None) if warm else None
     chunks = [list(range(i, n_boot, max(1, n_jobs * 4))) for i in range(min(n_boot, max(1, n_jobs * 4)))]
-    jobs = [(type(law), law.get_params(), runs, seed, chunk, start) for chunk in chunks]
+    if unit not in RESAMPLING_UNITS:
+        raise ValueError(f"resampling unit must be one of {RESAMPLING_UNITS}, got {unit!r}")
+    jobs = [(type(law), law.get_params(), runs, seed, chunk, start, unit) for chunk in chunks]
     rows, failed = [], 0
     bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
     if n_jobs == 1:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from capscale.analysis.bootstrap import bootstrap, extrapolation_check, extrapolation_summary
+from capscale.analysis.bootstrap import RESAMPLING_UNITS, bootstrap, extrapolation_check, extrapolation_summary
 from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
 from capscale.analysis.laws import LAWS, make_law
 from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
@@ -31,6 +31,8 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
                    help="read other column names, e.g. --map loss=val_loss,params=n_params")
     p.add_argument("--bootstrap", type=whole(0), default=bootstrap_default, metavar="B", help="bootstrap replicates")
     p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed")
+    p.add_argument("--resample", default="formats", choices=RESAMPLING_UNITS,
+                   help="bootstrap unit: runs within each format, or whole (N, D, seed) cells with all their formats")
     p.add_argument("--delta", type=positive, default=1e-3, help="Huber delta on log-loss residuals")
     p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes (default: all cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
@@ -51,7 +53,8 @@ def _fit_command(args) -> None:
     if extra and args.law != "decoupled":
         raise RunTableError("--fix-E applies to the decoupled law")
     law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample) \
+        if args.bootstrap else None
     intervals = boot.intervals(law.values()) if boot else None
     _warn(fit_warnings(law, boot))
     if args.json:

@@ -285,3 +285,14 @@ def test_a_label_only_table_fits_and_reports_without_capacity_sections(tmp_path,
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["validation"] is None and "Gaussian MSE" in results["capacity_omitted"]
     assert "Omitted:" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_cell_bootstrap_resamples_whole_cells_with_all_their_formats():
+    from capscale.analysis.bootstrap import resample
+    runs = load_runs(simulate_runs({"bf16": 1.0, "int4": 0.8, "int2": 0.4}, noise=0.003))
+    sample = resample(runs, np.random.default_rng(0), unit="cells")
+    per_cell = sample.groupby(["params", "tokens"])["format"].agg(lambda f: sorted(f))
+    assert all(len(f) % 3 == 0 and sorted(set(f)) == ["bf16", "int2", "int4"] for f in per_cell)
+    law = DecoupledLaw().fit(runs)
+    boot = bootstrap(law, runs, 16, seed=0, progress=False, unit="cells")
+    assert boot.n_failed == 0 and boot.intervals(law.values()).loc["eff[int4]", "lo"] < 0.8
