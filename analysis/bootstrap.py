@@ -24,10 +24,14 @@ class BootstrapResult:
     n_failed: int
     level: float = 0.95
 
+    def tails(self, level: float | None = None) -> tuple[float, float]:
+        """The quantiles bounding the central `level` (default: this result's) of the replicates."""
+        level = level or self.level
+        return (1 - level) / 2, 1 - (1 - level) / 2
+
     def intervals(self, point: dict | None = None, level: float | None = None) -> pd.DataFrame:
         """value (the point fit, if given), standard error and percentile interval of every fitted number."""
-        level = level or self.level
-        lo, hi = (1 - level) / 2, 1 - (1 - level) / 2
+        lo, hi = self.tails(level)
         table = pd.DataFrame({"se": self.samples.std(ddof=1), "lo": self.samples.quantile(lo),
                               "hi": self.samples.quantile(hi)})
         if point is not None:
@@ -66,7 +70,7 @@ def _refit(args):
 
 
 def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs: int | None = None,
-              progress: bool = True, warm: bool = True, unit: str = "formats") -> BootstrapResult:
+              progress: bool = True, warm: bool = True, unit: str = "formats", level: float = 0.95) -> BootstrapResult:
     """Refit `law` (an unfitted or fitted estimator; its parameters are reused) on n_boot resamples. A fitted
     decoupled law's refits start from its optimum (`warm`; each falls back to the global search if needed)."""
     n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
@@ -90,7 +94,7 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
                 failed += sum(r is None for r in out)
                 bar.update(len(out))
     bar.close()
-    return BootstrapResult(pd.DataFrame(rows), failed)
+    return BootstrapResult(pd.DataFrame(rows), failed, level)
 
 
 def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: float = 0.95,

@@ -35,7 +35,7 @@ def composite_parts(label: str, labels: set) -> tuple[str, str] | None:
     return None
 
 
-def compose_runs(eff: dict, boot: BootstrapResult | None, level: float = 0.95) -> pd.DataFrame:
+def compose_runs(eff: dict, boot: BootstrapResult | None) -> pd.DataFrame:
     labels = set(eff)
     rows = []
     for label in eff:
@@ -47,7 +47,7 @@ def compose_runs(eff: dict, boot: BootstrapResult | None, level: float = 0.95) -
         if boot is not None and len(boot.samples):
             s = boot.samples
             draws = s[f"eff[{label}]"] / (s[f"eff[{parts[0]}]"] * s[f"eff[{parts[1]}]"])
-            lo, hi = draws.quantile([(1 - level) / 2, 1 - (1 - level) / 2])
+            lo, hi = draws.quantile(list(boot.tails()))
         rows.append({"combined": label, "part1": parts[0], "part2": parts[1], "eff_combined": eff[label],
                      "eff_part1": eff[parts[0]], "eff_part2": eff[parts[1]],
                      "product": eff[parts[0]] * eff[parts[1]], "ratio": ratio, "ratio_lo": lo, "ratio_hi": hi,

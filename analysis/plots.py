@@ -61,10 +61,11 @@ def efficiency_vs_gmse(validation, draws: pd.DataFrame | None = None) -> plt.Fig
         ax.plot(g, rho(g), color="grey", ls="--", lw=1, label="published rho (L=1, F=0.41, C=1.39)")
         if draws is not None and len(draws):
             curves = np.array([rho(g, *row) for row in draws[["L", "F", "C"]].to_numpy()])
-            lo, hi = np.nanquantile(curves, [0.025, 0.975], axis=0)
-            ax.fill_between(g, lo, hi, color="black", alpha=0.12, label="95% band")
+            lo, hi = np.nanquantile(curves, validation.boot.tails(), axis=0)
+            ax.fill_between(g, lo, hi, color="black", alpha=0.12, label=f"{validation.level:.0%} band")
     yerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
-    ax.errorbar(t["gmse"], t["fitted"], yerr=yerr, fmt="o", color="tab:blue", capsize=3, label="fitted eff (95% CI)")
+    ax.errorbar(t["gmse"], t["fitted"], yerr=yerr, fmt="o", color="tab:blue", capsize=3,
+                label=f"fitted eff ({validation.level:.0%} CI)")
     for _, r in t.iterrows():
         ax.annotate(r["format"], (r["gmse"], r["fitted"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     ax.set(xscale="log", xlabel="Gaussian MSE (weights + activations)", ylabel="efficiency multiplier eff",
@@ -79,7 +80,8 @@ def loo_predictions(validation) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(5.6, 5.2))
     xerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
     yerr = _error_bars(t["predicted"], t["pred_lo"], t["pred_hi"])
-    ax.errorbar(t["fitted"], t["predicted"], xerr=xerr, yerr=yerr, fmt="o", capsize=3, label="format (95% intervals)")
+    ax.errorbar(t["fitted"], t["predicted"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
+                label=f"format ({validation.level:.0%} intervals)")
     lims = [min(t["fitted"].min(), t["predicted"].min()) * 0.9, max(t["fitted"].max(), t["predicted"].max()) * 1.05]
     ax.plot(lims, lims, color="grey", ls="--", label="prediction = fit")
     for _, r in t.iterrows():
@@ -120,11 +122,11 @@ def bootstrap_distributions(samples: pd.DataFrame, formats) -> plt.Figure:
     return fig
 
 
-def composability(table: pd.DataFrame) -> plt.Figure:
+def composability(table: pd.DataFrame, level: float = 0.95) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 1.6))
     err = _error_bars(table["ratio"], table["ratio_lo"], table["ratio_hi"])
     labels = [f"{r.combined} vs {r.part1} x {r.part2}" for r in table.itertuples()]
-    ax.errorbar(table["ratio"], range(len(table)), xerr=err, fmt="o", capsize=4, label="ratio (95% CI)")
+    ax.errorbar(table["ratio"], range(len(table)), xerr=err, fmt="o", capsize=4, label=f"ratio ({level:.0%} CI)")
     ax.axvline(1.0, color="grey", ls="--", label="capacities multiply")
     ax.set_yticks(range(len(table)), labels)
     ax.set(xlabel="eff(combined) / (eff(part 1) x eff(part 2))", title="Composability on trained runs")

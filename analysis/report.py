@@ -110,12 +110,14 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
 
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
                  grids: dict | None = None, title: str = "capscale report", progress: bool = True,
-                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE) -> Report:
+                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE,
+                 level: float = 0.95) -> Report:
     """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
     of some runs, not fitted) give the fit-health check its seed-to-seed scatter."""
     folder = writable_folder(folder)
     law = DecoupledLaw(baseline, delta).fit(runs)
-    boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress) if n_boot else None
+    boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level) if n_boot else None
+    pct = f"{level:.0%}"
     intervals = boot.intervals(law.values()) if boot else None
     comparison, fits = _law_comparison(runs, law, delta)
     try:
@@ -123,7 +125,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     except InputError as err:  # labels without a GMSE, or too few formats: the capacity sections say why instead
         validation, capacity_omitted = None, str(err)
     comp = compose_runs(law.eff_, boot)
-    paired = paired_comparison(runs, baseline)
+    paired = paired_comparison(runs, baseline, level)
     health = fit_health(law, runs, boot, replicates)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
 
@@ -149,7 +151,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     if boot is not None and len(boot.samples):
         figures["bootstrap"] = ("Bootstrap distributions", plots.bootstrap_distributions(boot.samples, law.formats_))
     if not comp.empty:
-        figures["composability"] = ("Composability on trained runs", plots.composability(comp))
+        figures["composability"] = ("Composability on trained runs", plots.composability(comp, level))
     grid_results = {}
     for name, path in (grids or {}).items():
         grid_results[name] = compose_grid(read_grid(path))
@@ -172,11 +174,11 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     params = pd.DataFrame([{"parameter": k, "value": v,
-                            "95% CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
+                            f"{pct} CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
                             "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
                            for k, v in law.params_.items()])
-    effs = eff_table.assign(**{"95% CI": [format_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
-        ["format", "eff", "95% CI"]]
+    effs = eff_table.assign(**{f"{pct} CI": [format_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
+        ["format", "eff", f"{pct} CI"]]
     sections = [
         ("Capacity of the formats", "GMSE (exact where available, else Monte Carlo) and capacity rho with the "
          "published constants; a weights/activations pair's capacity is the product; blank spec = uncompressed.",
@@ -186,10 +188,10 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
          f"in log loss, {law.rmse_loss_:.4f} in loss; "
          + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed)." if boot else "no bootstrap."), params),
         ("Fit health", "Can efficiencies be read from this fit? E away from its bound, misfit against the "
-         "seed-to-seed scatter, and which formats the 95% intervals tell apart.", health),
-        ("Efficiency per format", f"95% bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
+         f"seed-to-seed scatter, and which formats the {pct} intervals tell apart.", health),
+        ("Efficiency per format", f"{pct} bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
         ("Paired comparison at equal size and tokens", f"Law-free: mean log(loss / loss of '{baseline}') over the "
-         "(N, D) cells both formats were trained at, 95% t-interval, cells where the format is worse, Wilcoxon p.",
+         f"(N, D) cells both formats were trained at, {pct} t-interval, cells where the format is worse, Wilcoxon p.",
          paired),
         ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
          "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
@@ -225,7 +227,7 @@ def _validation_section(validation):
     table = table[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval",
                    "inside", "overlap"]]
     return ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
-            "the format. inside: the prediction falls inside the fitted 95% interval; overlap (weaker): the "
+            f"the format. inside: the prediction falls inside the fitted {validation.level:.0%} interval; overlap (weaker): the "
             f"prediction interval and the fitted interval share a value. {validation.verdicts()}.", table)
 
 

@@ -118,12 +118,16 @@ class Validation:
                 "leave-one-format-out: each format's efficiency predicted from capacity with rho refitted on the others; "
                 f"{self.verdicts()}\n" + self.table[cols].to_string(index=False, float_format="{:.4g}".format))
 
+    @property
+    def level(self) -> float:
+        return self.boot.level if self.boot is not None else 0.95
+
     def verdicts(self) -> str:
         """The two tests in words: the prediction inside the fitted interval (the stricter), the intervals overlapping."""
         t = self.table.dropna(subset=["inside"])
         if t.empty:
             return "no bootstrap intervals, so no verdicts"
-        return (f"{int(t['inside'].sum())} of {len(t)} predictions fall inside the fitted 95% interval; "
+        return (f"{int(t['inside'].sum())} of {len(t)} predictions fall inside the fitted {self.level:.0%} interval; "
                 f"{int(t['overlap'].sum())} of {len(t)} prediction intervals overlap it")
 
 
@@ -133,13 +137,13 @@ def _eff_columns(formats):
 
 def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "tanh", delta: float = 1e-3,
              law: DecoupledLaw | None = None, boot: BootstrapResult | None = None, progress: bool = True,
-             n_jobs: int | None = None, baseline: str = BASELINE) -> Validation:
+             n_jobs: int | None = None, baseline: str = BASELINE, level: float = 0.95) -> Validation:
     """Fit rho to the decoupled efficiencies and predict each format leaving it out; a given `law` brings
     its own baseline."""
     law = law or DecoupledLaw(baseline, delta).fit(runs)
     baseline = law.baseline
     if boot is None and n_boot:
-        boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress)
+        boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level)
     info = format_table(runs).loc[[f for f in law.formats_ if f != baseline]]
     require_capacity(info, "capacity validation (rho fitted to the trained efficiencies)")
     fitted = pd.Series({f: law.eff_[f] for f in info.index})
@@ -153,7 +157,8 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
     constants_ci, draws = {}, None
     if samples is not None:
         draws = pd.DataFrame([fit_rho(info, row.to_numpy(), form).constants_ for _, row in samples.iterrows()])
-        constants_ci = {k: (float(draws[k].quantile(0.025)), float(draws[k].quantile(0.975)), float(draws[k].std()))
+        constants_ci = {k: (float(draws[k].quantile(boot.tails()[0])), float(draws[k].quantile(boot.tails()[1])),
+                            float(draws[k].std()))
                         for k in draws}
     rows = []
     for f in info.index:
@@ -165,8 +170,8 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
         if samples is not None:
             preds = [fit_rho(info[others], row[others].to_numpy(), form).predict(one)[0]
                      for _, row in samples.iterrows()]
-            lo, hi = np.quantile(preds, [0.025, 0.975])
-            flo, fhi = samples[f"eff[{f}]"].quantile([0.025, 0.975])
+            lo, hi = np.quantile(preds, boot.tails())
+            flo, fhi = samples[f"eff[{f}]"].quantile(boot.tails())
             inside = bool(flo <= predicted <= fhi)  # the prediction falls inside the fitted efficiency's interval
             overlap = bool(lo <= fhi and flo <= hi)  # a weaker test: the two intervals share some value
         rows.append({"format": f, "w_gmse": info.at[f, "w_gmse"], "a_gmse": info.at[f, "a_gmse"],
@@ -177,9 +182,9 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
 
 def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
                    n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True,
-                   baseline: str = BASELINE) -> dict:
+                   baseline: str = BASELINE, level: float = 0.95) -> dict:
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
-    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline)
+    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline, level=level)
     w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
     new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
                         "a_gmse": [spec_gmse(a_spec)]})
@@ -196,6 +201,6 @@ def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, p
             effs.append(e)
             pred = law_loss(row, params, tokens, e)
             losses.append(pred * np.exp(rng.choice(v.law.residuals_)))
-        out["eff_interval"] = [float(x) for x in np.quantile(effs, [0.025, 0.975])]
-        out["loss_interval"] = [float(x) for x in np.quantile(losses, [0.025, 0.975])]
+        out["eff_interval"] = [float(x) for x in np.quantile(effs, v.boot.tails())]
+        out["loss_interval"] = [float(x) for x in np.quantile(losses, v.boot.tails())]
     return out

@@ -16,7 +16,7 @@ from capscale.analysis.validate import FORMS, predict_format, validate
 from capscale.capacity import BASELINE
 
 from .demo import run_demo
-from .options import nonnegative, positive, whole
+from .options import level, nonnegative, positive, whole
 
 
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
@@ -34,6 +34,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--resample", default="formats", choices=RESAMPLING_UNITS,
                    help="bootstrap unit: runs within each format, or whole (N, D, seed) cells with all their formats")
     p.add_argument("--delta", type=positive, default=1e-3, help="Huber delta on log-loss residuals")
+    p.add_argument("--level", type=level, default=0.95, help="confidence level of every interval (default 0.95)")
     p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes (default: all cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
 
@@ -53,7 +54,7 @@ def _fit_command(args) -> None:
     if extra and args.law != "decoupled":
         raise RunTableError("--fix-E applies to the decoupled law")
     law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample) \
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
         if args.bootstrap else None
     intervals = boot.intervals(law.values()) if boot else None
     _warn(fit_warnings(law, boot))
@@ -85,7 +86,7 @@ def add_fit_command(sub) -> None:
 
 def _validate_command(args) -> None:
     v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
-                 n_jobs=args.jobs, baseline=args.baseline)
+                 n_jobs=args.jobs, baseline=args.baseline, level=args.level)
     _warn(v.warnings)
     print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
 
@@ -101,7 +102,8 @@ def add_validate_command(sub) -> None:
 
 def _predict_command(args) -> None:
     out = predict_format(runs_from_args(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
-                         seed=args.seed, form=args.form, baseline=args.baseline)
+                         seed=args.seed, form=args.form, baseline=args.baseline,
+                         level=args.level)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -134,7 +136,8 @@ def _compose_command(args) -> None:
         return
     runs = runs_from_args(args)
     law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs) if args.bootstrap else None
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
+        if args.bootstrap else None
     table = compose_runs(law.eff_, boot)
     if table.empty:
         print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
@@ -161,7 +164,7 @@ def _report_command(args) -> None:
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
     replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
     report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
-                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline)
+                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline, level=args.level)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 

@@ -39,3 +39,11 @@ def nonnegative(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
+
+
+def level(text: str) -> float:
+    """A confidence level: a fraction strictly between 0.5 and 1."""
+    value = _number(text, float)
+    if not 0.5 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a confidence level in [0.5, 1), such as 0.9, got {text}")
+    return value

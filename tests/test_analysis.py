@@ -296,3 +296,14 @@ def test_cell_bootstrap_resamples_whole_cells_with_all_their_formats():
     law = DecoupledLaw().fit(runs)
     boot = bootstrap(law, runs, 16, seed=0, progress=False, unit="cells")
     assert boot.n_failed == 0 and boot.intervals(law.values()).loc["eff[int4]", "lo"] < 0.8
+
+
+def test_the_confidence_level_is_a_parameter(tmp_path, capscale_cli):
+    path = _write(tmp_path, simulate_runs({"bf16": 1.0, "int4": 0.8, "int2": 0.4}, noise=0.004))
+    ci = {}
+    for level in ("0.8", "0.95"):
+        out = capscale_cli("fit", str(path), "--bootstrap", "24", "--level", level, "--json", "--jobs", "1")
+        assert out.returncode == 0, out.stderr
+        ci[level] = json.loads(out.stdout)["eff"]["int4"]["ci"]
+    assert ci["0.8"][0] > ci["0.95"][0] and ci["0.8"][1] < ci["0.95"][1]  # same refits, a narrower central share
+    assert capscale_cli("fit", str(path), "--level", "1.5").returncode == 2
