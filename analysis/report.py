@@ -22,6 +22,7 @@ from .compose import compose_grid, compose_runs, read_grid
 from .health import fit_health
 from .laws import DecoupledLaw, make_law
 from .runs import format_table
+from .statistics import calibration, composability_wald, paired_mixed
 from .validate import validate
 
 
@@ -34,6 +35,9 @@ class Report:
     paired: pd.DataFrame
     law_comparison: pd.DataFrame
     health: pd.DataFrame
+    calibration: object = None
+    wald: object = None
+    mixed: object = None
 
 
 def writable_folder(folder: "str | Path") -> Path:
@@ -126,6 +130,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
         validation, capacity_omitted = None, str(err)
     comp = compose_runs(law.eff_, boot)
     paired = paired_comparison(runs, baseline, level)
+    stats_ = _statistics(runs, law, boot, validation, comp, baseline, level)
     health = fit_health(law, runs, boot, replicates)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
 
@@ -170,7 +175,10 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "extrapolation": None if extrap is None else extrapolation_summary(extrap),
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
-               "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted}
+               "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted,
+               "calibration": None if stats_["calibration"] is None else stats_["calibration"].as_json(),
+               "composability_wald": None if stats_["wald"] is None else stats_["wald"].table.to_dict("records"),
+               "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records")}
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     params = pd.DataFrame([{"parameter": k, "value": v,
@@ -198,6 +206,19 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     ]
     sections.append(_validation_section(validation) if validation is not None else
                     ("Capacity predictions against trained runs", f"Omitted: {capacity_omitted}", pd.DataFrame()))
+    if stats_["calibration"] is not None:
+        cal = stats_["calibration"]
+        sections.append(("Calibration: does capacity predict efficiency?", "WLS of log fitted efficiency on log "
+                         "leave-one-out predicted capacity, weights from the bootstrap variances. " + cal.verdict() + ".",
+                         cal.coefficients()))
+    if stats_["wald"] is not None:
+        sections.append(("Composability: Wald tests", "log eff(AB) - log eff(A) - log eff(B) = 0, variance from the "
+                         "bootstrap covariance of the three log efficiencies.", stats_["wald"].table))
+    if stats_["mixed"] is not None:
+        sections.append(("Paired differences: mixed model", f"log loss ~ format + a random intercept per (N, D) cell; "
+                         f"difference to '{baseline}' with its {pct} interval, p and Holm-adjusted p over the "
+                         f"{len(stats_['mixed'].table)} formats; the Wilcoxon signed-rank p on cell means beside it.",
+                         stats_["mixed"].table))
     if not comp.empty:
         sections.append(("Composability", "Ratio eff(combined) / (eff(part 1) x eff(part 2)); 1 inside the "
                                           "interval means the capacities multiply.", comp))
@@ -210,7 +231,24 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                          f"{r['rank1_rms_error']:.3f}; worst cell {r['worst_cell'][:2]}.",
                          r["product"].round(3).reset_index()))
     _render(folder, title, sections, figures, images)
-    return Report(folder, results, validation, comp, paired, comparison, health)
+    return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
+                  stats_["wald"], stats_["mixed"])
+
+
+def _statistics(runs, law, boot, validation, comp, baseline, level) -> dict:
+    """The statsmodels tests, where the data allow them (None where not)."""
+    has_boot = boot is not None and len(boot.samples) > 2
+    out = {"calibration": None, "wald": None, "mixed": None}
+    if validation is not None and has_boot and len(validation.table) >= 3:
+        out["calibration"] = calibration(validation.table, boot.samples, level)
+    if not comp.empty and has_boot:
+        out["wald"] = composability_wald(list(comp[["combined", "part1", "part2"]].itertuples(index=False, name=None)),
+                                         law.eff_, boot.samples, level)
+    try:
+        out["mixed"] = paired_mixed(runs, baseline, level)
+    except InputError:
+        pass
+    return out
 
 
 def _bits_or_nan(spec) -> float:

@@ -12,6 +12,7 @@ from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, 
 from capscale.analysis.laws import LAWS, make_law
 from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
 from capscale.analysis.runs import RunTableError, load_runs
+from capscale.analysis.statistics import calibration, composability_wald
 from capscale.analysis.validate import FORMS, predict_format, validate
 from capscale.capacity import BASELINE
 
@@ -88,7 +89,11 @@ def _validate_command(args) -> None:
     v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
                  n_jobs=args.jobs, baseline=args.baseline, level=args.level)
     _warn(v.warnings)
-    print(json.dumps(v.as_json(), indent=1) if args.json else v.summary())
+    cal = calibration(v.table, v.boot.samples, args.level) if v.boot is not None and len(v.table) >= 3 else None
+    if args.json:
+        print(json.dumps({**v.as_json(), "calibration": None if cal is None else cal.as_json()}, indent=1))
+    else:
+        print(v.summary() + ("" if cal is None else "\n\n" + cal.summary()))
 
 
 def add_validate_command(sub) -> None:
@@ -139,6 +144,9 @@ def _compose_command(args) -> None:
     boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
         if args.bootstrap else None
     table = compose_runs(law.eff_, boot)
+    if not table.empty and boot is not None:
+        table = composability_wald(list(table[["combined", "part1", "part2"]].itertuples(index=False, name=None)),
+                                   law.eff_, boot.samples, args.level).table
     if table.empty:
         print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
     elif args.json:

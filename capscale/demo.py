@@ -57,6 +57,10 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
         print(f"  {h.check}: {h.value} ({h.verdict}); {h.detail}")
     print(f"\n== Paired comparison with '{capacity.BASELINE}' at equal (N, D): mean log loss ratio (law-free) ==")
     print(report.paired.to_string(index=False, float_format="{:.4f}".format))
+    if report.mixed is not None:
+        print("mixed model (random intercept per (N, D) cell), Holm-adjusted over the formats:")
+        print(report.mixed.table[["format", "log_loss_diff", "lo", "hi", "p_holm", "wilcoxon_p", "differs"]]
+              .to_string(index=False, float_format="{:.4g}".format))
     t = report.validation.table
     print("\n== Capacity predictions vs trained efficiencies (leave-one-format-out) ==")
     print(pd.DataFrame({"format": t["format"], "fitted eff": t["fitted"].round(3),
@@ -65,13 +69,13 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                         "interval": [format_interval(a, b, ".3f") for a, b in zip(t["pred_lo"], t["pred_hi"])],
                         "prediction inside CI": t["inside"], "intervals overlap": t["overlap"]}).to_string(index=False))
     print(report.validation.verdicts())
-    if not report.composability.empty:
-        print("\n== Composability: eff(combined) / (eff(part 1) x eff(part 2)) ==")
-        for r in report.composability.itertuples():
-            verdict = ("1 inside the interval: consistent with multiplying" if r.composes else
-                       "1 outside the interval: does not multiply")
-            print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} {format_interval(r.ratio_lo, r.ratio_hi, '.3f')}"
-                  f" -> {verdict}")
+    if report.calibration is not None:
+        print(report.calibration.verdict())
+    if report.wald is not None:
+        print("\n== Composability: eff(combined) / (eff(part 1) x eff(part 2)), Wald test of ratio = 1 ==")
+        for r in report.wald.table.itertuples():
+            print(f"  {r.combined:<12} = {r.part1} x {r.part2}: ratio {r.ratio:.3f} "
+                  f"{format_interval(r.ratio_lo, r.ratio_hi, '.3f')}, p = {r.p:.3g} -> {r.verdict}")
     for name, g in res["grids"].items():
         print(f"  grid {name}: product-of-edges max |error| {g['max_abs_error']:.3f} (worst {g['worst_cell'][:2]})")
     if res.get("extrapolation"):

@@ -203,7 +203,8 @@ def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
     row = val["formats"][0]
     assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside", "overlap"}
     comp = json.loads(capscale_cli("compose", str(path), "--bootstrap", "8", "--json").stdout)
-    assert comp[0]["combined"] == "int4/int4" and comp[0]["composes"] in (True, False)
+    assert comp[0]["combined"] == "int4/int4" and 0 <= comp[0]["p"] <= 1 and comp[0]["ratio_lo"] < comp[0]["ratio_hi"]
+    assert "calibration" in val and val["calibration"]["slope"][1] < val["calibration"]["slope"][2]
     pred = json.loads(capscale_cli("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),
                              "--bootstrap", "8", "--json").stdout)
     assert rho(gmse("int4", exact=True).gmse) < pred["eff"] < 1 and pred["loss_interval"][0] < pred["loss"]
@@ -307,3 +308,35 @@ def test_the_confidence_level_is_a_parameter(tmp_path, capscale_cli):
         ci[level] = json.loads(out.stdout)["eff"]["int4"]["ci"]
     assert ci["0.8"][0] > ci["0.95"][0] and ci["0.8"][1] < ci["0.95"][1]  # same refits, a narrower central share
     assert capscale_cli("fit", str(path), "--level", "1.5").returncode == 2
+
+
+def test_calibration_regression_recovers_slope_1_when_capacity_predicts_efficiency():
+    from capscale.analysis.statistics import calibration
+    runs = load_runs(simulate_runs(capacity_effs(), noise=0.002, specs=SPECS))
+    v = validate(runs, n_boot=24, seed=0, progress=False)
+    cal = calibration(v.table, v.boot.samples)
+    slope, lo, hi = cal.slope
+    assert lo <= 1 <= hi and cal.joint_p > 0.05 and "slope" in cal.summary()
+
+
+def test_composability_wald_detects_a_pair_that_does_not_multiply():
+    from capscale.analysis.statistics import composability_wald
+    eff = {"bf16": 1.0, "int4": 0.8, "bf16/int4": 0.9, "int4/int4": 0.72, "2:4": 0.6, "2:4+int4": 0.3}  # 0.3 != 0.48
+    runs = load_runs(simulate_runs(eff, noise=0.002))
+    law = DecoupledLaw().fit(runs)
+    boot = bootstrap(law, runs, 40, seed=0, progress=False)
+    wald = composability_wald([("int4/int4", "int4", "bf16/int4"), ("2:4+int4", "2:4", "int4")], law.eff_,
+                              boot.samples).table.set_index("combined")
+    assert wald.loc["int4/int4", "p"] > 0.05 and wald.loc["2:4+int4", "p"] < 0.01
+    assert wald.loc["2:4+int4", "verdict"] == "does not multiply"
+
+
+def test_paired_mixed_model_flags_a_true_zero_difference_at_about_the_nominal_rate():
+    from capscale.analysis.statistics import paired_mixed
+    flagged, differs = 0, 0
+    for seed in range(40):
+        runs = load_runs(simulate_runs({"bf16": 1.0, "same": 1.0, "worse": 0.6}, noise=0.01, seed=seed))
+        table = paired_mixed(runs).table.set_index("format")
+        flagged += bool(table.loc["same", "differs"])
+        differs += bool(table.loc["worse", "differs"])
+    assert flagged <= 5 and differs == 40  # 5% nominal: 2 expected of 40, Holm only lowers it
