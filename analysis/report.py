@@ -115,12 +115,15 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
                  grids: dict | None = None, title: str = "capscale report", progress: bool = True,
                  n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE,
-                 level: float = 0.95) -> Report:
+                 level: float = 0.95, law: DecoupledLaw | None = None, boot=None) -> Report:
     """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
-    of some runs, not fitted) give the fit-health check its seed-to-seed scatter."""
+    of some runs, not fitted) give the fit-health check its seed-to-seed scatter. A saved `law` and `boot`
+    (`capscale fit -o`) are reused instead of refitting."""
     folder = writable_folder(folder)
-    law = DecoupledLaw(baseline, delta).fit(runs)
-    boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level) if n_boot else None
+    if law is None:
+        law = DecoupledLaw(baseline, delta).fit(runs)
+        boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level) if n_boot else None
+    baseline, level = law.baseline, boot.level if boot is not None else level
     pct = f"{level:.0%}"
     intervals = boot.intervals(law.values()) if boot else None
     comparison, fits = _law_comparison(runs, law, delta)

@@ -7,6 +7,9 @@ rho refitted without it, with an interval from the same replicates, beside its f
 """
 from __future__ import annotations
 
+import multiprocessing as mp
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,17 +48,27 @@ class CapacityRegression:
         return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
 
     @single_threaded_blas
-    def fit(self, formats: pd.DataFrame, eff) -> "CapacityRegression":
-        _, names, starts, bounds = FORMS[self.form]
+    def fit(self, formats: pd.DataFrame, eff, start: dict | None = None) -> "CapacityRegression":
+        """Least squares on log efficiency (trust-region, bounded). `start`: constants to start from alone (a
+        bootstrap refit next to the full-data fit); otherwise the form's few starting points."""
+        fn, names, starts, bounds = FORMS[self.form]
         log_eff = np.log(np.asarray(eff, float))
+        parts = [(formats[s].isna().to_numpy(), np.clip(formats[g].to_numpy(float), 1e-12, 1.0))
+                 for s, g in (("w_spec", "w_gmse"), ("a_spec", "a_gmse"))]
 
-        def loss(c):
-            pred = self.evaluate(c, formats)
-            return 1e6 if np.any(pred <= 0) else float(np.sum((np.log(pred) - log_eff) ** 2))
+        def residuals(c):
+            pred = np.ones_like(log_eff)
+            for uncompressed, g in parts:
+                pred = pred * np.where(uncompressed, 1.0, fn(g, *c))
+            return np.log(np.maximum(pred, 1e-300)) - log_eff
 
-        best = min((optimize.minimize(loss, s, method="L-BFGS-B", bounds=bounds) for s in starts), key=lambda r: r.fun)
+        lo, hi = (np.array(b, float) for b in zip(*bounds))
+        inside = lambda s: np.clip(np.asarray(s, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))  # noqa: E731
+        tries = [list(start.values())] if start else starts
+        best = min((optimize.least_squares(residuals, inside(s), bounds=(lo, hi), x_scale="jac") for s in tries),
+                   key=lambda r: r.cost)
         self.constants_ = dict(zip(names, map(float, best.x)))
-        self.sse_ = float(best.fun)
+        self.sse_ = float(2 * best.cost)
         self.warnings_ = [f"{n} = {v:.3g} is at its bound [{lo:g}, {hi:g}]" for (n, v), (lo, hi)
                           in zip(self.constants_.items(), bounds) if not lo * 1.001 < v < hi * 0.999]
         if self.constants_.get("L", 1.0) > L_PLAUSIBLE:
@@ -71,11 +84,12 @@ SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
 L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
 
 
-def fit_rho(formats: pd.DataFrame, eff, form: str = "tanh") -> CapacityRegression:
+def fit_rho(formats: pd.DataFrame, eff, form: str = "tanh", start: dict | None = None) -> CapacityRegression:
     """rho fitted to the formats' efficiencies, anchored by the baseline: GMSE 0 has efficiency 1 (rho(0) = L).
     Without the anchor, leaving out the format closest to GMSE 0 leaves L unconstrained."""
     anchor = pd.DataFrame({"w_spec": ["(baseline)"], "a_spec": [None], "w_gmse": [0.0], "a_gmse": [0.0]})
-    return CapacityRegression(form).fit(pd.concat([formats[SPEC_COLUMNS], anchor]), np.append(np.asarray(eff, float), 1.0))
+    return CapacityRegression(form).fit(pd.concat([formats[SPEC_COLUMNS], anchor]), np.append(np.asarray(eff, float), 1.0),
+                                        start)
 
 
 @dataclass
@@ -135,6 +149,34 @@ def _eff_columns(formats):
     return [f"eff[{f}]" for f in formats]
 
 
+def _replicate_rho(job) -> list:
+    """For bootstrap replicates (rows of efficiencies): rho refitted on all formats, and each format's prediction
+    with rho refitted without it; each fit starts from the corresponding full-data fit."""
+    info, form, full, held_out, rows = job
+    out = []
+    for row in rows:
+        preds = [fit_rho(info[info.index != f], row[info.index != f], form, held_out[f]).predict(info.loc[[f]])[0]
+                 for f in info.index]
+        out.append((fit_rho(info, row, form, full).constants_, preds))
+    return out
+
+
+def _rho_over_replicates(info, form, full, held_out, samples, n_jobs) -> tuple[pd.DataFrame, np.ndarray]:
+    rows = samples.to_numpy(float)
+    n_jobs = max(1, min(n_jobs or os.cpu_count() or 1, len(rows)))
+    jobs = [(info, form, full, held_out, rows[i::n_jobs]) for i in range(n_jobs)]
+    if n_jobs == 1:
+        parts = list(map(_replicate_rho, jobs))
+    else:
+        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as pool:
+            parts = list(pool.map(_replicate_rho, jobs))
+    order = [r for i in range(n_jobs) for r in range(i, len(rows), n_jobs)]  # undo the interleaving
+    results = [None] * len(rows)
+    for position, result in zip(order, (r for part in parts for r in part)):
+        results[position] = result
+    return pd.DataFrame([c for c, _ in results]), np.array([p for _, p in results])
+
+
 def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "tanh", delta: float = 1e-3,
              law: DecoupledLaw | None = None, boot: BootstrapResult | None = None, progress: bool = True,
              n_jobs: int | None = None, baseline: str = BASELINE, level: float = 0.95) -> Validation:
@@ -153,23 +195,23 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
                          f"formats besides the baseline '{baseline}' (found {len(info)}: {list(info.index)}); train "
                          "more formats, or choose a rho form with fewer constants (--form)")
     reg = fit_rho(info, fitted, form)
+    held_out = {f: fit_rho(info[info.index != f], fitted[info.index != f], form) for f in info.index}
     samples = boot.samples[_eff_columns(info.index)] if boot is not None and len(boot.samples) else None
     constants_ci, draws = {}, None
     if samples is not None:
-        draws = pd.DataFrame([fit_rho(info, row.to_numpy(), form).constants_ for _, row in samples.iterrows()])
+        draws, loo_draws = _rho_over_replicates(info, form, reg.constants_,
+                                                {f: r.constants_ for f, r in held_out.items()}, samples, n_jobs)
         constants_ci = {k: (float(draws[k].quantile(boot.tails()[0])), float(draws[k].quantile(boot.tails()[1])),
                             float(draws[k].std()))
                         for k in draws}
     rows = []
-    for f in info.index:
-        others = info.index != f
+    for i, f in enumerate(info.index):
         one = info.loc[[f]]
-        predicted = float(fit_rho(info[others], fitted[others], form).predict(one)[0])
+        predicted = float(held_out[f].predict(one)[0])
         lo = hi = flo = fhi = np.nan
         inside = overlap = None  # without bootstrap intervals neither test can be made
         if samples is not None:
-            preds = [fit_rho(info[others], row[others].to_numpy(), form).predict(one)[0]
-                     for _, row in samples.iterrows()]
+            preds = loo_draws[:, i]
             lo, hi = np.quantile(preds, boot.tails())
             flo, fhi = samples[f"eff[{f}]"].quantile(boot.tails())
             inside = bool(flo <= predicted <= fhi)  # the prediction falls inside the fitted efficiency's interval
@@ -182,9 +224,11 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
 
 def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
                    n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True,
-                   baseline: str = BASELINE, level: float = 0.95) -> dict:
+                   baseline: str = BASELINE, level: float = 0.95, law: DecoupledLaw | None = None,
+                   boot: BootstrapResult | None = None) -> dict:
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
-    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline, level=level)
+    v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline, level=level,
+                 law=law, boot=boot)
     w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
     new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
                         "a_gmse": [spec_gmse(a_spec)]})

@@ -10,6 +10,7 @@ import pandas as pd
 from capscale.analysis.bootstrap import RESAMPLING_UNITS, bootstrap, extrapolation_check, extrapolation_summary
 from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
 from capscale.analysis.laws import LAWS, make_law
+from capscale.analysis.fitfile import load_fit, save_fit
 from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
 from capscale.analysis.runs import RunTableError, load_runs
 from capscale.analysis.statistics import calibration, composability_wald
@@ -45,6 +46,21 @@ def _warn(messages) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+def fitted(args, runs):
+    """The decoupled law and its bootstrap: loaded from --fit FILE (no refitting), or fitted now."""
+    if getattr(args, "fit", None):
+        return load_fit(args.fit, runs)
+    law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
+    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
+        if args.bootstrap else None
+    return law, boot
+
+
+def add_fit_file_argument(p) -> None:
+    p.add_argument("--fit", metavar="FILE", help="reuse a fit saved by `capscale fit RUNS -o FILE` (same table): no "
+                                                 "refitting, the saved bootstrap replicates give the intervals")
+
+
 def runs_from_args(args):
     return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
 
@@ -59,6 +75,9 @@ def _fit_command(args) -> None:
         if args.bootstrap else None
     intervals = boot.intervals(law.values()) if boot else None
     _warn(fit_warnings(law, boot))
+    if args.output:
+        save_fit(args.output, law, boot, runs, args.seed)
+        print(f"fit saved to {args.output}", file=sys.stderr)
     if args.json:
         print(json.dumps(fit_json(law, intervals, boot), indent=1))
         return
@@ -80,14 +99,17 @@ def add_fit_command(sub) -> None:
     p.add_argument("--law", default="decoupled", choices=list(LAWS),
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
+    p.add_argument("-o", "--output", default=None, metavar="FILE",
+                   help="save the fit and its bootstrap replicates (JSON) for validate/predict/compose/report --fit")
     p.add_argument("--fix-E", type=nonnegative, default=None, metavar="E",
                    help="hold the irreducible loss E fixed (where the runs cannot identify it)")
     p.set_defaults(func=_fit_command)
 
 
 def _validate_command(args) -> None:
-    v = validate(runs_from_args(args), n_boot=args.bootstrap, seed=args.seed, form=args.form, delta=args.delta,
-                 n_jobs=args.jobs, baseline=args.baseline, level=args.level)
+    runs = runs_from_args(args)
+    law, boot = fitted(args, runs)
+    v = validate(runs, form=args.form, law=law, boot=boot, n_boot=0)
     _warn(v.warnings)
     cal = calibration(v.table, v.boot.samples, args.level) if v.boot is not None and len(v.table) >= 3 else None
     if args.json:
@@ -102,13 +124,15 @@ def add_validate_command(sub) -> None:
                                    "product), then leave-one-format-out: each format predicted without it.")
     add_run_arguments(p, bootstrap_default=200)
     p.add_argument("--form", default="tanh", choices=list(FORMS), help="rho form")
+    add_fit_file_argument(p)
     p.set_defaults(func=_validate_command)
 
 
 def _predict_command(args) -> None:
-    out = predict_format(runs_from_args(args), args.spec, args.a_format, args.params, args.tokens, n_boot=args.bootstrap,
-                         seed=args.seed, form=args.form, baseline=args.baseline,
-                         level=args.level)
+    runs = runs_from_args(args)
+    law, boot = fitted(args, runs)
+    out = predict_format(runs, args.spec, args.a_format, args.params, args.tokens, form=args.form, law=law, boot=boot,
+                         n_boot=0)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
@@ -127,6 +151,7 @@ def add_predict_command(sub) -> None:
     p.add_argument("--tokens", type=positive, required=True)
     p.add_argument("--form", default="tanh", choices=list(FORMS))
     add_run_arguments(p, bootstrap_default=200, runs_option=True)
+    add_fit_file_argument(p)
     p.set_defaults(func=_predict_command)
 
 
@@ -140,9 +165,7 @@ def _compose_command(args) -> None:
             print(grid_summary(result))
         return
     runs = runs_from_args(args)
-    law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
-        if args.bootstrap else None
+    law, boot = fitted(args, runs)
     table = compose_runs(law.eff_, boot)
     if not table.empty and boot is not None:
         table = composability_wald(list(table[["combined", "part1", "part2"]].itertuples(index=False, name=None)),
@@ -163,6 +186,7 @@ def add_compose_command(sub) -> None:
     p.add_argument("--grid", action="store_true", help="RUNS is a capacity grid CSV (row labels, column labels)")
     p.add_argument("--edge-row", default=None, help="grid row where the other part is uncompressed")
     p.add_argument("--edge-col", default=None, help="grid column where the other part is uncompressed")
+    add_fit_file_argument(p)
     p.set_defaults(func=_compose_command)
 
 
@@ -171,8 +195,10 @@ def _report_command(args) -> None:
     runs = runs_from_args(args)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
     replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
+    law, boot = fitted(args, runs)
     report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
-                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline, level=args.level)
+                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline, level=args.level,
+                          law=law, boot=boot)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 
@@ -185,6 +211,7 @@ def add_report_command(sub) -> None:
     p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
     p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
                                                         "fitted): the fit-health check compares the misfit with it")
+    add_fit_file_argument(p)
     p.set_defaults(func=_report_command)
 
 

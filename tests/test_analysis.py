@@ -340,3 +340,17 @@ def test_paired_mixed_model_flags_a_true_zero_difference_at_about_the_nominal_ra
         flagged += bool(table.loc["same", "differs"])
         differs += bool(table.loc["worse", "differs"])
     assert flagged <= 5 and differs == 40  # 5% nominal: 2 expected of 40, Holm only lowers it
+
+
+def test_a_saved_fit_is_reused_with_the_same_numbers_and_refused_for_other_data(tmp_path, capscale_cli):
+    path = _write(tmp_path, simulate_runs(capacity_effs(), noise=0.003, specs=SPECS))
+    saved = tmp_path / "study.fit.json"
+    assert capscale_cli("fit", str(path), "--bootstrap", "12", "-o", str(saved)).returncode == 0
+    for command in (["validate", str(path)], ["compose", str(path)],
+                    ["predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path)]):
+        reused = capscale_cli(*command, "--fit", str(saved), "--json")
+        refit = capscale_cli(*command, "--bootstrap", "12", "--seed", "0", "--json")
+        assert reused.returncode == 0 and json.loads(reused.stdout) == json.loads(refit.stdout), command
+    other = _write(tmp_path, simulate_runs(capacity_effs(), noise=0.003, specs=SPECS, seed=1), "other.csv")
+    refused = capscale_cli("validate", str(other), "--fit", str(saved))
+    assert refused.returncode == 2 and "other data" in refused.stderr
