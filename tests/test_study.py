@@ -68,12 +68,19 @@ def test_seed_repeats_are_their_sweep_grid_at_cells_of_the_study():
     assert {r["seed"] for r in repeats}.isdisjoint({r["seed"] for r in study})
 
 
-def test_shipped_study_fit_identifies_E_and_separates_int2_int4_bf16():
+def test_shipped_study_fit_separates_int2_int4_bf16_and_its_misfit_is_the_deep_narrow_size():
     runs = load_runs(load_sweep(STUDY).runs)
     law = DecoupledLaw().fit(runs)
     boot = bootstrap(law, runs, 100, seed=0, progress=False)
     intervals = boot.intervals(law.values())
-    health = fit_health(law, runs, boot).set_index("check")
-    assert health.loc["irreducible loss E", "verdict"] == "ok"
     assert law.eff_["int2"] < law.eff_["int4"] < 1
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
+    # The 4-layer, width-16 size (13,456 parameters) trains worse than its count says: its cells carry the misfit,
+    # and without it the law identifies E. The efficiencies move little either way (README, "The shipped study").
+    residual = runs.assign(r=law.residuals_).groupby("params")["r"].mean()
+    assert residual[13456] < -2 * residual.drop(13456).abs().max()  # -0.040 against at most 0.016 elsewhere
+    without = runs[runs["params"] != 13456]
+    law_without = DecoupledLaw().fit(without)
+    health = fit_health(law_without, without).set_index("check")
+    assert health.loc["irreducible loss E", "verdict"] == "ok"
+    assert abs(law_without.eff_["int4"] / law.eff_["int4"] - 1) < 0.05
