@@ -47,7 +47,6 @@ class CapacityRegression:
         part = lambda spec, g: np.where(spec.isna().to_numpy(), 1.0, fn(np.clip(g.to_numpy(float), 1e-12, 1.0), *c))  # noqa: E731
         return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
 
-    @single_threaded_blas
     def fit(self, formats: pd.DataFrame, eff, start: dict | None = None) -> "CapacityRegression":
         """Least squares on log efficiency (trust-region, bounded). `start`: constants to start from alone (a
         bootstrap refit next to the full-data fit); otherwise the form's few starting points."""
@@ -149,6 +148,7 @@ def _eff_columns(formats):
     return [f"eff[{f}]" for f in formats]
 
 
+@single_threaded_blas  # once per batch: probing the BLAS pools costs more than one of these tiny fits
 def _replicate_rho(job) -> list:
     """For bootstrap replicates (rows of efficiencies): rho refitted on all formats, and each format's prediction
     with rho refitted without it; each fit starts from the corresponding full-data fit."""
