@@ -158,17 +158,29 @@ class DecoupledLaw(ScalingLaw):
             raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         free = (None, None)
         bounds = [free] * (k + 1) + [free if self.fix_E is None else (np.log(fixed_e),) * 2] + [free] * 2
+        polish = lambda theta0: optimize.minimize(  # noqa: E731
+            self._objective, theta0, args=(fi, log_n, log_d, log_l, k), jac=True, method="L-BFGS-B", bounds=bounds,
+            options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
         if start is not None and len(start) == k + 4:
-            res = optimize.minimize(self._objective, start, args=(fi, log_n, log_d, log_l, k), jac=True,
-                                    method="L-BFGS-B", bounds=bounds,
-                                    options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
-            if res.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in res.x[k + 2:]):
-                return self._set(runs, res)
+            warm = polish(start)
+            if warm.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in warm.x[k + 2:]):
+                return self._set(runs, warm)
+        best = None
+        for _, alpha, beta, coef in self._candidates(fi, log_n, log_d, log_l, k, loss, fixed_e,
+                                                     EXPONENT_GRID)[:POLISH_STARTS]:
+            logs = np.log(np.maximum(coef, 1e-12))
+            res = polish(np.concatenate([logs[:k], logs[k:k + 2], [alpha, beta]]))
+            if best is None or res.fun < best.fun:
+                best = res
+        return self._set(runs, best)
+
+    def _candidates(self, fi, log_n, log_d, log_l, k, loss, fixed_e, grid) -> list:
+        """For each (alpha, beta) of the grid, the exact nonnegative linear solve of (A_f, B, E): best first."""
         onehot = np.eye(k)[fi]
         candidates = []
-        for alpha in EXPONENT_GRID:
+        for alpha in grid:
             xa = onehot * np.exp(-alpha * log_n)[:, None]
-            for beta in EXPONENT_GRID:
+            for beta in grid:
                 columns = [xa, np.exp(-beta * log_d)] + ([np.ones_like(log_n)] if self.fix_E is None else [])
                 design = np.column_stack(columns)
                 coef, _ = optimize.nnls(design / loss[:, None], (loss - fixed_e) / loss)
@@ -176,17 +188,7 @@ class DecoupledLaw(ScalingLaw):
                 if np.all(pred > 0):
                     coef = coef if self.fix_E is None else np.append(coef, fixed_e)
                     candidates.append((huber_total(np.log(pred) - log_l, self.delta), alpha, beta, coef))
-        candidates.sort(key=lambda c: c[0])
-        best = None
-        for _, alpha, beta, coef in candidates[:POLISH_STARTS]:
-            logs = np.log(np.maximum(coef, 1e-12))
-            theta0 = np.concatenate([logs[:k], logs[k:k + 2], [alpha, beta]])
-            res = optimize.minimize(self._objective, theta0, args=(fi, log_n, log_d, log_l, k), jac=True,
-                                    method="L-BFGS-B", bounds=bounds,
-                                    options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
-            if best is None or res.fun < best.fun:
-                best = res
-        return self._set(runs, best)
+        return sorted(candidates, key=lambda c: c[0])
 
     def _set(self, runs, res):
         k = len(self.formats_)
