@@ -17,10 +17,7 @@ from capscale.capacity.gmse import DEFAULT_SAMPLES
 
 from . import commands_analysis, commands_train
 from .options import whole
-
-
-def print_table(frame: pd.DataFrame, floatfmt: str = "{:.6g}") -> None:
-    print(frame.to_string(index=False, float_format=floatfmt.format))
+from .output import print_table
 
 
 def add_formats_command(sub) -> None:
@@ -38,7 +35,7 @@ def _gmse_command(args) -> None:
         print(json.dumps([{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho")}
                           for r in results], indent=1))
     else:
-        print_table(pd.DataFrame([r.as_dict() for r in results]).drop(columns=["shape"]))
+        print_table(pd.DataFrame([r.as_dict() for r in results]).drop(columns=["shape"]), floatfmt="{:.6g}")
 
 
 def add_gmse_command(sub) -> None:

@@ -19,6 +19,7 @@ from capscale.capacity import BASELINE
 
 from .demo import run_demo
 from .options import level, nonnegative, positive, whole
+from .output import print_table
 
 
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
@@ -172,10 +173,8 @@ def _compose_command(args) -> None:
                                    law.eff_, boot.samples, args.level).table
     if table.empty:
         print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
-    elif args.json:
-        print(table.to_json(orient="records", indent=1))
     else:
-        print(table.to_string(index=False, float_format="{:.4g}".format))
+        print_table(table, args.json)
 
 
 def add_compose_command(sub) -> None:

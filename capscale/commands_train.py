@@ -14,6 +14,7 @@ from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_
 from capscale.trainers.train import TrainConfig, failed_record, train, train_and_record
 
 from .options import positive, whole
+from .output import print_table
 
 
 def _train_command(args) -> None:
@@ -93,11 +94,7 @@ def add_sweep_command(sub) -> None:
 
 
 def _diagnose_command(args) -> None:
-    table = diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens)
-    if args.json:
-        print(table.to_json(orient="records", indent=1))
-    else:
-        print(table.to_string(index=False, float_format="{:.4g}".format))
+    print_table(diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens), args.json)
 
 
 def add_diagnose_command(sub) -> None:
