@@ -9,7 +9,6 @@ Run: python benchmarks/bench_analysis.py [path/to/chinchilla_epoch_240.csv]
 import itertools
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import optimize, special

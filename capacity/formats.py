@@ -72,10 +72,6 @@ class Component:
     def exact_mse(self) -> float:
         raise SpecError(f"exact GMSE is not available for '{self.spec}': use Monte Carlo (exact=False)")
 
-    def keep_mask(self, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
-        """The entries this step keeps (sparsity steps override it); used by sparse gradient estimators."""
-        return keep
-
 
 class Format:
     """A compressed number format: `fmt(x)` is x compressed then decompressed (same shape and dtype)."""
@@ -104,12 +100,6 @@ class Format:
             return part.apply(t, keep, lambda u, k: run(i + 1, u, k))
         values = run(0, x.float(), None).to(x.dtype)
         return Compressed(values, seen["tolerance"], seen["keep"])
-
-    def keep_mask(self, x: torch.Tensor) -> torch.Tensor | None:
-        keep = None
-        for part in self.parts:
-            keep = part.keep_mask(x, keep)
-        return keep
 
     def component(self, kind: type) -> "Component | None":
         """The first component of a kind (a sparsity step, a quantizer), or None."""

@@ -156,12 +156,6 @@ class Claim:
         self._stop.set()
         self.file.unlink(missing_ok=True)
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 def claim(path: "str | Path", key: str) -> Claim | None:
     """Claim run `key` of table `path` for this process, atomically (O_EXCL in `<table>.claims/`); None if

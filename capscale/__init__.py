@@ -6,25 +6,41 @@
     capscale.DecoupledLaw().fit(capscale.load_runs("runs.jsonl")).eff_
 
 Subpackages: `capscale.capacity` (formats, GMSE, the rho law), `capscale.trainers` (model, compressed
-layers, training, sweeps), `capscale.analysis` (run tables, law fits, bootstrap, reports).
+layers, training, sweeps), `capscale.analysis` (run tables, law fits, bootstrap, reports). The names below
+load their subpackage on first use, so importing one part (say `capscale.capacity`) does not import the
+others (statsmodels, matplotlib and seaborn come with the analysis).
 """
+import importlib
 from importlib.metadata import PackageNotFoundError, version
 
-from .analysis.bootstrap import bootstrap
-from .analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw, make_law
-from .analysis.report import build_report
-from .analysis.runs import load_runs
-from .analysis.validate import validate
-from .capacity import BASELINE, Component, Format, compare, gmse, parse, register, registry, rho
-from .trainers.compression import Compression
-from .trainers.diagnose import diagnose
-from .trainers.train import TrainConfig, train
+_API = {
+    ".capacity": ("BASELINE", "Component", "Format", "compare", "gmse", "parse", "register", "registry", "rho"),
+    ".analysis.bootstrap": ("bootstrap",),
+    ".analysis.laws": ("DecoupledLaw", "FrantarLaw", "KumarLaw", "UnifiedLaw", "make_law"),
+    ".analysis.report": ("build_report",),
+    ".analysis.runs": ("load_runs",),
+    ".analysis.validate": ("validate",),
+    ".trainers.compression": ("Compression",),
+    ".trainers.diagnose": ("diagnose",),
+    ".trainers.train": ("TrainConfig", "train"),
+}
+_HOME = {name: module for module, names in _API.items() for name in names}
 
 try:
     __version__ = version("capscale")
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
-__all__ = ["BASELINE", "Component", "Compression", "DecoupledLaw", "diagnose", "Format", "FrantarLaw", "KumarLaw", "TrainConfig",
-           "UnifiedLaw", "bootstrap", "build_report", "compare", "gmse", "load_runs", "make_law", "parse", "register",
-           "registry", "rho", "train", "validate", "__version__"]
+__all__ = sorted(_HOME) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module 'capscale' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOME[name], __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return __all__

@@ -69,7 +69,7 @@ def test_the_wheel_installs_only_capscale_with_its_data_and_templates(tmp_path):
                     "capscale/capacity/formats.py", "capscale/trainers/train.py", "capscale/__main__.py"):
         assert shipped in names, shipped
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "capscale = capscale.cli:main" in entry_points and "capkit" not in entry_points
+    assert entry_points.split() == ["[console_scripts]", "capscale", "=", "capscale.cli:main"]  # the one command
 
 
 def test_python_m_capscale_is_the_command(capscale_cli):

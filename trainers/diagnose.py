@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from capscale import capacity
-from capscale.capacity.structure import fwht
+from capscale.capacity.structure import Hadamard, fwht
 
 from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
@@ -61,7 +61,7 @@ def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int
         width = layer.weight.shape[1]
         if width not in gaussian:
             gaussian[width] = capacity.gmse(fmt, samples=samples, row_length=width).gmse
-        block = layer.hadamard_block or capacity.parse("hadamard").parts[0].block_for(width)
+        block = layer.hadamard_block or Hadamard().block_for(width)
         tensors = {"weight": layer.weight.detach(), "activation": torch.cat([t.reshape(-1, width) for t in inputs[name]])}
         for tensor, v in tensors.items():
             for rotated in (False, True):
