@@ -18,12 +18,14 @@ import pandas as pd
 from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
-from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, parse, rho
+from capscale.capacity import BASELINE, InputError, is_uncompressed, parse, rho
 
 from .runs import check_identifiable, format_table, require_capacity
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
+E_FLOOR = 1e-6  # relative to the smallest loss
+ROUGH_TOLERANCE = 1e-10  # relative objective change that ends a start's first, rough descent
 
 
 def single_threaded_blas(fit):
@@ -51,6 +53,29 @@ def _logsumexp3(t1, t2, t3):
     return m + np.log(s), (w1 / s, w2 / s, w3 / s)
 
 
+def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """min ||X c - y|| subject to c >= 0 for a stack of designs X (g, n, p) sharing y: batched unconstrained
+    solves where every coefficient comes out nonnegative, then with the last column (E) at 0 where the KKT
+    condition shows that is optimal; only the remaining problems go to scipy's active-set NNLS, one by one."""
+    def solve(x):  # normal equations on unit-norm columns (they span ten orders of magnitude)
+        xt = x.transpose(0, 2, 1)
+        gram = xt @ x
+        scale = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
+        gram = gram / (scale[:, :, None] * scale[:, None, :])
+        return np.linalg.solve(gram, ((xt @ target) / scale)[..., None])[..., 0] / scale
+
+    coef = solve(design)
+    pending = np.flatnonzero(np.any(coef < 0, axis=1))
+    if len(pending):
+        reduced = solve(design[pending, :, :-1])
+        residual = target - (design[pending, :, :-1] @ reduced[..., None])[..., 0]
+        optimal = np.all(reduced >= 0, axis=1) & (np.sum(design[pending, :, -1] * residual, axis=1) <= 0)
+        coef[pending[optimal]] = np.column_stack([reduced[optimal], np.zeros(optimal.sum())])
+        for g in pending[~optimal]:
+            coef[g] = optimize.nnls(design[g], target)[0]
+    return coef
+
+
 class ScalingLaw:
     """Common machinery: data arrays, the Huber objective, prediction, summaries."""
 
@@ -71,7 +96,6 @@ class ScalingLaw:
         labels = [self.baseline] + sorted(set(runs["format"]) - {self.baseline})
         self.formats_ = labels
         self._index = {f: i for i, f in enumerate(labels)}
-        self._specs = format_table(runs)[["w_spec", "a_spec", "w_gmse", "a_gmse"]]
         fi = runs["format"].map(self._index).to_numpy()
         return fi, np.log(runs["params"].to_numpy(float)), np.log(runs["tokens"].to_numpy(float)), \
             np.log(runs["loss"].to_numpy(float))
@@ -117,7 +141,7 @@ class ScalingLaw:
         """Every fitted number, flat: parameters and eff[label]."""
         return {**self.params_, **{f"eff[{k}]": v for k, v in self.eff_.items()}}
 
-    def summary(self, intervals: pd.DataFrame | None = None) -> str:
+    def summary(self, intervals: pd.DataFrame | None = None, level: float = 0.95) -> str:
         rows = []
         for name, value in self.values().items():
             if intervals is not None and name in intervals.index:
@@ -128,7 +152,7 @@ class ScalingLaw:
         head = (f"{self.law} law: {self.formula_text}, Huber(delta={self.delta:g}) on log loss\n"
                 f"  runs {self.n_runs_}, objective {self.objective_:.6e}, RMSE log-loss {self.rmse_log_:.4g}, "
                 f"RMSE loss {self.rmse_loss_:.4g}, baseline '{self.baseline}' (eff = 1)")
-        ci = "" if intervals is None else "   95% interval, bootstrap s.e."
+        ci = "" if intervals is None else f"   {level:.0%} interval, bootstrap s.e."
         return head + f"\n  {'parameter':<28} {'value':>12}{ci}\n" + "\n".join(rows)
 
 
@@ -157,38 +181,55 @@ class DecoupledLaw(ScalingLaw):
         if self.fix_E is not None and not 0 < fixed_e < loss.min():
             raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         free = (None, None)
-        bounds = [free] * (k + 1) + [free if self.fix_E is None else (np.log(fixed_e),) * 2] + [free] * 2
-        polish = lambda theta0: optimize.minimize(  # noqa: E731
-            self._objective, theta0, args=(fi, log_n, log_d, log_l, k), jac=True, method="L-BFGS-B", bounds=bounds,
-            options={"maxiter": 20000, "ftol": 1e-15, "gtol": 1e-12})
+        # E below a millionth of the smallest loss changes no prediction; bounding it there stops L-BFGS from
+        # walking log E towards -inf along a flat ridge where the runs do not identify E (thousands of steps).
+        e_range = (np.log(E_FLOOR * loss.min()), None) if self.fix_E is None else (np.log(fixed_e),) * 2
+        bounds = [free] * (k + 1) + [e_range] + [free] * 2
+        # L-BFGS runs in centred coordinates (log A_f and log B at the mean log N and log D): uncentred, each
+        # log A_f moves with alpha times log N ~ 20, a ridge that took L-BFGS over a thousand steps to follow.
+        centre = np.zeros(k + 4)
+        centre[:k], centre[k] = log_n.mean(), log_d.mean()
+        shift = lambda theta, sign: theta + sign * centre * np.r_[np.full(k, theta[k + 2]), theta[k + 3], 0, 0, 0]  # noqa: E731
+
+        def polish(theta0, tolerance=1e-15):
+            res = optimize.minimize(self._objective, shift(theta0, -1), jac=True, method="L-BFGS-B", bounds=bounds,
+                                    args=(fi, log_n - log_n.mean(), log_d - log_d.mean(), log_l, k),
+                                    options={"maxiter": 20000, "ftol": tolerance, "gtol": tolerance * 1e3})
+            res.x = shift(res.x, +1)
+            return res
         if start is not None and len(start) == k + 4:
             warm = polish(start)
             if warm.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in warm.x[k + 2:]):
                 return self._set(runs, warm)
-        best = None
-        for _, alpha, beta, coef in self._candidates(fi, log_n, log_d, log_l, k, loss, fixed_e,
-                                                     EXPONENT_GRID)[:POLISH_STARTS]:
-            logs = np.log(np.maximum(coef, 1e-12))
-            res = polish(np.concatenate([logs[:k], logs[k:k + 2], [alpha, beta]]))
-            if best is None or res.fun < best.fun:
-                best = res
-        return self._set(runs, best)
+        # Every start is followed into its basin roughly; only the best basin is then polished to full precision.
+        rough = [polish(np.concatenate([np.log(np.maximum(coef[:k + 2], 1e-12)), [alpha, beta]]), ROUGH_TOLERANCE)
+                 for _, alpha, beta, coef in self._candidates(fi, log_n, log_d, log_l, k, loss, fixed_e, EXPONENT_GRID)]
+        return self._set(runs, polish(min(rough, key=lambda r: r.fun).x))
 
     def _candidates(self, fi, log_n, log_d, log_l, k, loss, fixed_e, grid) -> list:
-        """For each (alpha, beta) of the grid, the exact nonnegative linear solve of (A_f, B, E): best first."""
-        onehot = np.eye(k)[fi]
-        candidates = []
-        for alpha in grid:
-            xa = onehot * np.exp(-alpha * log_n)[:, None]
-            for beta in grid:
-                columns = [xa, np.exp(-beta * log_d)] + ([np.ones_like(log_n)] if self.fix_E is None else [])
-                design = np.column_stack(columns)
-                coef, _ = optimize.nnls(design / loss[:, None], (loss - fixed_e) / loss)
-                pred = design @ coef + fixed_e
-                if np.all(pred > 0):
-                    coef = coef if self.fix_E is None else np.append(coef, fixed_e)
-                    candidates.append((huber_total(np.log(pred) - log_l, self.delta), alpha, beta, coef))
-        return sorted(candidates, key=lambda c: c[0])
+        """The exact nonnegative linear solve of (A_f, B, E) at each (alpha, beta) of the grid: returned, best
+        first, are the POLISH_STARTS best points and every local minimum of the grid (a basin the best points,
+        often neighbours, may all miss). The grid's least-squares proxy is not the Huber objective, so the best
+        points are kept even where they are not grid minima."""
+        alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
+        columns = [np.eye(k)[fi] * np.exp(-np.outer(alpha, log_n))[..., None], np.exp(-np.outer(beta, log_d))[..., None]]
+        if self.fix_E is None:
+            columns.append(np.ones((len(alpha), len(log_n), 1)))
+        design = np.concatenate(columns, axis=2) / loss[:, None]
+        coef = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
+        pred = (design @ coef[..., None])[..., 0] * loss + fixed_e
+        with np.errstate(invalid="ignore", divide="ignore"):
+            objective = special.huber(self.delta, np.log(pred) - log_l).sum(axis=1)
+        objective = np.where(np.all(pred > 0, axis=1), objective, np.inf).reshape(len(grid), len(grid))
+        if self.fix_E is not None:
+            coef = np.column_stack([coef, np.full(len(coef), fixed_e)])
+        padded = np.pad(objective, 1, constant_values=np.inf)
+        neighbours = np.min([padded[1 + di:len(grid) + 1 + di, 1 + dj:len(grid) + 1 + dj]
+                             for di in (-1, 0, 1) for dj in (-1, 0, 1) if di or dj], axis=0)
+        order = np.argsort(objective, axis=None)
+        best = set(order[:POLISH_STARTS][np.isfinite(objective.ravel()[order[:POLISH_STARTS]])])
+        minima = set(np.flatnonzero(np.isfinite(objective) & (objective <= neighbours)))
+        return [(objective.flat[g], alpha[g], beta[g], coef[g]) for g in sorted(best | minima, key=objective.flat.__getitem__)]
 
     def _set(self, runs, res):
         k = len(self.formats_)
@@ -210,6 +251,12 @@ class DecoupledLaw(ScalingLaw):
         return huber_total(r, self.delta), grad
 
 
+def format_arrays(info: pd.DataFrame) -> dict:
+    """What the formula laws read of formats (rows of `format_table`, or run rows), as arrays."""
+    out = {f"{side}_compressed": ~info[f"{side}_spec"].map(is_uncompressed).to_numpy(bool) for side in "wa"}
+    return out | {c: info[c].to_numpy(float) for c in ("w_gmse", "a_gmse", "w_bits", "a_bits")}
+
+
 class _FormulaLaw(ScalingLaw):
     """A law whose efficiencies come from a formula with a few constants, fitted jointly with A..beta."""
 
@@ -219,7 +266,8 @@ class _FormulaLaw(ScalingLaw):
     def constant_starts(self, decoupled: DecoupledLaw) -> list:
         raise NotImplementedError
 
-    def formula(self, constants, w_spec, a_spec, w_gmse, a_gmse) -> float:
+    def formula(self, constants, formats: dict) -> np.ndarray:
+        """Efficiencies of formats given as arrays (`format_arrays`)."""
         raise NotImplementedError
 
     def require(self, info: pd.DataFrame) -> None:
@@ -229,11 +277,7 @@ class _FormulaLaw(ScalingLaw):
     def efficiency(self, label, row=None):
         if label in self.eff_:
             return self.eff_[label]
-        return self.formula([self.params_[c] for c in self.constant_names], *self._row_specs(row))
-
-    @staticmethod
-    def _row_specs(row):
-        return row["w_spec"], row["a_spec"], row["w_gmse"], row["a_gmse"]
+        return float(self.formula([self.params_[c] for c in self.constant_names], format_arrays(pd.DataFrame([row])))[0])
 
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame):
@@ -245,14 +289,17 @@ class _FormulaLaw(ScalingLaw):
         self.require(format_table(runs))
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
-        specs = [tuple(self._specs.loc[f]) for f in self.formats_]
+        formats = format_arrays(format_table(runs).loc[self.formats_])
         p = decoupled.params_
-        core0 = [np.log(p["A"]), np.log(p["B"]), np.log(p["E"]), p["alpha"], p["beta"]]
-        core_bounds = [(None, None)] * 3 + [(1e-3, 5.0)] * 2
+        mean_n, mean_d = log_n.mean(), log_d.mean()  # centred, as in the decoupled fit
+        log_n, log_d = log_n - mean_n, log_d - mean_d
+        core0 = [np.log(p["A"]) - p["alpha"] * mean_n, np.log(p["B"]) - p["beta"] * mean_d, np.log(p["E"]), p["alpha"],
+                 p["beta"]]
+        core_bounds = [(None, None)] * 2 + [(np.log(E_FLOOR * np.exp(log_l).min()), None)] + [(1e-3, 5.0)] * 2
 
         def objective(theta):
             la, lb, le, alpha, beta = theta[:5]
-            eff = np.array([self.formula(theta[5:], *s) for s in specs])
+            eff = self.formula(theta[5:], formats)
             if np.any(~np.isfinite(eff)) or np.any(eff <= 0):
                 return 1e6
             pred, _ = _logsumexp3(la - alpha * (log_n + np.log(eff[fi])), lb - beta * log_d,
@@ -267,10 +314,11 @@ class _FormulaLaw(ScalingLaw):
             if best is None or res.fun < best.fun:
                 best = res
         la, lb, le, alpha, beta = best.x[:5]
+        la, lb = la + alpha * mean_n, lb + beta * mean_d
         self.params_ = {"A": float(np.exp(la)), "B": float(np.exp(lb)), "E": float(np.exp(le)),
                         "alpha": float(alpha), "beta": float(beta),
                         **{c: float(v) for c, v in zip(self.constant_names, best.x[5:])}}
-        self.eff_ = {f: float(self.formula(best.x[5:], *s)) for f, s in zip(self.formats_, specs)}
+        self.eff_ = dict(zip(self.formats_, map(float, self.formula(best.x[5:], formats))))
         return self._finish(runs, best.fun)
 
 
@@ -281,38 +329,34 @@ class UnifiedLaw(_FormulaLaw):
     constant_names = ("L", "F", "C")
     constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
 
-    def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
-        part = lambda spec, g: 1.0 if is_uncompressed(spec) else rho(g, *c)  # noqa: E731
-        return part(w_spec, w_gmse) * part(a_spec, a_gmse)
+    def formula(self, c, formats):
+        part = lambda side: np.where(formats[f"{side}_compressed"], rho(formats[f"{side}_gmse"], *c), 1.0)  # noqa: E731
+        return part("w") * part("a")
 
     def constant_starts(self, decoupled):
         return [(1.0, 0.41, 1.39), (0.9, 0.6, 1.0), (1.0, 0.25, 2.0)]
 
 
-@functools.lru_cache(maxsize=None)
 class KumarLaw(_FormulaLaw):
-    """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value."""
+    """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value
+    (a run table's w_bits/a_bits or `bits` columns, else the specs')."""
 
     law = "kumar"
     constant_names = ("g_w", "g_a")
     constant_bounds = ((0.05, 20.0), (0.05, 20.0))
 
-    def formula(self, c, w_spec, a_spec, w_gmse, a_gmse):
-        return (1 - np.exp(-bits_of(w_spec) / c[0])) * (1 - np.exp(-bits_of(a_spec) / c[1]))
+    def formula(self, c, formats):
+        return (1 - np.exp(-formats["w_bits"] / c[0])) * (1 - np.exp(-formats["a_bits"] / c[1]))
 
     def constant_starts(self, decoupled):
         return [(2.6745, 2.2102), (1.0, 1.0), (5.0, 5.0)]
 
     def require(self, info):
-        unknown = []
-        for fmt, row in info.iterrows():
-            try:
-                bits_of(row["w_spec"]), bits_of(row["a_spec"])
-            except InputError as err:
-                unknown.append(f"'{fmt}': {err}")
-        if unknown:
-            raise InputError(f"the kumar law needs each format's bits per value, unknown for {'; '.join(unknown)}: "
-                             "give w_format/a_format specs capscale can parse")
+        unknown = info[info["w_bits"].isna() | info["a_bits"].isna()]
+        if len(unknown):
+            raise InputError(f"the kumar law needs each format's bits per value, unknown for {list(unknown.index)}: "
+                             "give numeric bits (or w_bits/a_bits) columns, or w_format/a_format specs capscale "
+                             "can parse")
 
 
 def sparsity_of(spec) -> float | None:

@@ -56,6 +56,8 @@ def writable_folder(folder: "str | Path") -> Path:
 
 
 def _law_comparison(runs, decoupled, delta):
+    """How well each law fits (not its constants: those need their own bootstrap; `capscale fit --law` gives them
+    with intervals)."""
     rows = [("decoupled", len(decoupled.params_) + len(decoupled.eff_) - 1, decoupled)]
     for name in ("unified", "kumar", "frantar"):
         try:
@@ -65,7 +67,7 @@ def _law_comparison(runs, decoupled, delta):
         rows.append((name, len(fit.params_), fit))
     table = pd.DataFrame([{"law": n, "parameters": k, "runs": f.n_runs_, "objective": f.objective_,
                            "rmse_log_loss": f.rmse_log_, "rmse_loss": f.rmse_loss_} for n, k, f in rows])
-    return table, {n: f for n, _, f in rows}
+    return table
 
 
 def _finite(x):
@@ -126,7 +128,7 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     baseline, level = law.baseline, boot.level if boot is not None else level
     pct = f"{level:.0%}"
     intervals = boot.intervals(law.values()) if boot else None
-    comparison, fits = _law_comparison(runs, law, delta)
+    comparison = _law_comparison(runs, law, delta)
     try:
         validation, capacity_omitted = validate(runs, law=law, boot=boot, n_boot=0, progress=progress), None
     except InputError as err:  # labels without a GMSE, or too few formats: the capacity sections say why instead
@@ -171,7 +173,6 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
 
     results = {"title": title, "source": runs.attrs.get("source"), "baseline": baseline,
                "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
-               "unified": fit_json(fits["unified"], None) if "unified" in fits else None,
                "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
                "capacity": capacity_table.to_dict("records"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
+from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, spec_gmse
 from capscale.capacity.runtable import OPTIONAL, REQUIRED, STATUSES, RunTableError, read_lines
 
 from .query import select
@@ -125,8 +125,8 @@ def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:
         raise RunTableError(f"{where}: all runs have the same tokens per parameter, so D = r N and the N and D terms "
                             "cannot be separated (alpha, beta and the efficiencies trade off); add another token "
                             "budget (--fix-E only pins E)")
-    points = runs.groupby("format")[["params", "tokens"]].apply(lambda g: len(g.drop_duplicates()))
-    thin = points[points < MIN_RUNS_PER_FORMAT]
+    points = runs[["format", "params", "tokens"]].drop_duplicates()["format"].value_counts()
+    thin = points[points < MIN_RUNS_PER_FORMAT].sort_index()
     if len(thin):
         raise RunTableError(f"{where or runs.attrs.get('source', '')}: format(s) {list(thin.index)} have fewer than "
                             f"{MIN_RUNS_PER_FORMAT} distinct (params, tokens) runs; their efficiency is not identified")
@@ -152,14 +152,28 @@ def _gmse_of(spec: str | None, given) -> tuple[float, str]:
         return float("nan"), str(err)
 
 
+def _bits_of(spec: str | None, given) -> float:
+    """Bits per value: a given number, else the spec's own (16 for uncompressed), else NaN."""
+    if pd.notna(given):
+        return _number(given)
+    try:
+        return bits_of(spec)
+    except InputError:
+        return float("nan")
+
+
 def _fill_gmse(runs: pd.DataFrame, baseline: str) -> None:
-    columns = {"w_spec": [], "a_spec": [], "w_gmse": [], "a_gmse": [], "capacity_note": []}
+    """Each run's weight and activation specs, GMSEs and bits per value (`gmse` and `bits` are the weights')."""
+    columns = {"w_spec": [], "a_spec": [], "w_gmse": [], "a_gmse": [], "w_bits": [], "a_bits": [], "capacity_note": []}
     for _, row in runs.iterrows():
         w, a = (None, None) if row["format"] == baseline else _spec_or_label(row)  # the baseline is uncompressed
         given_w = row.get("w_gmse", np.nan)
         wg, w_note = _gmse_of(w, row.get("gmse", np.nan) if pd.isna(given_w) else given_w)
         ag, a_note = _gmse_of(a, row.get("a_gmse", np.nan))
-        for key, value in zip(columns, (w, a, wg, ag, w_note or a_note)):
+        given_bits = row.get("w_bits", np.nan)
+        wb = _bits_of(w, row.get("bits", np.nan) if pd.isna(given_bits) else given_bits)
+        ab = _bits_of(a, row.get("a_bits", np.nan))
+        for key, value in zip(columns, (w, a, wg, ag, wb, ab, w_note or a_note)):
             columns[key].append(value)
     for key, values in columns.items():
         runs[key] = values
@@ -178,7 +192,8 @@ def format_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per format: its specs (None where uncompressed), GMSEs and number of runs."""
     table = (runs.groupby("format", sort=False)
                  .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
-                      a_gmse=("a_gmse", "first"), capacity_note=("capacity_note", "first"), runs=("loss", "size")))
+                      a_gmse=("a_gmse", "first"), w_bits=("w_bits", "first"), a_bits=("a_bits", "first"),
+                      capacity_note=("capacity_note", "first"), runs=("loss", "size")))
     for col in ("w_spec", "a_spec"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     return table

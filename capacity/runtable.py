@@ -4,8 +4,9 @@ analysis (which fits them).
 A run table is CSV or JSON lines, one run per row. Required: `format` (a label), `params` (N,
 non-embedding parameters), `tokens` (D), `loss` (final validation loss, nats/token). Optional:
 `w_format`, `a_format` (spec strings; a missing w_format means the label is the weights' spec and
-activations are uncompressed), `gmse`, `w_gmse`, `a_gmse` (numeric overrides), `bits`, `status` (only
-`ok` rows are fitted), `seed`, and any other metadata.
+activations are uncompressed), `gmse`, `w_gmse`, `a_gmse`, `bits`, `w_bits`, `a_bits` (numeric overrides
+of what the specs give; `gmse` and `bits` are the weights'), `status` (only `ok` rows are fitted), `seed`,
+and any other metadata.
 
 JSON lines are written by appending under an exclusive lock, flushed to disk, so concurrent writers and
 crashes neither lose nor interleave records. A crash mid-append leaves a torn last line: readers skip it
@@ -28,7 +29,7 @@ from .formats import InputError
 from .spec import BASELINE, is_uncompressed
 
 REQUIRED = ("format", "params", "tokens", "loss")
-OPTIONAL = ("w_format", "a_format", "gmse", "w_gmse", "a_gmse", "bits", "status", "seed")
+OPTIONAL = ("w_format", "a_format", "gmse", "w_gmse", "a_gmse", "bits", "w_bits", "a_bits", "status", "seed")
 STATUSES = ("ok", "diverged", "failed")
 FINISHED = ("ok", "diverged")  # a run with one of these records is never trained again
 CLAIM_STALE_S = 600.0          # a claim from another machine not refreshed for this long belongs to a dead process

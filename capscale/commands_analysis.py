@@ -82,7 +82,7 @@ def _fit_command(args) -> None:
     if args.json:
         print(json.dumps(fit_json(law, intervals, boot), indent=1))
         return
-    print(law.summary(intervals))
+    print(law.summary(intervals, args.level))
     if boot:
         print(f"  bootstrap: {len(boot.samples)} refits, {boot.n_failed} failed")
     if runs.attrs.get("skipped"):
@@ -96,7 +96,7 @@ def add_fit_command(sub) -> None:
     p = sub.add_parser("fit", help="fit a scaling law with per-format efficiencies",
                        description="Fit loss = A (N eff)^-alpha + B D^-beta + E over formats (Huber on log loss, "
                                    "global optimum by variable projection), with bootstrap intervals.")
-    add_run_arguments(p)
+    add_run_arguments(p, bootstrap_default=200)  # every fitted constant is printed with its interval
     p.add_argument("--law", default="decoupled", choices=list(LAWS),
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")

@@ -14,7 +14,7 @@ from capscale.analysis.runs import RunTableError, load_runs
 from capscale.analysis.simulate import simulate_runs
 from capscale.analysis.validate import validate
 from capscale import data
-from capscale.capacity import gmse, rho
+from capscale.capacity import InputError, gmse, rho
 
 REFERENCE = data.path("reference")
 CHINCHILLA = data.path("reference", "chinchilla_epoch_240.csv")
@@ -188,7 +188,9 @@ def test_cli_fit_json_contract(chinchilla, capscale_cli):
     result = json.loads(out.stdout)
     assert result["law"] == "decoupled" and result["n_runs"] == 240 and result["objective"] <= 1.018275e-3
     assert set(result["params"]) == {"A", "B", "E", "alpha", "beta"}
-    assert result["params"]["alpha"] == {"value": pytest.approx(0.3473, abs=1e-3), "se": None, "ci": None}
+    alpha = result["params"]["alpha"]  # with the default bootstrap's interval (replication: se 0.015)
+    assert alpha["value"] == pytest.approx(0.3473, abs=1e-3) and alpha["se"] == pytest.approx(0.015, rel=0.3)
+    assert alpha["ci"][0] < alpha["value"] < alpha["ci"][1] and result["bootstrap"]["replicates"] == 200
     assert result["eff"]["bf16"]["value"] == 1.0
 
 
@@ -354,3 +356,19 @@ def test_a_saved_fit_is_reused_with_the_same_numbers_and_refused_for_other_data(
     other = _write(tmp_path, simulate_runs(capacity_effs(), noise=0.003, specs=SPECS, seed=1), "other.csv")
     refused = capscale_cli("validate", str(other), "--fit", str(saved))
     assert refused.returncode == 2 and "other data" in refused.stderr
+
+
+def test_the_kumar_law_reads_bits_columns_of_a_label_only_table():
+    """Bits per value from w_bits/a_bits (or `bits`) columns: Kumar's constants recovered for labels capscale
+    cannot parse; a format without bits is named."""
+    g_w, g_a = 2.0, 1.5
+    bits = {"dense": (16, 16), "w4": (4, 16), "w3": (3, 16), "w2": (2, 16), "w4a4": (4, 4), "w3a6": (3, 6)}
+    kumar = lambda w, a: (1 - np.exp(-w / g_w)) * (1 - np.exp(-a / g_a))  # noqa: E731
+    eff = {label: kumar(w, a) / kumar(16, 16) for label, (w, a) in bits.items()}
+    frame = simulate_runs(eff, noise=0.001, seed=2).drop(columns=["w_format", "a_format"])
+    frame["w_bits"], frame["a_bits"] = (frame["format"].map({k: v[i] for k, v in bits.items()}) for i in (0, 1))
+    fit = KumarLaw(baseline="dense").fit(load_runs(frame, baseline="dense"))
+    assert fit.params_["g_w"] == pytest.approx(g_w, rel=0.15) and fit.params_["g_a"] == pytest.approx(g_a, rel=0.15)
+    frame.loc[frame["format"] == "w3a6", "w_bits"] = np.nan  # and its label is no spec
+    with pytest.raises(InputError, match="w3a6"):
+        KumarLaw(baseline="dense").fit(load_runs(frame, baseline="dense"))
