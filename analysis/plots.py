@@ -1,157 +1,186 @@
-"""Report figures (seaborn). Each function takes fitted objects and returns a matplotlib Figure."""
+"""Report figures about the runs and the fit (seaborn/matplotlib). Every figure colours and marks formats by
+family (`families.format_styles`), labels points without collisions, and returns a matplotlib Figure."""
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
-from capscale.capacity.law import rho  # noqa: E402
+from .families import FAMILIES  # noqa: E402
 
 LOSS_LABEL = "validation loss (nats per byte)"
 N_LABEL = "non-embedding parameters N"
-sns.set_theme(style="whitegrid", context="notebook")
+WIDTH = 10.5  # inches: the page width at the report's resolution
+sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
 
 
-def _palette(formats):
-    return dict(zip(formats, sns.color_palette("tab20", len(formats))))
+def family_legend(ax, styles: pd.DataFrame, **kwargs) -> None:
+    """A legend of the families present: marker and base colour."""
+    present = [f for f in FAMILIES if f in set(styles["family"])]
+    handles = [Line2D([], [], color=FAMILIES[f][0], marker=FAMILIES[f][1], ls="", markersize=8, label=f) for f in present]
+    ax.legend(handles=handles, title="family", **{"fontsize": 9, "title_fontsize": 9, **kwargs})
 
 
-def _error_bars(value, lo, hi):
-    """Asymmetric error bars for matplotlib from interval ends; None where any interval is missing."""
-    return np.vstack([value - lo, hi - value]).clip(0) if lo.notna().all() else None
+def format_legend(fig, styles: pd.DataFrame, formats) -> None:
+    """A legend of formats below the figure, grouped by family (shade and marker)."""
+    handles = [Line2D([], [], color=styles.at[f, "color"], marker=styles.at[f, "marker"], ls="-", markersize=7,
+                      label=f"{f} ({styles.at[f, 'family']})") for f in styles.index if f in set(formats)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
 
 
-def loss_vs_params(runs: pd.DataFrame, law) -> plt.Figure:
-    """Observed losses and the fitted law, one panel per tokens-per-parameter ratio."""
+def label_points(ax, xs, ys, labels, colors=None, min_gap: float = 13.0, side: str = "right") -> None:
+    """Labels beside the points (`side`), moved apart vertically (in screen points) so that none overlap."""
+    fig = ax.figure
+    fig.canvas.draw()
+    to_screen = ax.transData.transform
+    pts = np.array([to_screen((x, y)) for x, y in zip(xs, ys)])
+    order = np.argsort(pts[:, 1])
+    placed = pts[:, 1].copy()
+    scale = fig.dpi / 72.0
+    for prev, cur in zip(order[:-1], order[1:]):
+        if abs(pts[cur, 0] - pts[prev, 0]) < 160 * scale:
+            placed[cur] = max(placed[cur], placed[prev] + min_gap * scale)
+    for i in range(len(pts)):
+        offset = (placed[i] - pts[i, 1]) / scale
+        ax.annotate(labels[i], (xs[i], ys[i]), xytext=(7 if side == "right" else -9, offset), textcoords="offset points",
+                    fontsize=8.5, va="center", ha="left" if side == "right" else "right",
+                    color=None if colors is None else colors[i],
+                    arrowprops=None if abs(offset) < 4 else {"arrowstyle": "-", "lw": 0.5, "color": "#999999"})
+
+
+def _ratio_panels(runs: pd.DataFrame):
+    """Runs grouped by tokens per parameter, binned by octave: [(label, rows)]."""
     ratio = runs["tokens"] / runs["params"]
-    runs = runs.assign(ratio=ratio, octave=np.round(np.log2(ratio)).astype(int))  # D/N binned by octave
-    octaves = sorted(runs["octave"].unique())
-    colors = _palette(law.formats_)
-    fig, axes = plt.subplots(1, len(octaves), figsize=(5.2 * len(octaves), 4.4), sharey=True, squeeze=False)
-    for ax, octave in zip(axes[0], octaves):
-        part = runs[runs["octave"] == octave]
-        ratio, lo, hi = part["ratio"].median(), part["ratio"].min(), part["ratio"].max()
-        sns.scatterplot(data=part, x="params", y="loss", hue="format", palette=colors, ax=ax, s=45, legend=False)
-        grid = np.geomspace(part["params"].min() * 0.8, part["params"].max() * 1.25, 60)
-        for fmt in law.formats_:
-            if fmt in set(part["format"]):
-                rows = part[part["format"] == fmt].iloc[:1]
-                curve = pd.concat([rows] * len(grid)).assign(params=grid, tokens=grid * ratio)
-                ax.plot(grid, law.predict(curve), color=colors[fmt], lw=1.3, label=fmt)
-        span = f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}"
-        ax.set(xscale="log", xlabel=N_LABEL, ylabel=LOSS_LABEL, title=f"D = {span} tokens per parameter")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    axes[0][-1].legend(title="format (fitted curve)", fontsize=7, title_fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    octave = np.round(np.log2(ratio)).astype(int)
+    out = []
+    for o in sorted(octave.unique()):
+        part = runs[octave == o].assign(ratio=ratio[octave == o])
+        lo, hi = part["ratio"].min(), part["ratio"].max()
+        out.append((f"{lo:.0f}" if round(lo) == round(hi) else f"{lo:.0f}-{hi:.0f}", part))
+    return out
+
+
+def seed_means(runs: pd.DataFrame, replicates: pd.DataFrame | None) -> pd.DataFrame:
+    """Mean loss per (format, N, D) over seeds, its standard deviation (NaN with one seed) and seed count."""
+    every = runs if replicates is None else pd.concat([runs, replicates[replicates["format"].isin(runs["format"])]])
+    return (every.groupby(["format", "params", "tokens"], as_index=False)["loss"]
+            .agg(loss="mean", sd="std", seeds="size"))
+
+
+def loss_vs_params(runs: pd.DataFrame, law, styles: pd.DataFrame, replicates: pd.DataFrame | None = None) -> plt.Figure:
+    """Top: loss against N (seed means, bars = seed s.d. where repeated) with the fitted law, one panel per
+    tokens-per-parameter ratio. Bottom: the same runs relative to the baseline at the same (N, D), where gaps of a
+    few percent are visible."""
+    means = seed_means(runs, replicates)
+    panels = _ratio_panels(means)
+    fig, axes = plt.subplots(2, len(panels), figsize=(WIDTH, 8.2), squeeze=False, sharex="col",
+                             gridspec_kw={"height_ratios": [1.25, 1]})
+    base = means[means["format"] == law.baseline].set_index(["params", "tokens"])["loss"]
+    for col, (span, part) in enumerate(panels):
+        top, bottom = axes[0][col], axes[1][col]
+        grid = np.geomspace(part["params"].min() * 0.85, part["params"].max() * 1.15, 60)
+        for fmt in styles.index:
+            rows = part[part["format"] == fmt].sort_values("params")
+            if rows.empty:
+                continue
+            color, marker = styles.at[fmt, "color"], styles.at[fmt, "marker"]
+            top.errorbar(rows["params"], rows["loss"], yerr=rows["sd"].fillna(0), fmt=marker, color=color, ms=6,
+                         capsize=3, elinewidth=1, ls="")
+            curve = pd.DataFrame({"format": fmt, "params": grid, "tokens": grid * rows["ratio"].median()})
+            top.plot(grid, law.predict(curve), color=color, lw=1.1, alpha=0.8)
+            rel = rows["loss"].to_numpy() / base.reindex(list(zip(rows["params"], rows["tokens"]))).to_numpy() - 1
+            bottom.plot(rows["params"], 100 * rel, marker=marker, color=color, ms=6, lw=1)
+        top.set(xscale="log", ylabel=LOSS_LABEL if col == 0 else "", title=f"D = {span} tokens per parameter")
+        bottom.axhline(0, color="black", lw=1)
+        bottom.set(xscale="log", xlabel=N_LABEL, ylabel=f"loss vs '{law.baseline}' (%)" if col == 0 else "")
+        for ax in (top, bottom):
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_xticks(sorted(part["params"].unique()))
+    format_legend(fig, styles, runs["format"])
+    fig.tight_layout(rect=(0, 0.035 * np.ceil(len(styles) / 4) + 0.02, 1, 1))
+    return fig
+
+
+def parity(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
+    """Predicted against observed loss for every fitted run: the fit's misfit at a glance."""
+    pred = law.predict(runs)
+    fig, ax = plt.subplots(figsize=(6.2, 5.6))
+    for fmt in styles.index:
+        mask = (runs["format"] == fmt).to_numpy()
+        ax.scatter(runs["loss"][mask], pred[mask], color=styles.at[fmt, "color"], marker=styles.at[fmt, "marker"],
+                   s=34, edgecolor="white", linewidth=0.4)
+    lims = [min(runs["loss"].min(), pred.min()) * 0.98, max(runs["loss"].max(), pred.max()) * 1.02]
+    ax.plot(lims, lims, color="grey", ls="--", lw=1)
+    ax.set(xlim=lims, ylim=lims, xlabel=f"observed {LOSS_LABEL}", ylabel="predicted by the decoupled law",
+           title=f"Parity: {len(runs)} runs, RMSE {law.rmse_log_:.4f} in log loss")
+    family_legend(ax, styles.loc[styles.index.isin(runs["format"])], loc="upper left")
     fig.tight_layout()
     return fig
 
 
-def efficiency_vs_gmse(validation, draws: pd.DataFrame | None = None) -> plt.Figure:
-    """Fitted efficiencies (with CIs) against GMSE, and the fitted rho curve with its bootstrap band."""
-    t = validation.table.assign(gmse=lambda d: d["w_gmse"] + d["a_gmse"])
-    fig, ax = plt.subplots(figsize=(7, 4.6))
-    g = np.geomspace(max(1e-5, t["gmse"].min() / 3), 0.9, 200)
-    if validation.form == "tanh":
-        ax.plot(g, rho(g, **validation.constants), color="black", lw=1.5, label="fitted rho(GMSE)")
-        ax.plot(g, rho(g), color="grey", ls="--", lw=1, label="published rho (L=1, F=0.41, C=1.39)")
-        if draws is not None and len(draws):
-            curves = np.array([rho(g, *row) for row in draws[["L", "F", "C"]].to_numpy()])
-            lo, hi = np.nanquantile(curves, validation.boot.tails(), axis=0)
-            ax.fill_between(g, lo, hi, color="black", alpha=0.12, label=f"{validation.level:.0%} band")
-    yerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
-    ax.errorbar(t["gmse"], t["fitted"], yerr=yerr, fmt="o", color="tab:blue", capsize=3,
-                label=f"fitted eff ({validation.level:.0%} CI)")
-    for _, r in t.iterrows():
-        ax.annotate(r["format"], (r["gmse"], r["fitted"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set(xscale="log", xlabel="Gaussian MSE (weights + activations)", ylabel="efficiency multiplier eff",
-           title="Fitted efficiency against capacity")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def loo_predictions(validation) -> plt.Figure:
-    t = validation.table
-    fig, ax = plt.subplots(figsize=(5.6, 5.2))
-    xerr = _error_bars(t["fitted"], t["fitted_lo"], t["fitted_hi"])
-    yerr = _error_bars(t["predicted"], t["pred_lo"], t["pred_hi"])
-    ax.errorbar(t["fitted"], t["predicted"], xerr=xerr, yerr=yerr, fmt="o", capsize=3,
-                label=f"format ({validation.level:.0%} intervals)")
-    lims = [min(t["fitted"].min(), t["predicted"].min()) * 0.9, max(t["fitted"].max(), t["predicted"].max()) * 1.05]
-    ax.plot(lims, lims, color="grey", ls="--", label="prediction = fit")
-    for _, r in t.iterrows():
-        ax.annotate(r["format"], (r["fitted"], r["predicted"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set(xlabel="fitted efficiency (decoupled law)", ylabel="predicted from capacity (leave-one-format-out)",
-           title="Capacity predictions vs trained runs")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def residuals(runs: pd.DataFrame, law) -> plt.Figure:
+def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
+    """Residuals against N and against D: structure left in them is what the law misses (a size it misfits,
+    a trend with tokens)."""
     frame = runs.assign(residual=law.residuals_)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sns.stripplot(data=frame, x="format", y="residual", hue="format", palette=_palette(law.formats_), ax=ax,
-                  order=law.formats_, legend=False, size=5, jitter=0.15)
-    ax.axhline(0, color="grey", lw=1)
-    ax.set(xlabel="format", ylabel="log(predicted / observed loss)", title=f"Residuals (RMSE {law.rmse_log_:.4f} in log loss)")
-    ax.tick_params(axis="x", rotation=45)
-    for label in ax.get_xticklabels():
-        label.set_horizontalalignment("right")
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 4.2), sharey=True)
+    rng = np.random.default_rng(0)
+    for ax, column, label in ((axes[0], "params", N_LABEL), (axes[1], "tokens", "training tokens D")):
+        for fmt in styles.index:
+            rows = frame[frame["format"] == fmt]
+            jitter = np.exp(rng.uniform(-0.04, 0.04, len(rows)))
+            ax.scatter(rows[column] * jitter, rows["residual"], color=styles.at[fmt, "color"],
+                       marker=styles.at[fmt, "marker"], s=26, edgecolor="white", linewidth=0.3)
+        means = frame.groupby(column)["residual"].mean()
+        ax.plot(means.index, means.to_numpy(), color="black", lw=1.5, marker="_", ms=18, label="mean residual")
+        ax.axhline(0, color="grey", lw=1)
+        ax.set(xscale="log", xlabel=label)
+        ax.legend(fontsize=9, loc="lower right")
+    axes[0].set_ylabel("log(predicted / observed loss)")
+    fig.suptitle("Residuals of the decoupled fit against model size and tokens", fontsize=11)
     fig.tight_layout()
     return fig
 
 
-def bootstrap_distributions(samples: pd.DataFrame, formats) -> plt.Figure:
-    names = [c for c in ("alpha", "beta", "E") if c in samples]
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * len(names) + 6, 4),
-                             gridspec_kw={"width_ratios": [1] * len(names) + [2.2]})
-    for ax, name in zip(axes, names):
-        sns.histplot(samples[name], ax=ax, bins=30, color="tab:blue")
-        ax.set(xlabel=name, ylabel="bootstrap replicates", title=f"{name}")
-    effs = samples[[f"eff[{f}]" for f in formats]].melt(var_name="format", value_name="eff")
-    effs["format"] = effs["format"].str[4:-1]
-    sns.boxplot(data=effs, y="format", x="eff", ax=axes[-1], color="tab:orange", fliersize=2)
-    axes[-1].set(xlabel="efficiency multiplier eff", ylabel="format", title="efficiency, bootstrap")
+def capacity_vs_bits(table: pd.DataFrame, styles: pd.DataFrame) -> plt.Figure:
+    """Each format's capacity (rho, published constants; a W/A pair's is the product) against its weights' bits
+    per value: what a format buys per bit before any training."""
+    rows = table.dropna(subset=["bits_per_value", "capacity"])
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    for _, r in rows.iterrows():
+        ax.scatter(r["bits_per_value"], r["capacity"], color=styles.at[r["format"], "color"],
+                   marker=styles.at[r["format"], "marker"], s=60, edgecolor="white", linewidth=0.5)
+    label_points(ax, rows["bits_per_value"].to_numpy(), rows["capacity"].to_numpy(), list(rows["format"]),
+                 [styles.at[f, "color"] for f in rows["format"]])
+    ax.set(xlabel="bits per value (weights; scales and metadata included)", ylabel="capacity rho (published constants)",
+           title="Capacity of the formats", ylim=(0, 1.08))
+    family_legend(ax, styles.loc[rows["format"]], loc="lower right")
     fig.tight_layout()
     return fig
 
 
-def composability(table: pd.DataFrame, level: float = 0.95) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6.5, 0.6 * len(table) + 1.6))
-    err = _error_bars(table["ratio"], table["ratio_lo"], table["ratio_hi"])
-    labels = [f"{r.combined} vs {r.part1} x {r.part2}" for r in table.itertuples()]
-    ax.errorbar(table["ratio"], range(len(table)), xerr=err, fmt="o", capsize=4, label=f"ratio ({level:.0%} CI)")
-    ax.axvline(1.0, color="grey", ls="--", label="capacities multiply")
-    ax.set_yticks(range(len(table)), labels)
-    ax.set(xlabel="eff(combined) / (eff(part 1) x eff(part 2))", title="Composability on trained runs")
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    return fig
-
-
-def grid_heatmaps(name: str, result: dict) -> plt.Figure:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    sns.heatmap(result["observed"], annot=True, fmt=".2f", cmap="viridis", ax=axes[0], cbar_kws={"label": "capacity"})
-    axes[0].set(title=f"{name}: published capacity")
-    sns.heatmap(result["error"], annot=True, fmt="+.2f", cmap="RdBu_r", center=0, ax=axes[1],
-                cbar_kws={"label": "product - observed"})
-    axes[1].set(title="product-of-edges prediction error")
-    fig.tight_layout()
-    return fig
-
-
-def per_bit(table: pd.DataFrame) -> plt.Figure:
-    fig, ax = plt.subplots(figsize=(6.5, 4.4))
-    sns.scatterplot(data=table, x="bits_per_value", y="fitted", hue="format", ax=ax, s=60, legend=False)
-    for _, r in table.iterrows():
-        ax.annotate(r["format"], (r["bits_per_value"], r["fitted"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
-    ax.set(xlabel="bits per value (weights; scales and metadata included)", ylabel="fitted efficiency multiplier",
-           title="Efficiency per bit")
+def extrapolation(check: pd.DataFrame, styles: pd.DataFrame) -> plt.Figure:
+    """Relative error of each held-out run (the largest models, fitted without them), by format: a bias shows
+    as every point on one side of zero."""
+    order = [f for f in styles.index if f in set(check["format"])]
+    fig, ax = plt.subplots(figsize=(WIDTH, 4.0))
+    for i, fmt in enumerate(order):
+        rows = check[check["format"] == fmt]
+        ax.scatter(np.full(len(rows), i), 100 * rows["rel_error"], color=styles.at[fmt, "color"],
+                   marker=styles.at[fmt, "marker"], s=45, edgecolor="white", linewidth=0.4)
+    mean = 100 * check["rel_error"].mean()
+    ax.axhline(0, color="black", lw=1)
+    ax.axhline(mean, color="#D55E00", ls="--", lw=1.2, label=f"signed mean {mean:+.2f}%")
+    ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
+    ax.set(ylabel="(predicted - observed) / observed (%)",
+           title=f"Extrapolation to N = {check['params'].max():.4g}, fitted without it")
+    ax.legend(fontsize=9)
     fig.tight_layout()
     return fig

@@ -7,22 +7,26 @@ import io
 import json
 import math
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 
 import jinja2
 import numpy as np
 import pandas as pd
 
-from capscale.capacity import BASELINE, InputError, bits_of, pair_rho
+from capscale.capacity import BASELINE, InputError, pair_rho
 
 from . import plots
 from .bootstrap import bootstrap, extrapolation_check, extrapolation_summary
 from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
+from .families import format_styles
 from .health import fit_health
 from .laws import DecoupledLaw, make_law
+from .report_sections import build_sections
 from .runs import format_table
 from .statistics import calibration, composability_wald, paired_mixed
+from .summary import provenance, verdict
 from .validate import validate
 
 
@@ -38,6 +42,7 @@ class Report:
     calibration: object = None
     wald: object = None
     mixed: object = None
+    summary: list = None    # the verdict sentences: [{"topic", "text"}]
 
 
 def writable_folder(folder: "str | Path") -> Path:
@@ -105,8 +110,15 @@ def _figure_png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _table_html(frame: pd.DataFrame) -> str:
-    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="t")
+def _table_html(frame: pd.DataFrame, caption: str) -> str:
+    """An HTML table with its caption and column headers (pandas writes <th> for every column)."""
+    html = frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="", border=0, classes="t")
+    head_end = html.index(">", html.index("<table")) + 1
+    return html[:head_end] + f"<caption>{escape(caption)}</caption>" + html[head_end:]
+
+
+def _table_md(frame: pd.DataFrame) -> str:
+    return frame.fillna("").to_markdown(index=False, floatfmt=".4g") if len(frame.columns) else ""
 
 
 def format_interval(lo, hi, spec: str = ".3g") -> str:
@@ -117,16 +129,15 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
                  grids: dict | None = None, title: str = "capscale report", progress: bool = True,
                  n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE,
-                 level: float = 0.95, law: DecoupledLaw | None = None, boot=None) -> Report:
+                 level: float = 0.95, law: DecoupledLaw | None = None, boot=None, command: str | None = None) -> Report:
     """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
-    of some runs, not fitted) give the fit-health check its seed-to-seed scatter. A saved `law` and `boot`
-    (`capscale fit -o`) are reused instead of refitting."""
+    of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure its seed
+    bars. A saved `law` and `boot` (`capscale fit -o`) are reused instead of refitting."""
     folder = writable_folder(folder)
     if law is None:
         law = DecoupledLaw(baseline, delta).fit(runs)
         boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level) if n_boot else None
-    baseline, level = law.baseline, boot.level if boot is not None else level
-    pct = f"{level:.0%}"
+    baseline, delta, level = law.baseline, law.delta, boot.level if boot is not None else level
     intervals = boot.intervals(law.values()) if boot else None
     comparison = _law_comparison(runs, law, delta)
     try:
@@ -138,45 +149,30 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     stats_ = _statistics(runs, law, boot, validation, comp, baseline, level)
     health = fit_health(law, runs, boot, replicates)
     extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
+    extrap_summary = None if extrap is None else extrapolation_summary(extrap)
+    grid_results = {name: compose_grid(read_grid(path)) for name, path in (grids or {}).items()}
 
     info = format_table(runs)
-    capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "runs"]].assign(
-        bits_per_value=lambda d: [_bits_or_nan(w) for w in d["w_spec"]],
+    styles = format_styles(info, baseline)
+    capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "w_bits", "runs"]].rename(
+        columns={"w_bits": "bits_per_value"}).assign(
+        family=lambda d: styles.loc[d["format"], "family"].to_numpy(),
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
-    eff_table = pd.DataFrame([{"format": f, "eff": v,
+    eff_table = pd.DataFrame([{"format": f, "family": styles.at[f, "family"], "eff": v,
                                "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
                                "eff_hi": intervals.loc[f"eff[{f}]", "hi"] if intervals is not None else np.nan}
                               for f, v in law.eff_.items()])
-    per_bit = eff_table.merge(capacity_table[["format", "bits_per_value"]], on="format").rename(columns={"eff": "fitted"})
+    summary = verdict(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
+                      comp, health, fit_warnings(law, boot), extrap_summary,
+                      pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
+    origin = provenance(runs, seed, law, boot, level, command)
 
-    figures = {"loss_vs_params": ("Loss against model size, with the fitted decoupled law", plots.loss_vs_params(runs, law)),
-               "residuals": ("Residuals of the decoupled fit by format", plots.residuals(runs, law))}
-    if validation is not None:
-        figures["efficiency_vs_gmse"] = ("Fitted efficiency against Gaussian MSE, with the fitted rho curve",
-                                         plots.efficiency_vs_gmse(validation, validation.draws))
-        figures["loo_predictions"] = ("Leave-one-format-out capacity predictions against fitted efficiencies",
-                                      plots.loo_predictions(validation))
-    if per_bit["bits_per_value"].notna().any():
-        figures["per_bit"] = ("Fitted efficiency against bits per value", plots.per_bit(per_bit.dropna()))
-    if boot is not None and len(boot.samples):
-        figures["bootstrap"] = ("Bootstrap distributions", plots.bootstrap_distributions(boot.samples, law.formats_))
-    if not comp.empty:
-        figures["composability"] = ("Composability on trained runs", plots.composability(comp, level))
-    grid_results = {}
-    for name, path in (grids or {}).items():
-        grid_results[name] = compose_grid(read_grid(path))
-        figures[f"grid_{name}"] = (f"Capacity grid '{name}': product-of-edges prediction",
-                                   plots.grid_heatmaps(name, grid_results[name]))
-    images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
-    for key, data in images.items():
-        (folder / f"{key}.png").write_bytes(data)
-
-    results = {"title": title, "source": runs.attrs.get("source"), "baseline": baseline,
-               "decoupled": fit_json(law, intervals, boot), "law_comparison": comparison.to_dict("records"),
+    results = {"title": title, "summary": summary, "provenance": origin, "source": runs.attrs.get("source"),
+               "baseline": baseline, "decoupled": fit_json(law, intervals, boot),
+               "law_comparison": comparison.to_dict("records"),
                "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
-               "capacity": capacity_table.to_dict("records"),
-               "extrapolation": None if extrap is None else extrapolation_summary(extrap),
+               "capacity": capacity_table.to_dict("records"), "extrapolation": extrap_summary,
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
                "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted,
@@ -185,58 +181,17 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records")}
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    params = pd.DataFrame([{"parameter": k, "value": v,
-                            f"{pct} CI": format_interval(*intervals.loc[k, ["lo", "hi"]]) if intervals is not None else "",
-                            "s.e.": intervals.loc[k, "se"] if intervals is not None else np.nan}
-                           for k, v in law.params_.items()])
-    effs = eff_table.assign(**{f"{pct} CI": [format_interval(a, b) for a, b in zip(eff_table.eff_lo, eff_table.eff_hi)]})[
-        ["format", "eff", f"{pct} CI"]]
-    sections = [
-        ("Capacity of the formats", "GMSE (exact where available, else Monte Carlo) and capacity rho with the "
-         "published constants; a weights/activations pair's capacity is the product; blank spec = uncompressed.",
-         capacity_table.fillna({"w_spec": "", "a_spec": ""})),
-        ("Decoupled fit", f"loss = A (N eff)^-alpha + B D^-beta + E over {law.n_runs_} runs; objective "
-         f"{law.objective_:.4e} (sum of Huber, delta {delta:g}, on log loss); residual RMSE {law.rmse_log_:.4f} "
-         f"in log loss, {law.rmse_loss_:.4f} in loss; "
-         + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed)." if boot else "no bootstrap."), params),
-        ("Fit health", "Can efficiencies be read from this fit? E away from its bound, misfit against the "
-         f"seed-to-seed scatter, and which formats the {pct} intervals tell apart.", health),
-        ("Efficiency per format", f"{pct} bootstrap intervals; baseline '{baseline}' fixed at 1.", effs),
-        ("Paired comparison at equal size and tokens", f"Law-free: mean log(loss / loss of '{baseline}') over the "
-         f"(N, D) cells both formats were trained at, {pct} t-interval, cells where the format is worse, Wilcoxon p.",
-         paired),
-        ("Laws compared", "Fit errors of the decoupled law (one efficiency per format), the unified law "
-         "(eff = rho(GMSE)), Kumar et al.'s bits law and, on sparse runs, Frantar et al.'s law.", comparison),
-    ]
-    sections.append(_validation_section(validation) if validation is not None else
-                    ("Capacity predictions against trained runs", f"Omitted: {capacity_omitted}", pd.DataFrame()))
-    if stats_["calibration"] is not None:
-        cal = stats_["calibration"]
-        sections.append(("Calibration: does capacity predict efficiency?", "WLS of log fitted efficiency on log "
-                         "leave-one-out predicted capacity, weights from the bootstrap variances. " + cal.verdict() + ".",
-                         cal.coefficients()))
-    if stats_["wald"] is not None:
-        sections.append(("Composability: Wald tests", "log eff(AB) - log eff(A) - log eff(B) = 0, variance from the "
-                         "bootstrap covariance of the three log efficiencies.", stats_["wald"].table))
-    if stats_["mixed"] is not None:
-        sections.append(("Paired differences: mixed model", f"log loss ~ format + a random intercept per (N, D) cell; "
-                         f"difference to '{baseline}' with its {pct} interval, p and Holm-adjusted p over the "
-                         f"{len(stats_['mixed'].table)} formats; the Wilcoxon signed-rank p on cell means beside it.",
-                         stats_["mixed"].table))
-    if not comp.empty:
-        sections.append(("Composability", "Ratio eff(combined) / (eff(part 1) x eff(part 2)); 1 inside the "
-                                          "interval means the capacities multiply.", comp))
-    if extrap is not None:
-        sections.append(("Extrapolation", f"Fitted without the largest models (N = {runs['params'].max():.4g}), "
-                                          "then predicted them.", extrap))
-    for name, r in grid_results.items():
-        sections.append((f"Capacity grid '{name}'", f"Edges: row {r['edge_row']}, column {r['edge_col']}; "
-                         f"max |error| {r['max_abs_error']:.3f}, RMS {r['rms_error']:.3f}, rank-1 RMS "
-                         f"{r['rank1_rms_error']:.3f}; worst cell {r['worst_cell'][:2]}.",
-                         r["product"].round(3).reset_index()))
-    _render(folder, title, sections, figures, images)
+    context = dict(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
+                   capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
+                   capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
+                   extrap=extrap, extrap_summary=extrap_summary, grid_results=grid_results, replicates=replicates)
+    sections, figures = build_sections(context)
+    images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
+    for key, data in images.items():
+        (folder / f"{key}.png").write_bytes(data)
+    _render(folder, title, summary, sections, figures, images, origin)
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
-                  stats_["wald"], stats_["mixed"])
+                  stats_["wald"], stats_["mixed"], summary)
 
 
 def _statistics(runs, law, boot, validation, comp, baseline, level) -> dict:
@@ -255,34 +210,18 @@ def _statistics(runs, law, boot, validation, comp, baseline, level) -> dict:
     return out
 
 
-def _bits_or_nan(spec) -> float:
-    try:
-        return bits_of(spec)
-    except InputError:
-        return float("nan")
-
-
-def _validation_section(validation):
-    table = validation.table.assign(
-        fitted_ci=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
-        predicted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
-    table = table[["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_ci", "predicted", "predicted_interval",
-                   "inside", "overlap"]]
-    return ("Capacity predictions against trained runs", "Leave-one-format-out: predicted = rho refitted without "
-            f"the format. inside: the prediction falls inside the fitted {validation.level:.0%} interval; overlap (weaker): the "
-            f"prediction interval and the fitted interval share a value. {validation.verdicts()}.", table)
-
-
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),
                                autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
 
 
-def _render(folder, title, sections, figures, images):
-    """report.md and report.html from their templates: the same sections, tables and figures."""
-    sections = [{"heading": h, "text": text, "table_html": _table_html(table),
-                 "table_md": table.to_markdown(index=False, floatfmt=".4g")} for h, text, table in sections]
-    figures = [{"key": key, "caption": caption, "png_base64": base64.b64encode(images[key]).decode()}
-               for key, (caption, _) in figures.items()]
+def _render(folder, title, summary, sections, figures, images, origin):
+    """report.md and report.html from their templates: the same summary, sections, figures, tables, provenance."""
+    for section in sections:
+        section["tables"] = [{"caption": caption, "html": _table_html(table, caption), "md": _table_md(table)}
+                             for caption, table in section["tables"]]
+        section["figures"] = [{"key": key, "caption": figures[key][0], "png_base64": base64.b64encode(images[key]).decode()}
+                              for key in section["figures"]]
     for name in ("report.md", "report.html"):
-        (folder / name).write_text(TEMPLATES.get_template(f"{name}.j2").render(title=title, sections=sections,
-                                                                              figures=figures))
+        (folder / name).write_text(TEMPLATES.get_template(f"{name}.j2").render(
+            title=title, summary=summary, sections=sections, provenance=origin,
+            provenance_json=json.dumps(origin, indent=1)))

@@ -159,15 +159,26 @@ class Claim:
 
 
 def claim(path: "str | Path", key: str) -> Claim | None:
-    """Claim run `key` of table `path` for this process, atomically (O_EXCL in `<table>.claims/`); None if
+    """Claim run `key` of table `path` for this process, atomically (a hard link in `<table>.claims/`); None if
     another live process holds it. A claim is stale when its process is dead (same machine) or it has not been
     refreshed for CLAIM_STALE_S (another machine sharing the file system): a stale claim is taken over."""
     folder = Path(f"{path}.claims")
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.claim"
+    owner = folder / f".{key}.{socket.gethostname()}.{os.getpid()}.tmp"
+    owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+    try:
+        return _take(file, owner, folder)
+    finally:
+        owner.unlink(missing_ok=True)
+
+
+def _take(file: Path, owner: Path, folder: Path) -> Claim | None:
+    """Link the written owner record to the claim's name: exclusive, and never an empty claim (a process killed
+    between creating a claim file and writing its owner left one that no one could judge stale)."""
     for _ in range(3):
         try:
-            fd = os.open(file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.link(owner, file)
         except FileExistsError:
             if not _stale(file):
                 return None
@@ -176,7 +187,5 @@ def claim(path: "str | Path", key: str) -> Claim | None:
                 if _stale(file):
                     file.unlink(missing_ok=True)
             continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}, f)
         return Claim(file)
     return None

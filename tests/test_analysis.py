@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from markupsafe import escape
 
 from capscale.analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
 from capscale.analysis.compose import compose_grid, compose_runs, read_grid
@@ -225,10 +226,23 @@ def test_report_writes_html_markdown_json_and_figures(tmp_path):
     report = build_report(runs, tmp_path, n_boot=8, progress=False,
                           grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})
     html = (tmp_path / "report.html").read_text()
-    assert html.count("data:image/png;base64,") >= 7
-    assert {"decoupled", "validation", "composability", "law_comparison"} <= set(report.results)
-    assert json.loads((tmp_path / "results.json").read_text())["decoupled"]["n_runs"] == len(runs)
-    assert (tmp_path / "report.md").exists() and (tmp_path / "loss_vs_params.png").stat().st_size > 10_000
+    assert html.count("data:image/png;base64,") >= 9
+    assert {"decoupled", "validation", "composability", "law_comparison", "summary", "provenance"} <= set(report.results)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["decoupled"]["n_runs"] == len(runs)
+    assert (tmp_path / "loss_vs_params.png").stat().st_size > 10_000
+    # verdict first, the same text everywhere: report.md opens with it, results.json holds it
+    topics = [s["topic"] for s in results["summary"]]
+    assert topics[0] == "Does capacity predict efficiency?" and "calibration slope" in results["summary"][0]["text"]
+    markdown = (tmp_path / "report.md").read_text()
+    assert markdown.index("## Summary") < markdown.index("## 1. Capacity")
+    assert results["summary"][0]["text"] in markdown and str(escape(results["summary"][0]["text"])) in html
+    assert "| format" in markdown and "```\n|" not in markdown  # real Markdown tables, not fenced text
+    # provenance: what reproduces the report
+    origin = results["provenance"]
+    assert origin["runs"] == len(runs) and origin["bootstrap_replicates"] == 8 and origin["level"] == 0.95
+    assert origin["numpy"] == np.__version__ and origin["law"] == "decoupled" and origin["date"].startswith("20")
+    assert html.count("<caption>") >= 8 and 'id="provenance-json"' in html
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def browser(tmp_path):
             time.sleep(0.1)
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
             "--disable-quic", "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chrome'}",
-            "--window-size=1280,4000"]
+            "--window-size=1280,1000"]
     session = _call(base, "POST", "/session", {"capabilities": {"alwaysMatch": {
         "browserName": "chrome", "goog:chromeOptions": {"binary": CHROMIUM, "args": args}}}})["sessionId"]
     yield lambda method, path, payload=None: _call(base, method, f"/session/{session}{path}", payload)
@@ -55,20 +55,29 @@ def browser(tmp_path):
     driver.wait(timeout=10)
 
 
-def test_report_renders_with_every_figure_loaded(tmp_path, browser):
-    specs = {"int4": ("int4", None), "int2": ("int2", None), "int4/int4": ("int4", "int4"),
-             "bf16/int4": ("bf16", "int4"), "bf16": ("bf16", None)}
-    eff = {"bf16": 1.0, "int4": 0.82, "int2": 0.45, "int4/int4": 0.67, "bf16/int4": 0.82}
+def test_report_reads_verdict_first_with_every_figure_loaded_and_no_overflow(tmp_path, browser):
+    specs = {"int4": ("int4", None), "int2": ("int2", None), "2:4": ("2:4", None), "2:4+int4": ("2:4+int4", None),
+             "int4/int4": ("int4", "int4"), "bf16/int4": ("bf16", "int4"), "bf16": ("bf16", None)}
+    eff = {"bf16": 1.0, "int4": 0.82, "int2": 0.45, "2:4": 0.6, "2:4+int4": 0.49, "int4/int4": 0.67, "bf16/int4": 0.82}
     report_dir = tmp_path / "report"
-    build_report(load_runs(simulate_runs(eff, specs=specs, noise=0.003)), report_dir, n_boot=8, progress=False)
+    build_report(load_runs(simulate_runs(eff, specs=specs, noise=0.003)), report_dir, n_boot=12, progress=False)
+    browser("POST", "/window/rect", {"width": 1280, "height": 1000})
     browser("POST", "/url", {"url": (report_dir / "report.html").resolve().as_uri()})
-    images = browser("POST", "/execute/sync", {"script": (
-        "return Array.from(document.images).map(i => ({id: i.id, alt: i.alt, ok: i.complete && i.naturalWidth > 0,"
-        " width: i.naturalWidth}))"), "args": []})
-    assert len(images) >= 6
-    assert all(img["ok"] and img["width"] > 300 and img["alt"] for img in images), images
-    tables = browser("POST", "/execute/sync", {"script": "return document.querySelectorAll('table').length", "args": []})
-    assert tables >= 4
+    run = lambda script: browser("POST", "/execute/sync", {"script": script, "args": []})  # noqa: E731
+    assert run("return document.querySelector('section').id") == "summary"  # the first section
+    assert run("return document.querySelector('#summary dt').textContent") == "Does capacity predict efficiency?"
+    images = run("return Array.from(document.images).map(i => ({id: i.id, alt: i.alt, ok: i.complete && "
+                 "i.naturalWidth > 0, width: i.naturalWidth}))")
+    assert len(images) >= 9
+    assert all(img["ok"] and img["width"] > 300 and len(img["alt"]) > 20 for img in images), images
+    # every section pairs its figures with its tables: a figure's section also holds a table
+    assert run("return Array.from(document.querySelectorAll('main section')).filter(s => s.querySelector('img') && "
+               "!s.querySelector('table')).map(s => s.id)") == []
+    assert run("return Array.from(document.querySelectorAll('table')).every(t => t.querySelector('thead th') && "
+               "t.querySelector('caption'))")
+    overflow = run("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert overflow[0] <= overflow[1], f"page scrolls sideways at 1280 px: {overflow}"
+    assert "capscale" in run("return document.getElementById('provenance-json').textContent")
     png = base64.b64decode(browser("GET", "/screenshot"))
     (tmp_path / "report.png").write_bytes(png)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -1,0 +1,64 @@
+"""Format families, the report's visual grammar: one colour and one marker per family (quantized, sparse,
+sparse+quantized, weights+activations, vector), shades of it per format, so the study's main split (sparse vs
+quantized) is visible at a glance and survives greyscale printing."""
+from __future__ import annotations
+
+import colorsys
+
+import pandas as pd
+from matplotlib import colors as mcolors
+
+from capscale.capacity import InputError, is_uncompressed, parse
+from capscale.capacity.structure import Hadamard, NMSparse, Sparse
+from capscale.capacity.vq import VectorQuantizer
+
+FAMILIES = {  # family: (colour, marker); colour-blind-safe hues (Okabe-Ito)
+    "uncompressed": ("#000000", "*"),
+    "quantized": ("#0072B2", "o"),
+    "sparse": ("#E69F00", "s"),
+    "sparse+quantized": ("#CC79A7", "D"),
+    "W+A": ("#D55E00", "^"),
+    "vector": ("#009E73", "P"),
+    "other": ("#777777", "X"),
+}
+
+
+def family(w_spec, a_spec) -> str:
+    """The family of a weights/activations pair of specs (None = uncompressed); 'other' for labels capscale
+    cannot parse."""
+    if not is_uncompressed(a_spec):
+        return "W+A"
+    if is_uncompressed(w_spec):
+        return "uncompressed"
+    try:
+        parts = [p for p in parse(w_spec).parts if not isinstance(p, Hadamard)]
+    except InputError:
+        return "other"
+    if any(isinstance(p, VectorQuantizer) for p in parts):
+        return "vector"
+    sparse = any(isinstance(p, (Sparse, NMSparse)) for p in parts)
+    quantized = any(not isinstance(p, (Sparse, NMSparse)) for p in parts)
+    return "sparse+quantized" if sparse and quantized else "sparse" if sparse else "quantized"
+
+
+def _shades(base: str, n: int) -> list:
+    """n distinguishable shades of one hue, dark to light."""
+    h, lightness, s = colorsys.rgb_to_hls(*mcolors.to_rgb(base))
+    if n == 1:
+        return [mcolors.to_hex(mcolors.to_rgb(base))]
+    top = 0.62 if lightness > 0.05 else 0.55
+    return [mcolors.to_hex(colorsys.hls_to_rgb(h, 0.28 + (top - 0.28) * i / (n - 1), s)) for i in range(n)]
+
+
+def format_styles(info: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Per format (rows of `format_table`): family, colour (a shade of the family's) and marker, ordered by
+    family then label."""
+    fam = pd.Series({f: "uncompressed" if f == baseline else family(r["w_spec"], r["a_spec"])
+                     for f, r in info.iterrows()})
+    order = sorted(fam.index, key=lambda f: (list(FAMILIES).index(fam[f]), f != baseline, f))
+    rows = []
+    for name in FAMILIES:
+        members = [f for f in order if fam[f] == name]
+        for f, colour in zip(members, _shades(FAMILIES[name][0], len(members))):
+            rows.append({"format": f, "family": name, "color": colour, "marker": FAMILIES[name][1]})
+    return pd.DataFrame(rows).set_index("format")

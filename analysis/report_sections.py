@@ -1,0 +1,147 @@
+"""The report's sections, in the order of its argument: what the formats are (capacity), whether the fit can be
+read (fit and health), what it says (efficiencies), whether capacity predicts it, whether capacities compose,
+which law fits, what the runs show without any law (paired), how far the law extrapolates, and the raw numbers.
+Each section pairs its figures with its tables; each figure's caption doubles as its alt text."""
+from __future__ import annotations
+
+import pandas as pd
+
+from . import plots, plots_inference
+
+
+def _interval(lo, hi, spec: str = ".3g") -> str:
+    return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+def build_sections(c: dict) -> tuple[list[dict], dict]:
+    """[{id, heading, text, figures: [key], tables: [(caption, DataFrame)]}] and {key: (caption, Figure)}."""
+    law, boot, level, styles, baseline = c["law"], c["boot"], c["level"], c["styles"], c["law"].baseline
+    pct = f"{level:.0%}"
+    figures, sections = {}, []
+
+    def section(key, heading, text, figs=(), tables=()):
+        for fig_key, caption, fig in figs:
+            figures[fig_key] = (caption, fig)
+        sections.append({"id": key, "heading": heading, "text": text, "figures": [k for k, _, _ in figs],
+                         "tables": list(tables)})
+
+    cap = c["capacity_table"]
+    section("capacity", "1. Capacity of the formats",
+            "Each format's Gaussian MSE (exact where available, else Monte Carlo) and its capacity rho with the "
+            "published constants; a weights/activations pair's capacity is the product of the two; a blank spec is "
+            "uncompressed. Families (colour and marker in every figure) follow the format's components.",
+            [("capacity_vs_bits", "Capacity rho of each format against its weights' bits per value, coloured and "
+              "marked by family.", plots.capacity_vs_bits(cap, styles))] if cap["capacity"].notna().any() else [],
+            [("Formats", cap.fillna({"w_spec": "", "a_spec": ""}))])
+
+    params = pd.DataFrame([{"parameter": k, "value": v,
+                            f"{pct} interval": _interval(*c["intervals"].loc[k, ["lo", "hi"]]) if boot else "",
+                            "s.e.": c["intervals"].loc[k, "se"] if boot else float("nan")}
+                           for k, v in law.params_.items()])
+    figs = [("parity", f"Predicted against observed loss for all {law.n_runs_} runs, by family; the dashed line is "
+             "perfect prediction.", plots.parity(c["runs"], law, styles)),
+            ("residuals", "Residuals of the decoupled fit against model size N and tokens D, with their mean per "
+             "value: a size or token budget the law misfits shows as a mean away from zero.",
+             plots.residuals_vs_nd(c["runs"], law, styles))]
+    if boot is not None and len(boot.samples) > 2:
+        figs.append(("bootstrap_joint", "Bootstrap refits in the (alpha, E) and (alpha, beta) planes, with the fit "
+                     "to all runs as a star: the trade-offs behind the marginal intervals.",
+                     plots_inference.bootstrap_joint(boot.samples, law.params_)))
+    section("fit", "2. The fit and its health",
+            f"loss = A (N eff)^-alpha + B D^-beta + E over {law.n_runs_} runs, Huber (delta {law.delta:g}) on log "
+            f"loss; objective {law.objective_:.4e}, residual RMSE {law.rmse_log_:.4f} in log loss. "
+            + (f"{len(boot.samples)} bootstrap refits ({boot.n_failed} failed), {pct} percentile intervals. "
+               if boot else "No bootstrap. ")
+            + "The health checks say whether efficiencies can be read from this fit: E away from its bound, misfit "
+              "against the seed-to-seed scatter, and how many formats the intervals tell apart.",
+            figs, [("Fitted constants", params), ("Fit health", c["health"])])
+
+    eff = c["eff_table"]
+    section("efficiency", "3. Efficiency per format",
+            f"The efficiency multiplier of each format (effective parameters per parameter) from the decoupled law, "
+            f"with {pct} bootstrap intervals; '{baseline}' is fixed at 1.",
+            [("efficiency_forest", f"Fitted efficiency per format with its {pct} bootstrap interval, best first, "
+              "coloured by family.", plots_inference.efficiency_forest(eff, styles, baseline, level))]
+            if boot is not None else [],
+            [("Efficiencies", eff.assign(**{f"{pct} interval": [_interval(a, b) for a, b in zip(eff.eff_lo, eff.eff_hi)]})
+              [["format", "family", "eff", f"{pct} interval"]])])
+
+    v, cal = c["validation"], c["stats"]["calibration"]
+    if v is None:
+        section("capacity-vs-efficiency", "4. Capacity against efficiency", f"Omitted: {c['capacity_omitted']}")
+    else:
+        t = v.table.assign(fitted_interval=lambda d: [_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
+                           prediction_interval=lambda d: [_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
+        rho_ci = ", ".join(f"{k} = {val:.3g} {_interval(*v.constants_ci[k][:2])}" if k in v.constants_ci else
+                           f"{k} = {val:.3g}" for k, val in v.constants.items())
+        tables = [("Leave-one-format-out predictions", t[["format", "w_gmse", "a_gmse", "capacity", "fitted",
+                                                         "fitted_interval", "predicted", "prediction_interval",
+                                                         "inside", "overlap"]])]
+        if cal is not None:
+            tables.append(("Calibration regression (WLS of log fitted on log predicted efficiency)", cal.coefficients()))
+        section("capacity-vs-efficiency", "4. Capacity against efficiency",
+                f"rho fitted to the fitted efficiencies ({v.form} form, anchored at the baseline): {rho_ci} ({pct}). "
+                "Leave-one-format-out: each format predicted by rho refitted without it. inside: the prediction falls "
+                f"inside the fitted {pct} interval; overlap (weaker): the two intervals share a value. {v.verdicts()}. "
+                + ("" if cal is None else f"Calibration: {cal.verdict()}.")
+                + ("" if not v.warnings else " Warnings: " + "; ".join(v.warnings) + "."),
+                [("efficiency_vs_capacity", "Fitted efficiency with its interval against the fitted rho curve and its "
+                  "bootstrap band; a W/A pair sits at the GMSE whose capacity equals the product of its two; the "
+                  "shaded bar beside each point is its leave-one-format-out prediction interval.",
+                  plots_inference.efficiency_vs_capacity(v, styles))], tables)
+
+    wald, comp = c["stats"]["wald"], c["comp"]
+    figs, tables = [], []
+    if not comp.empty:
+        table = wald.table if wald is not None else comp
+        figs.append(("composability", f"eff(combined) / (eff(part 1) x eff(part 2)) with its {pct} interval; the "
+                     "dashed line at 1 is 'the capacities multiply'.", plots_inference.composability(table, level)))
+        tables.append(("Composability on trained runs" + (" (Wald tests, bootstrap covariance)" if wald else ""), table))
+    for name, r in c["grid_results"].items():
+        figs.append((f"grid_{name}", f"Published capacity grid '{name}' and the error of predicting each cell as the "
+                     "product of its edges.", plots_inference.grid_heatmaps(name, r)))
+        tables.append((f"Capacity grid '{name}': product of edges (row {r['edge_row']}, column {r['edge_col']}; "
+                       f"max |error| {r['max_abs_error']:.3f}, rank-1 RMS {r['rank1_rms_error']:.3f})",
+                       r["product"].round(3).reset_index()))
+    section("composability", "5. Do capacities compose?",
+            "A combined format (weights and activations, or sparsity and quantization) against its parts: "
+            "log eff(AB) - log eff(A) - log eff(B) = 0 tested with the bootstrap covariance of the three log "
+            "efficiencies (Wald); on published grids, each cell predicted as the product of its edges."
+            if figs else "Not tested: no combined format was trained with both its parts, and no grid was given.",
+            figs, tables)
+
+    section("laws", "6. Laws compared",
+            "Fit errors of the decoupled law (one efficiency per format), the unified law (eff = rho(GMSE)), Kumar et "
+            "al.'s bits law and, on sparse runs, Frantar et al.'s law. Their constants, with bootstrap intervals: "
+            "`capscale fit --law NAME`.", (), [("Fit errors per law", c["comparison"])])
+
+    mixed = c["stats"]["mixed"]
+    figs = [("loss_vs_params", f"Loss against model size per tokens-per-parameter ratio (seed means; bars: seed "
+             f"standard deviation where repeated) with the fitted law, and below, loss relative to '{baseline}' at the "
+             "same (N, D).", plots.loss_vs_params(c["runs"], law, styles, c["replicates"]))]
+    tables = [("Paired comparison (mean log loss ratio over shared cells, t-interval, Wilcoxon)", c["paired"])]
+    if mixed is not None and len(mixed.table):
+        figs.insert(0, ("paired_forest", f"Mixed-model log-loss difference to '{baseline}' at equal (N, D) with its "
+                        f"{pct} interval; open markers: not different after Holm adjustment.",
+                        plots_inference.paired_forest(mixed.table, styles, baseline, level)))
+        tables.insert(0, ("Mixed model: log loss ~ format + random intercept per (N, D) cell", mixed.table))
+    section("paired", "7. Paired comparisons at equal size and tokens",
+            f"Law-free: each format's log loss against '{baseline}' trained at the same (N, D). The mixed model has a "
+            f"random intercept per cell (seeds nest in cells); p-values Holm-adjusted over the formats, with the "
+            "Wilcoxon signed-rank test on cell means beside it.", figs, tables)
+
+    if c["extrap"] is not None:
+        section("extrapolation", "8. Extrapolation",
+                f"The law fitted without the largest models (N = {c['runs']['params'].max():.4g}), then asked to "
+                f"predict them: {c['extrap_summary']['text']}.",
+                [("extrapolation", "Relative error of each held-out run by format; the dashed line is the signed mean "
+                  "error: points all on one side mean the law is biased when it extrapolates.",
+                  plots.extrapolation(c["extrap"], styles))], [("Held-out runs", c["extrap"])])
+
+    raw = c["runs"][["format", "params", "tokens", "loss"] + (["seed"] if "seed" in c["runs"] else [])].assign(
+        predicted=law.predict(c["runs"]), residual=law.residuals_).sort_values(["format", "params", "tokens"])
+    skipped = c["runs"].attrs.get("skipped", [])
+    section("appendix", "Appendix: the runs",
+            f"Every fitted run with its prediction and log residual. {len(skipped)} run(s) not fitted (status not ok).",
+            (), [("Fitted runs", raw)] + ([("Runs not fitted", pd.DataFrame(skipped))] if skipped else []))
+    return sections, figures

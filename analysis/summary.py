@@ -1,0 +1,135 @@
+"""The verdict a report leads with: plain sentences generated from the results, each with its numbers, its
+interval and the test it comes from. The same sentences head report.md and report.html, the demo's output and
+results.json; and the provenance that makes a report reproducible."""
+from __future__ import annotations
+
+import hashlib
+import math
+import platform
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+
+from .fitfile import fingerprint
+
+
+def _interval(lo, hi, spec=".2f") -> str:
+    return f"[{lo:{spec}}, {hi:{spec}}]"
+
+
+def capacity_sentence(validation, calibration, capacity_omitted) -> str:
+    if validation is None:
+        return f"Not tested: {capacity_omitted}"
+    t = validation.table.dropna(subset=["inside"])
+    loo = (f"{int(t['inside'].sum())} of {len(t)} formats' leave-one-format-out predictions fall inside their fitted "
+           f"{validation.level:.0%} interval ({int(t['overlap'].sum())} of {len(t)} intervals overlap)") if len(t) else \
+        "no bootstrap, so no leave-one-format-out verdicts"
+    if calibration is None:
+        return f"{loo}."
+    (s, slo, shi), (c, clo, chi) = calibration.slope, calibration.intercept
+    rejected = calibration.joint_p < 1 - calibration.level
+    lead = ("Capacity does not predict efficiency without bias here" if rejected else
+            "Capacity predicts efficiency, with no bias detected" if slo > 0 and slo <= 1 <= shi and clo <= 0 <= chi
+            else "No bias detected, but the calibration slope's interval reaches 0: these runs cannot show that "
+                 "capacity predicts efficiency")
+    return (f"{lead}: calibration slope {s:.2f} {_interval(slo, shi)}, intercept {c:+.2f} {_interval(clo, chi, '+.2f')} "
+            f"({calibration.level:.0%}; WLS of log fitted on log predicted efficiency), joint test of slope 1 and "
+            f"intercept 0 p = {calibration.joint_p:.2g}; {loo}.")
+
+
+def differences_sentence(mixed, baseline: str) -> str:
+    if mixed is None or mixed.table.empty:
+        return "Not tested: the paired mixed model needs runs at 3 or more (N, D) cells."
+    t = mixed.table
+    differ, same = t[t["differs"]], t[~t["differs"]]
+    worst = t.loc[t["log_loss_diff"].idxmax()]
+    text = (f"{len(differ)} of {len(t)} formats differ from '{baseline}' at equal (N, D) (mixed model with a random "
+            f"intercept per cell, Holm-adjusted at {1 - mixed.level:.0%})")
+    if len(same):
+        text += f"; not distinguishable from it: {', '.join(same['format'])}"
+    return (text + f". Largest loss penalty: {worst['format']}, {100 * (math.exp(worst['log_loss_diff']) - 1):+.1f}% "
+                   f"{_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss.")
+
+
+def composition_sentence(wald, comp: pd.DataFrame) -> str:
+    if wald is None:
+        return ("Not tested: no combined format was trained with both its parts." if comp.empty else
+                "Not tested: no bootstrap replicates for the Wald test.")
+    parts = [f"{r.combined} = {r.part1} x {r.part2}: ratio {r.ratio:.2f} {_interval(r.ratio_lo, r.ratio_hi)}, p = "
+             f"{r.p:.2g} ({r.verdict})" for r in wald.table.itertuples()]
+    n_multiply = int((wald.table["p"] >= 1 - wald.level).sum())
+    return (f"{n_multiply} of {len(parts)} compositions are consistent with multiplying capacities (Wald test of "
+            f"log eff(AB) = log eff(A) + log eff(B), {wald.level:.0%}): " + "; ".join(parts) + ".")
+
+
+def health_sentence(health: pd.DataFrame) -> str:
+    checks = health.set_index("check")
+    parts = []
+    for name, row in checks.iterrows():
+        if row["verdict"] in ("ok", "weak"):
+            parts.append(f"{name} {row['value']} ({row['verdict']}: {row['detail']})")
+    weak = int((checks["verdict"] == "weak").sum())
+    return (f"{weak} of {len(parts)} checks weak: " if weak else "All checks pass: ") + "; ".join(parts) + "."
+
+
+def caveat_sentence(health: pd.DataFrame, warnings: list[str], extrapolation: dict | None,
+                    residual_by_size: pd.Series) -> str:
+    weak = health[health["verdict"] == "weak"]
+    if len(weak):
+        text = "; ".join(f"{row['check']} is weak ({row['detail']})" for _, row in weak.iterrows()) + \
+            ": every efficiency interval is wider for it."
+    elif warnings:
+        text = warnings[0] + "."
+    else:
+        text = "none flagged by the fit-health checks."
+    worst = residual_by_size.abs().idxmax()
+    others = residual_by_size.drop(worst).abs()
+    misfit_weak = health.set_index("check").loc["residual RMSE, log loss", "verdict"] == "weak"
+    if misfit_weak and len(others) and abs(residual_by_size[worst]) > 2 * others.mean():  # one size stands out
+        text += (f" The largest misfit is one model size: mean log residual {residual_by_size[worst]:+.3f} at "
+                 f"N = {worst:,.0f} (figure 'Residuals').")
+    if extrapolation and extrapolation["same_sign"] == extrapolation["n"] and extrapolation["n"] > 2:
+        text += (f" Held-out largest models are all predicted on one side (signed mean error "
+                 f"{extrapolation['mean_rel_error']:+.1%}): the law is biased when it extrapolates.")
+    return text
+
+
+def verdict(validation, calibration, capacity_omitted, mixed, baseline, wald, comp, health, warnings,
+            extrapolation, residual_by_size: pd.Series) -> list[dict]:
+    """[{"topic", "text"}]: the report's summary, in the order a reader asks."""
+    return [{"topic": "Does capacity predict efficiency?", "text": capacity_sentence(validation, calibration,
+                                                                                    capacity_omitted)},
+            {"topic": "Which formats differ?", "text": differences_sentence(mixed, baseline)},
+            {"topic": "Do capacities compose?", "text": composition_sentence(wald, comp)},
+            {"topic": "Fit health", "text": health_sentence(health)},
+            {"topic": "Main caveat", "text": caveat_sentence(health, warnings, extrapolation, residual_by_size)}]
+
+
+def _version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def provenance(runs: pd.DataFrame, seed: int, law, boot, level: float, command: str | None = None) -> dict:
+    """What reproduces a report: versions, the command, the data (file hash and fitted-rows fingerprint), the
+    fitting settings and the date."""
+    source = runs.attrs.get("source")
+    path = Path(source) if isinstance(source, str) else None
+    return {
+        "capscale": _version("capscale"),
+        **{p: _version(p) for p in ("torch", "numpy", "scipy", "pandas", "statsmodels", "seaborn")},
+        "python": platform.python_version(),
+        "command": command or " ".join(["python", *sys.argv]),  # the CLI passes its own command line
+        "data": source,
+        "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None,
+        "fitted_rows_fingerprint": fingerprint(runs), "runs": len(runs),
+        "law": law.law, "delta": law.delta, "baseline": law.baseline,
+        "bootstrap_replicates": 0 if boot is None else len(boot.samples) + boot.n_failed,
+        "bootstrap_failed": None if boot is None else boot.n_failed, "seed": seed, "level": level,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
