@@ -47,9 +47,11 @@ def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats"
         keys = ["params", "tokens"] + (["seed"] if "seed" in runs.columns else [])
         cells = [group for _, group in runs.groupby(keys, sort=True)]
         parts = [cells[i] for i in rng.integers(0, len(cells), len(cells))]
-    else:
-        parts = [group.iloc[rng.integers(0, len(group), len(group))] for _, group in runs.groupby("format", sort=False)]
-    out = pd.concat(parts)
+        out = pd.concat(parts)
+    else:  # positions of each format in order of appearance; one row selection for all of them
+        codes = pd.factorize(runs["format"])[0]
+        groups = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
+        out = runs.iloc[np.concatenate([idx[rng.integers(0, len(idx), len(idx))] for idx in groups])]
     out.attrs = dict(runs.attrs)
     return out
 

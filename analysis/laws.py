@@ -212,10 +212,12 @@ class DecoupledLaw(ScalingLaw):
         often neighbours, may all miss). The grid's least-squares proxy is not the Huber objective, so the best
         points are kept even where they are not grid minima."""
         alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
-        columns = [np.eye(k)[fi] * np.exp(-np.outer(alpha, log_n))[..., None], np.exp(-np.outer(beta, log_d))[..., None]]
+        rows = np.arange(len(log_n))
+        design = np.zeros((len(alpha), len(log_n), k + 1 + (self.fix_E is None)))  # columns A_f, B (, E)
+        design[:, rows, fi] = np.exp(-np.outer(alpha, log_n)) / loss
+        design[:, :, k] = np.exp(-np.outer(beta, log_d)) / loss
         if self.fix_E is None:
-            columns.append(np.ones((len(alpha), len(log_n), 1)))
-        design = np.concatenate(columns, axis=2) / loss[:, None]
+            design[:, :, k + 1] = 1 / loss
         coef = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
         pred = (design @ coef[..., None])[..., 0] * loss + fixed_e
         with np.errstate(invalid="ignore", divide="ignore"):

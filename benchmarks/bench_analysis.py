@@ -5,7 +5,9 @@
    the cold search: L-BFGS from the 4 best points of the exponent grid, uncentred, one NNLS per grid point) vs
    today's default (parallel over cores; the grid solved in batch, L-BFGS in centred coordinates from each local
    minimum of the grid, E floored at a millionth of the smallest loss): the speed-up, split into its algorithmic
-   and parallel parts, and the intervals side by side (equal within Monte Carlo noise);
+   and parallel parts, and the intervals side by side (equal within Monte Carlo noise). Both use today's
+   resampling (one row selection per replicate instead of a pandas group-by: 6 ms -> 0.3 ms), which makes the
+   baseline faster too;
 3. on the study without its 4x16 size (identified, so warm starts are allowed), warm vs cold refits.
 
 Run: python benchmarks/bench_analysis.py [path/to/chinchilla_epoch_240.csv]
@@ -122,7 +124,7 @@ def warm_vs_cold(runs, name: str, n_boot: int = 200):
                        time.perf_counter() - start)
     (cold, t_cold), (hot, t_warm) = timed[False], timed[True]
     print(f"{name} ({len(runs)} runs): {n_boot} bootstrap refits cold {t_cold:.1f} s, warm-started "
-          f"{t_warm:.1f} s: speed-up {t_cold / t_warm:.1f}x (target >= 10x); failed {cold.n_failed} / {hot.n_failed}")
+          f"{t_warm:.1f} s: speed-up {t_cold / t_warm:.1f}x; failed {cold.n_failed} / {hot.n_failed}")
     compare_intervals(cold, "cold", hot, "warm", law.values())
 
 
