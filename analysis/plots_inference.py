@@ -122,7 +122,7 @@ def composability(table: pd.DataFrame, level: float = 0.95) -> plt.Figure:
     ax.set_yticks(range(len(table)), labels)
     ax.set_ylim(len(table) - 0.5, -0.5)
     ax.set(xlabel="eff(combined) / (eff(part 1) x eff(part 2))", title="Composability on trained runs")
-    ax.legend(fontsize=9, loc="lower right")
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
 

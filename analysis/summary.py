@@ -79,8 +79,9 @@ def caveat_sentence(health: pd.DataFrame, warnings: list[str], extrapolation: di
                     residual_by_size: pd.Series) -> str:
     weak = health[health["verdict"] == "weak"]
     if len(weak):
-        text = "; ".join(f"{row['check']} is weak ({row['detail']})" for _, row in weak.iterrows()) + \
-            ": every efficiency interval is wider for it."
+        names = " and ".join(weak["check"])
+        text = (f"{names} {'are' if len(weak) > 1 else 'is'} weak (fit health above), so every efficiency interval "
+                "is wider than the runs' scatter alone would make it.")
     elif warnings:
         text = warnings[0] + "."
     else:
