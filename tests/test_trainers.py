@@ -278,4 +278,7 @@ def test_compiled_training_matches_eager(w, a, mask):
     cfg = TrainConfig(Compression(w, a, backward_mask=mask), params=6736, tokens=10_000)
     eager = train(cfg, progress=False)
     compiled = train(dataclasses.replace(cfg, compile=True), progress=False)
-    assert compiled["status"] == "ok" and compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+    # Compiled CPU kernels reorder reductions: on a loaded machine the compiled int4/int4 loss moved by up to 1.5e-4
+    # between runs (eager is bit-exact). A wrong trace moves it far more: without the rotation by 0.061, without
+    # activation quantization by 0.075 (measured at this size and budget).
+    assert compiled["status"] == "ok" and compiled["loss"] == pytest.approx(eager["loss"], abs=5e-4)
