@@ -33,6 +33,12 @@ FORMS = {  # name: (function of gmse and constants, constant names, starts, boun
 }
 
 
+def capacity_parts(formats: pd.DataFrame) -> list:
+    """[(uncompressed, GMSE)] arrays for weights and activations: what the regression reads of formats."""
+    return [(formats[s].isna().to_numpy(), np.clip(formats[g].to_numpy(float), 1e-12, 1.0))
+            for s, g in (("w_spec", "w_gmse"), ("a_spec", "a_gmse"))]
+
+
 class CapacityRegression:
     """eff = r(GMSE_w) r(GMSE_a) with r one of FORMS; fit(formats, eff) returns self, constants in `constants_`."""
 
@@ -41,25 +47,24 @@ class CapacityRegression:
             raise InputError(f"unknown rho form '{form}'; choose from {', '.join(FORMS)}")
         self.form = form
 
-    def evaluate(self, c, formats: pd.DataFrame) -> np.ndarray:
-        """Predicted efficiencies of `formats` for constants `c` (in FORMS order)."""
+    def evaluate(self, c, formats: "pd.DataFrame | list") -> np.ndarray:
+        """Predicted efficiencies of `formats` (a frame, or its `capacity_parts`) for constants `c` (FORMS order)."""
         fn = FORMS[self.form][0]
-        part = lambda spec, g: np.where(spec.isna().to_numpy(), 1.0, fn(np.clip(g.to_numpy(float), 1e-12, 1.0), *c))  # noqa: E731
-        return part(formats["w_spec"], formats["w_gmse"]) * part(formats["a_spec"], formats["a_gmse"])
+        pred = 1.0
+        for uncompressed, g in capacity_parts(formats) if isinstance(formats, pd.DataFrame) else formats:
+            pred = pred * np.where(uncompressed, 1.0, fn(g, *c))
+        return pred
 
-    def fit(self, formats: pd.DataFrame, eff, start: dict | None = None) -> "CapacityRegression":
-        """Least squares on log efficiency (trust-region, bounded). `start`: constants to start from alone (a
-        bootstrap refit next to the full-data fit); otherwise the form's few starting points."""
+    def fit(self, formats: "pd.DataFrame | list", eff, start: dict | None = None) -> "CapacityRegression":
+        """Least squares on log efficiency (trust-region, bounded). `formats`: a frame or its `capacity_parts`.
+        `start`: constants to start from alone (a bootstrap refit next to the full-data fit); otherwise the
+        form's few starting points."""
         fn, names, starts, bounds = FORMS[self.form]
         log_eff = np.log(np.asarray(eff, float))
-        parts = [(formats[s].isna().to_numpy(), np.clip(formats[g].to_numpy(float), 1e-12, 1.0))
-                 for s, g in (("w_spec", "w_gmse"), ("a_spec", "a_gmse"))]
+        parts = capacity_parts(formats) if isinstance(formats, pd.DataFrame) else formats
 
         def residuals(c):
-            pred = np.ones_like(log_eff)
-            for uncompressed, g in parts:
-                pred = pred * np.where(uncompressed, 1.0, fn(g, *c))
-            return np.log(np.maximum(pred, 1e-300)) - log_eff
+            return np.log(np.maximum(self.evaluate(c, parts), 1e-300)) - log_eff
 
         lo, hi = (np.array(b, float) for b in zip(*bounds))
         inside = lambda s: np.clip(np.asarray(s, float), lo + 1e-9 * (hi - lo), hi - 1e-9 * (hi - lo))  # noqa: E731
@@ -83,12 +88,17 @@ SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
 L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
 
 
-def fit_rho(formats: pd.DataFrame, eff, form: str = "tanh", start: dict | None = None) -> CapacityRegression:
-    """rho fitted to the formats' efficiencies, anchored by the baseline: GMSE 0 has efficiency 1 (rho(0) = L).
+def anchored(formats: pd.DataFrame) -> list:
+    """The `capacity_parts` of `formats` plus the baseline's anchor row: GMSE 0 has efficiency 1 (rho(0) = L).
     Without the anchor, leaving out the format closest to GMSE 0 leaves L unconstrained."""
     anchor = pd.DataFrame({"w_spec": ["(baseline)"], "a_spec": [None], "w_gmse": [0.0], "a_gmse": [0.0]})
-    return CapacityRegression(form).fit(pd.concat([formats[SPEC_COLUMNS], anchor]), np.append(np.asarray(eff, float), 1.0),
-                                        start)
+    return capacity_parts(pd.concat([formats[SPEC_COLUMNS], anchor]))
+
+
+def fit_rho(formats: "pd.DataFrame | list", eff, form: str = "tanh", start: dict | None = None) -> CapacityRegression:
+    """rho fitted to the formats' efficiencies (a frame, or its `anchored` parts), anchored by the baseline."""
+    parts = anchored(formats) if isinstance(formats, pd.DataFrame) else formats
+    return CapacityRegression(form).fit(parts, np.append(np.asarray(eff, float), 1.0), start)
 
 
 @dataclass
@@ -153,11 +163,15 @@ def _replicate_rho(job) -> list:
     """For bootstrap replicates (rows of efficiencies): rho refitted on all formats, and each format's prediction
     with rho refitted without it; each fit starts from the corresponding full-data fit."""
     info, form, full, held_out, rows = job
+    keep = [info.index != f for f in info.index]
+    without = [anchored(info[k]) for k in keep]  # the same formats in every replicate: arrays built once
+    alone = [capacity_parts(info.loc[[f]]) for f in info.index]
+    every = anchored(info)
     out = []
     for row in rows:
-        preds = [fit_rho(info[info.index != f], row[info.index != f], form, held_out[f]).predict(info.loc[[f]])[0]
-                 for f in info.index]
-        out.append((fit_rho(info, row, form, full).constants_, preds))
+        preds = [float(fit_rho(parts, row[k], form, held_out[f]).predict(one)[0])
+                 for f, k, parts, one in zip(info.index, keep, without, alone)]
+        out.append((fit_rho(every, row, form, full).constants_, preds))
     return out
 
 
