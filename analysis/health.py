@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-E_FLOOR = 0.01  # E below this fraction of the smallest loss counts as at its lower bound 0
+from .laws import E_AT_BOUND
 
 
 def seed_scatter(runs: pd.DataFrame) -> float:
@@ -53,7 +53,7 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
     law's BootstrapResult, for intervals and for how often refits put E at its bound; `replicates` are
     extra runs repeating some of `runs` with other seeds (not fitted), for the seed-to-seed scatter."""
     intervals = boot.intervals(law.values()) if boot is not None and len(boot.samples) else None
-    floor = E_FLOOR * runs["loss"].min()
+    floor = E_AT_BOUND * runs["loss"].min()
     e = law.params_["E"]
     value, detail = f"{e:.4g}", "identified" if e > floor else ("at its lower bound 0: alpha and E trade off; "
                                                                   "larger models, more tokens, or --fix-E")

@@ -24,8 +24,22 @@ from .runs import check_identifiable, format_table, require_capacity
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
-E_FLOOR = 1e-6  # relative to the smallest loss
+E_SEARCH_FLOOR = 1e-6  # the fit's lower bound on E, relative to the smallest loss: changes no prediction
+E_AT_BOUND = 0.01  # a fitted E below this fraction of the smallest loss is reported as at its bound 0
+L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
 ROUGH_TOLERANCE = 1e-10  # relative objective change that ends a start's first, rough descent
+
+
+def exponent_at_edge(values):
+    """Whether exponents (alpha, beta) lie at the edge of the range the fit searches: not identified there."""
+    values = np.asarray(values, float)
+    return (values <= EXPONENT_GRID[0] * 1.05) | (values >= EXPONENT_GRID[-1] * 0.95)
+
+
+def log_e_floor(loss) -> float:
+    """The lower bound on log E in a fit. Without it L-BFGS walks log E towards -inf along the flat ridge where
+    the runs do not identify E (thousands of steps)."""
+    return float(np.log(E_SEARCH_FLOOR * np.min(loss)))
 
 
 def single_threaded_blas(fit):
@@ -113,13 +127,14 @@ class ScalingLaw:
     def _weak_estimates(self, min_loss: float) -> list[str]:
         """Estimates the runs do not pin down: E at its bound 0, exponents at the edge of what was searched."""
         out = []
-        if "E" in self.params_ and self.params_["E"] < 0.01 * min_loss and getattr(self, "fix_E", None) is None:
+        if "E" in self.params_ and self.params_["E"] < E_AT_BOUND * min_loss and getattr(self, "fix_E", None) is None:
             out.append(f"E = {self.params_['E']:.3g} is at its lower bound 0: the runs do not identify the irreducible "
                        "loss (more tokens per parameter, or --fix-E)")
-        if self.params_.get("L", 0) > 1.2:
-            out.append(f"L = {self.params_['L']:.3g} is above its plausible range (<= 1.2): capacity above 1 at GMSE 0")
+        if self.params_.get("L", 0) > L_PLAUSIBLE:
+            out.append(f"L = {self.params_['L']:.3g} is above its plausible range (<= {L_PLAUSIBLE}): capacity above 1 "
+                       "at GMSE 0")
         for name in ("alpha", "beta"):
-            if name in self.params_ and not EXPONENT_GRID[0] * 1.05 < self.params_[name] < EXPONENT_GRID[-1] * 0.95:
+            if name in self.params_ and exponent_at_edge(self.params_[name]):
                 out.append(f"{name} = {self.params_[name]:.3g} is at the edge of the range searched "
                            f"[{EXPONENT_GRID[0]:g}, {EXPONENT_GRID[-1]:g}]: not identified by these runs")
         return out
@@ -181,9 +196,7 @@ class DecoupledLaw(ScalingLaw):
         if self.fix_E is not None and not 0 < fixed_e < loss.min():
             raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         free = (None, None)
-        # E below a millionth of the smallest loss changes no prediction; bounding it there stops L-BFGS from
-        # walking log E towards -inf along a flat ridge where the runs do not identify E (thousands of steps).
-        e_range = (np.log(E_FLOOR * loss.min()), None) if self.fix_E is None else (np.log(fixed_e),) * 2
+        e_range = (log_e_floor(loss), None) if self.fix_E is None else (np.log(fixed_e),) * 2
         bounds = [free] * (k + 1) + [e_range] + [free] * 2
         # L-BFGS runs in centred coordinates (log A_f and log B at the mean log N and log D): uncentred, each
         # log A_f moves with alpha times log N ~ 20, a ridge that took L-BFGS over a thousand steps to follow.
@@ -288,16 +301,17 @@ class _FormulaLaw(ScalingLaw):
             raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
                              f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
                              f"format(s) besides '{self.baseline}': train more formats")
-        self.require(format_table(runs))
+        info = format_table(runs)
+        self.require(info)
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
-        formats = format_arrays(format_table(runs).loc[self.formats_])
+        formats = format_arrays(info.loc[self.formats_])
         p = decoupled.params_
         mean_n, mean_d = log_n.mean(), log_d.mean()  # centred, as in the decoupled fit
         log_n, log_d = log_n - mean_n, log_d - mean_d
         core0 = [np.log(p["A"]) - p["alpha"] * mean_n, np.log(p["B"]) - p["beta"] * mean_d, np.log(p["E"]), p["alpha"],
                  p["beta"]]
-        core_bounds = [(None, None)] * 2 + [(np.log(E_FLOOR * np.exp(log_l).min()), None)] + [(1e-3, 5.0)] * 2
+        core_bounds = [(None, None)] * 2 + [(log_e_floor(np.exp(log_l)), None)] + [(1e-3, 5.0)] * 2
 
         def objective(theta):
             la, lb, le, alpha, beta = theta[:5]

@@ -22,7 +22,7 @@ from .compare import paired_comparison
 from .compose import compose_grid, compose_runs, read_grid
 from .families import format_styles
 from .health import fit_health
-from .laws import EXPONENT_GRID, DecoupledLaw, make_law
+from .laws import DecoupledLaw, exponent_at_edge, make_law
 from .report_sections import build_sections
 from .runs import format_table
 from .statistics import calibration, composability_wald, paired_mixed
@@ -101,8 +101,7 @@ def fit_warnings(law, boot=None) -> list[str]:
         out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is fragile "
                    "and its intervals understate the uncertainty")
     if boot is not None and len(boot.samples) and {"alpha", "beta"} <= set(boot.samples):
-        exponents = boot.samples[["alpha", "beta"]]
-        edge = ((exponents <= EXPONENT_GRID[0] * 1.05) | (exponents >= EXPONENT_GRID[-1] * 0.95)).any(axis=1).mean()
+        edge = exponent_at_edge(boot.samples[["alpha", "beta"]]).any(axis=1).mean()
         if edge > 0.05:
             out.append(f"{edge:.0%} of bootstrap refits put alpha or beta at the edge of the range searched: those "
                        "resamples lack the distinct sizes or token budgets that identify the law (with --resample "

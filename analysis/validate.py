@@ -20,7 +20,7 @@ from capscale.capacity.law import rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
-from .laws import DecoupledLaw, law_loss, single_threaded_blas
+from .laws import L_PLAUSIBLE, DecoupledLaw, law_loss, single_threaded_blas
 from .runs import format_table, require_capacity
 
 FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
@@ -85,7 +85,6 @@ class CapacityRegression:
 
 
 SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
-L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
 
 
 def anchored(formats: pd.DataFrame) -> list:
