@@ -29,7 +29,8 @@ def fingerprint(runs: pd.DataFrame) -> str:
     return hashlib.sha256(rows.to_csv(index=False, float_format="%.12g").encode()).hexdigest()
 
 
-def _version(name: str) -> str:
+def package_version(name: str) -> str:
+    """An installed distribution's version, read from its metadata (nothing is imported)."""
     try:
         return version(name)
     except PackageNotFoundError:
@@ -48,7 +49,7 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
         "bootstrap": None if boot is None else {"samples": boot.samples.to_dict("list"), "n_failed": boot.n_failed,
                                                  "level": boot.level, "seed": seed},
         "command": " ".join(["capscale", *sys.argv[1:]]),
-        "versions": {p: _version(p) for p in ("capscale", "numpy", "scipy", "pandas", "statsmodels")}
+        "versions": {p: package_version(p) for p in ("capscale", "numpy", "scipy", "pandas", "statsmodels")}
         | {"python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -127,11 +127,6 @@ def _table_md(frame: pd.DataFrame) -> str:
     return frame.fillna("").to_markdown(index=False, floatfmt=".4g") if len(frame.columns) else ""
 
 
-def format_interval(lo, hi, spec: str = ".3g") -> str:
-    """'[lo, hi]', or '' where there is no interval (no bootstrap)."""
-    return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
-
-
 def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
                  grids: dict | None = None, title: str = "capscale report", progress: bool = True,
                  n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE,

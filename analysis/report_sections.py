@@ -7,10 +7,7 @@ from __future__ import annotations
 import pandas as pd
 
 from . import plots, plots_inference
-
-
-def _interval(lo, hi, spec: str = ".3g") -> str:
-    return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
+from .summary import format_interval
 
 
 def build_sections(c: dict) -> tuple[list[dict], dict]:
@@ -35,7 +32,7 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
             [("Formats", cap.fillna({"w_spec": "", "a_spec": ""}))])
 
     params = pd.DataFrame([{"parameter": k, "value": v,
-                            f"{pct} interval": _interval(*c["intervals"].loc[k, ["lo", "hi"]]) if boot else "",
+                            f"{pct} interval": format_interval(*c["intervals"].loc[k, ["lo", "hi"]]) if boot else "",
                             "s.e.": c["intervals"].loc[k, "se"] if boot else float("nan")}
                            for k, v in law.params_.items()])
     figs = [("parity", f"Predicted against observed loss for all {law.n_runs_} runs, by family; the dashed line is "
@@ -63,16 +60,16 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
             [("efficiency_forest", f"Fitted efficiency per format with its {pct} bootstrap interval, best first, "
               "coloured by family.", plots_inference.efficiency_forest(eff, styles, baseline, level))]
             if boot is not None else [],
-            [("Efficiencies", eff.assign(**{f"{pct} interval": [_interval(a, b) for a, b in zip(eff.eff_lo, eff.eff_hi)]})
+            [("Efficiencies", eff.assign(**{f"{pct} interval": [format_interval(a, b) for a, b in zip(eff.eff_lo, eff.eff_hi)]})
               [["format", "family", "eff", f"{pct} interval"]])])
 
     v, cal = c["validation"], c["stats"]["calibration"]
     if v is None:
         section("capacity-vs-efficiency", "4. Capacity against efficiency", f"Omitted: {c['capacity_omitted']}")
     else:
-        t = v.table.assign(fitted_interval=lambda d: [_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
-                           prediction_interval=lambda d: [_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
-        rho_ci = ", ".join(f"{k} = {val:.3g} {_interval(*v.constants_ci[k][:2])}" if k in v.constants_ci else
+        t = v.table.assign(fitted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
+                           prediction_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
+        rho_ci = ", ".join(f"{k} = {val:.3g} {format_interval(*v.constants_ci[k][:2])}" if k in v.constants_ci else
                            f"{k} = {val:.3g}" for k, val in v.constants.items())
         tables = [("Leave-one-format-out predictions", t[["format", "w_gmse", "a_gmse", "capacity", "fitted",
                                                          "fitted_interval", "predicted", "prediction_interval",

@@ -8,16 +8,16 @@ import math
 import platform
 import sys
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import pandas as pd
 
-from .fitfile import fingerprint
+from .fitfile import fingerprint, package_version
 
 
-def _interval(lo, hi, spec=".2f") -> str:
-    return f"[{lo:{spec}}, {hi:{spec}}]"
+def format_interval(lo, hi, spec: str = ".3g") -> str:
+    """'[lo, hi]', or '' where there is no interval (no bootstrap)."""
+    return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
 def capacity_sentence(validation, calibration, capacity_omitted) -> str:
@@ -35,7 +35,8 @@ def capacity_sentence(validation, calibration, capacity_omitted) -> str:
             "Capacity predicts efficiency, with no bias detected" if slo > 0 and slo <= 1 <= shi and clo <= 0 <= chi
             else "No bias detected, but the calibration slope's interval reaches 0: these runs cannot show that "
                  "capacity predicts efficiency")
-    return (f"{lead}: calibration slope {s:.2f} {_interval(slo, shi)}, intercept {c:+.2f} {_interval(clo, chi, '+.2f')} "
+    return (f"{lead}: calibration slope {s:.2f} {format_interval(slo, shi, '.2f')}, intercept {c:+.2f} "
+            f"{format_interval(clo, chi, '+.2f')} "
             f"({calibration.level:.0%}; WLS of log fitted on log predicted efficiency), joint test of slope 1 and "
             f"intercept 0 p = {calibration.joint_p:.2g}; {loo}.")
 
@@ -51,14 +52,14 @@ def differences_sentence(mixed, baseline: str) -> str:
     if len(same):
         text += f"; not distinguishable from it: {', '.join(same['format'])}"
     return (text + f". Largest loss penalty: {worst['format']}, {100 * (math.exp(worst['log_loss_diff']) - 1):+.1f}% "
-                   f"{_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss.")
+                   f"{format_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss.")
 
 
 def composition_sentence(wald, comp: pd.DataFrame) -> str:
     if wald is None:
         return ("Not tested: no combined format was trained with both its parts." if comp.empty else
                 "Not tested: no bootstrap replicates for the Wald test.")
-    parts = [f"{r.combined} = {r.part1} x {r.part2}: ratio {r.ratio:.2f} {_interval(r.ratio_lo, r.ratio_hi)}, p = "
+    parts = [f"{r.combined} = {r.part1} x {r.part2}: ratio {r.ratio:.2f} {format_interval(r.ratio_lo, r.ratio_hi, '.2f')}, p = "
              f"{r.p:.2g} ({r.verdict})" for r in wald.table.itertuples()]
     n_multiply = int((wald.table["p"] >= 1 - wald.level).sum())
     return (f"{n_multiply} of {len(parts)} compositions are consistent with multiplying capacities (Wald test of "
@@ -109,21 +110,14 @@ def verdict(validation, calibration, capacity_omitted, mixed, baseline, wald, co
             {"topic": "Main caveat", "text": caveat_sentence(health, warnings, extrapolation, residual_by_size)}]
 
 
-def _version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def provenance(runs: pd.DataFrame, seed: int, law, boot, level: float, command: str | None = None) -> dict:
     """What reproduces a report: versions, the command, the data (file hash and fitted-rows fingerprint), the
     fitting settings and the date."""
     source = runs.attrs.get("source")
     path = Path(source) if isinstance(source, str) else None
     return {
-        "capscale": _version("capscale"),
-        **{p: _version(p) for p in ("torch", "numpy", "scipy", "pandas", "statsmodels", "seaborn")},
+        "capscale": package_version("capscale"),
+        **{p: package_version(p) for p in ("torch", "numpy", "scipy", "pandas", "statsmodels", "seaborn")},
         "python": platform.python_version(),
         "command": command or " ".join(["python", *sys.argv]),  # the CLI passes its own command line
         "data": source,

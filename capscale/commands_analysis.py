@@ -52,9 +52,14 @@ def fitted(args, runs):
     if getattr(args, "fit", None):
         return load_fit(args.fit, runs)
     law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
-        if args.bootstrap else None
-    return law, boot
+    return law, bootstrapped(args, law, runs)
+
+
+def bootstrapped(args, law, runs):
+    """The bootstrap the run options ask for (--bootstrap, --seed, --jobs, --resample, --level); None for B = 0."""
+    if not args.bootstrap:
+        return None
+    return bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level)
 
 
 def add_fit_file_argument(p) -> None:
@@ -72,8 +77,7 @@ def _fit_command(args) -> None:
     if extra and args.law != "decoupled":
         raise RunTableError("--fix-E applies to the decoupled law")
     law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
-    boot = bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level) \
-        if args.bootstrap else None
+    boot = bootstrapped(args, law, runs)
     intervals = boot.intervals(law.values()) if boot else None
     _warn(fit_warnings(law, boot))
     if args.output:

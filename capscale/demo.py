@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 
 from capscale import capacity, data
-from capscale.analysis.report import build_report, format_interval, writable_folder
+from capscale.analysis.report import build_report, writable_folder
+from capscale.analysis.summary import format_interval
 from capscale.analysis.runs import format_table, load_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
 
