@@ -29,6 +29,14 @@ def fingerprint(runs: pd.DataFrame) -> str:
     return hashlib.sha256(rows.to_csv(index=False, float_format="%.12g").encode()).hexdigest()
 
 
+def invoked_command() -> str:
+    """The command line that is running: `capscale ...` from the command, else `python ...`."""
+    program = Path(sys.argv[0])
+    if program.name == "capscale" or program.parent.name == "capscale" and program.name == "__main__.py":
+        return " ".join(["capscale", *sys.argv[1:]])
+    return " ".join(["python", *sys.argv])
+
+
 def package_version(name: str) -> str:
     """An installed distribution's version, read from its metadata (nothing is imported)."""
     try:
@@ -48,7 +56,7 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
                 "formats": law.formats_, "theta": [float(v) for v in law.theta_], "objective": law.objective_},
         "bootstrap": None if boot is None else {"samples": boot.samples.to_dict("list"), "n_failed": boot.n_failed,
                                                  "level": boot.level, "seed": seed},
-        "command": " ".join(["capscale", *sys.argv[1:]]),
+        "command": invoked_command(),
         "versions": {p: package_version(p) for p in ("capscale", "numpy", "scipy", "pandas", "statsmodels")}
         | {"python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

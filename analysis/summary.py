@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import math
 import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from .fitfile import fingerprint, package_version
+from .fitfile import fingerprint, invoked_command, package_version
 
 
 def format_interval(lo, hi, spec: str = ".3g") -> str:
@@ -119,7 +118,7 @@ def provenance(runs: pd.DataFrame, seed: int, law, boot, level: float, command: 
         "capscale": package_version("capscale"),
         **{p: package_version(p) for p in ("torch", "numpy", "scipy", "pandas", "statsmodels", "seaborn")},
         "python": platform.python_version(),
-        "command": command or " ".join(["python", *sys.argv]),  # the CLI passes its own command line
+        "command": command or invoked_command(),
         "data": source,
         "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None,
         "fitted_rows_fingerprint": fingerprint(runs), "runs": len(runs),

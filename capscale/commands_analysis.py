@@ -201,7 +201,7 @@ def _report_command(args) -> None:
     law, boot = fitted(args, runs)
     report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
                           n_jobs=args.jobs, replicates=replicates, baseline=args.baseline, level=args.level,
-                          law=law, boot=boot, command=" ".join(["capscale", *sys.argv[1:]]))
+                          law=law, boot=boot)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 

@@ -7,7 +7,6 @@ validation of capacity predictions; composability on runs and on the published g
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -48,8 +47,7 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     seeds_path = data.path("study_seed_runs.jsonl")
     replicates = load_runs(seeds_path) if not train and seeds_path.exists() else None
     report = build_report(runs, out, n_boot=n_boot, seed=seed, grids=grids, n_jobs=n_jobs,
-                          title=f"capscale demo: {runs_path.name}", replicates=replicates,
-                          command=" ".join(["capscale", *sys.argv[1:]]))
+                          title=f"capscale demo: {runs_path.name}", replicates=replicates)
     res = report.results
     print(f"\n== Summary (the same text heads {out / 'report.md'} and is in results.json) ==")
     for line in report.summary:
