@@ -20,7 +20,8 @@ Inner = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASELINE_BITS = 16.0  # storage of an uncompressed value (bf16), used where a chain ends without a quantizer
 SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
 SCALE_POLICIES = ("opt", "rms", "absmax", "absmean", "none")
-SCALE_UNITS = ("row", "tensor")  # besides a group size: one scale per row (last dim) or per whole tensor
+SCALE_UNITS = ("row", "tensor")
+SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic over the kept entries, or the whole row  # besides a group size: one scale per row (last dim) or per whole tensor
 
 
 class Compressed(NamedTuple):
@@ -89,16 +90,20 @@ class Format:
         the keep mask of its sparsity steps. Computed in float32 whatever the input dtype."""
         seen = {"tolerance": None, "keep": None}
 
-        def run(i: int, t: torch.Tensor, keep):
+        def run(i: int, t: torch.Tensor, keep, unpruned: torch.Tensor):
+            # unpruned: t as it was before the sparsity steps that set `keep` (what `scale_from=row` reads)
+            if keep is None:
+                unpruned = t
             if i == len(self.parts):
                 seen["keep"] = keep
                 return t
             part = self.parts[i]
             if isinstance(part, ScaledQuantizer):  # run it here to see its tolerance; apply() does the same
-                t, seen["tolerance"] = part.quantize(t, keep)
-                return run(i + 1, t, keep)
-            return part.apply(t, keep, lambda u, k: run(i + 1, u, k))
-        values = run(0, x.float(), None).to(x.dtype)
+                t, seen["tolerance"] = part.quantize(t, keep, unpruned)
+                return run(i + 1, t, keep, unpruned)
+            return part.apply(t, keep, lambda u, k: run(i + 1, u, k, unpruned))
+        dtype, x = x.dtype, x.float()
+        values = run(0, x, None, x).to(dtype)
         return Compressed(values, seen["tolerance"], seen["keep"])
 
     def component(self, kind: type) -> "Component | None":
@@ -166,6 +171,9 @@ class ScaledQuantizer(Component):
     section around the Gaussian optimum); `absmax` maps the largest magnitude to the outermost point;
     `absmean` uses mean |x| (BitNet); `none` is scale 1. The scale is stored in `scale_format`: by default
     fp16 per group (counted in the bits) and fp32 per row or tensor (as QuEST keeps it; counted as free).
+    After a sparsity step, `scale_from` says which entries the scale's statistic reads: `kept` (default: the
+    values the sparsity kept) or `row` (the whole group before pruning: QuEST's FourEight scales its int4 from
+    the full rotated row's RMS, pruned entries included).
     """
 
     element_bits: float
@@ -175,8 +183,12 @@ class ScaledQuantizer(Component):
     search_iters = 12
 
     def __init__(self, **params):
+        self.defaults = {**self.defaults, "scale_from": "kept"}  # every scaled quantizer can follow a sparsity step
         super().__init__(**params)
         group, scale = self.params.get("group"), self.params.get("scale")
+        if self.params["scale_from"] not in SCALE_FROM:
+            raise SpecError(f"{self.name}: scale_from must be one of {', '.join(SCALE_FROM)}, got "
+                            f"{self.params['scale_from']!r}")
         if group not in SCALE_UNITS and (not isinstance(group, int) or isinstance(group, bool) or group < 1):
             raise SpecError(f"{self.name}: group must be row, tensor or a positive integer, got {group!r}")
         if scale not in SCALE_POLICIES:
@@ -205,11 +217,16 @@ class ScaledQuantizer(Component):
             raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of group {group}")
         return x.reshape(-1, group)
 
-    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(quantized x, per-entry tolerance): the tolerance is half_gap times the entry's scale."""
+    def quantize(self, x: torch.Tensor, keep: torch.Tensor | None,
+                 unpruned: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(quantized x, per-entry tolerance): the tolerance is half_gap times the entry's scale. `unpruned`: x before
+        the sparsity steps that set `keep`, for `scale_from=row`."""
         xg = self._groups(x)
         w = None if keep is None else keep.reshape(xg.shape).to(xg.dtype)
-        s = self._scale(xg, w, x)
+        if self.params["scale_from"] == "row" and unpruned is not None and w is not None:
+            s = self._scale(self._groups(unpruned), None, unpruned)
+        else:
+            s = self._scale(xg, w, x)
         y = s * self.round(xg / s)
         if w is not None:
             y = y * w
@@ -278,6 +295,7 @@ class GridQuantizer(ScaledQuantizer):
         self.levels_np = np.asarray(levels, dtype=np.float64)
         self.levels = torch.tensor(self.levels_np, dtype=torch.float32)
         self.midpoints = (self.levels[1:] + self.levels[:-1]) / 2
+        self._device_levels: dict = {}
         self.element_bits, self.cast, self.uniform = element_bits, cast, uniform
         self.top = float(np.abs(self.levels_np).max())
         self.half_gap = float(np.diff(np.sort(self.levels_np)).max()) / 2 if len(self.levels_np) > 1 else None
@@ -292,8 +310,14 @@ class GridQuantizer(ScaledQuantizer):
             return (torch.floor(u) + 0.5).clamp(-self.top, self.top)
         if self.cast is not None:
             return u.clamp(-self.top, self.top).to(self.cast).float()
-        levels, mids = self.levels.to(u.device), self.midpoints.to(u.device)
+        levels, mids = self._levels_on(u.device)
         return levels[torch.bucketize(u, mids)]
+
+    def _levels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(levels, midpoints) on a device, copied there once (not on every call)."""
+        if device not in self._device_levels:
+            self._device_levels[device] = (self.levels.to(device), self.midpoints.to(device))
+        return self._device_levels[device]
 
     def exact_mse(self):
         """The population value: the grid at its Gaussian-optimal scale, as rows of unbounded length see it."""

@@ -106,6 +106,21 @@ def lloyd_max_levels(bits: int, tol: float = 1e-12, max_iter: int = 5000) -> np.
     return lv
 
 
+@functools.lru_cache(maxsize=None)
+def quest_fp4_trust_as_run() -> float:
+    """The fp4 trust radius (row-RMS units) that QuEST's published fp4 runs trained with (reference section 5b).
+
+    Its fp4 trust quantizer builds 16 Lloyd-Max levels by 20 iterations from linspace(-3, 3), sets trust to half
+    their top gap, then replaces the levels by e2m1's and assigns the intended radius to a local variable only.
+    The same 20 iterations here, on exact Gaussian moments (QuEST integrates numerically: same to 1e-8)."""
+    levels = np.linspace(-3.0, 3.0, 16)
+    for _ in range(20):
+        edges = np.concatenate([[-np.inf], (levels[1:] + levels[:-1]) / 2, [np.inf]])
+        m0, m1, _ = _partial_moments(edges[:-1], edges[1:])
+        levels = m1 / m0
+    return float(levels[-1] - levels[-2]) / 2
+
+
 def sparsity_mse(fraction: float) -> float:
     """Exact MSE of zeroing the smallest `fraction` of N(0, 1) by magnitude (the rest kept exactly)."""
     t = special.ndtri((1 + fraction) / 2)

@@ -2,27 +2,29 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 import torch
 
 from capscale.capacity import InputError
-from capscale.trainers.compression import Compression
+from capscale.trainers.config import TrainConfig
 from capscale.trainers.diagnose import diagnose
 from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
-from capscale.trainers.train import TrainConfig, failed_record, train, train_and_record
+from capscale.trainers.train import failed_record, plan_for, train, train_and_record
 
-from .options import positive, whole
+from .options import whole
 from .output import print_table
 
 
 def _train_command(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(compression=Compression.from_options(args), params=args.params, tokens=args.tokens,
-                      seed=args.seed, context=args.context, batch_size=args.batch_size, lr=args.lr, data=args.data,
-                      device=args.device, compile=args.compile, checkpoint=args.checkpoint)
+    cfg = TrainConfig.from_options(args)
+    if args.plan:
+        print(plan_for(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
+        return
     if args.runs:
         record = train_and_record(cfg, args.runs, progress=not args.quiet)
         if record is None:
@@ -45,24 +47,15 @@ def _train_command(args) -> None:
 
 
 def add_train_command(sub) -> None:
-    d = TrainConfig()
     p = sub.add_parser("train", help="train one model over a format and append its run record",
-                       description="Train a Llama-style byte-level model whose linear layers pass weights "
-                                   "(--w-format) and input activations (--a-format) through capscale formats; "
-                                   "print the run record and append it to --runs (JSON lines). Multi-GPU: "
-                                   "torchrun --nproc-per-node K -m capscale train ... --device cuda")
-    Compression.add_options(p)
-    p.add_argument("--params", type=whole(1), default=d.params, help="target non-embedding parameters")
-    p.add_argument("--tokens", type=whole(1), default=d.tokens, help="training tokens")
-    p.add_argument("--seed", type=whole(0), default=d.seed)
+                       description="Train a Llama-style model whose linear layers pass weights (--w-format) and "
+                                   "input activations (--a-format) through capscale formats; print the run record "
+                                   "and append it to --runs (JSON lines). Every training setting is an option "
+                                   "below (the same names, with underscores, are a sweep file's [train] keys). "
+                                   "Multi-GPU: torchrun --nproc-per-node K -m capscale train ... --device cuda")
+    TrainConfig.add_options(p)
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
-    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:K")
-    p.add_argument("--context", type=whole(2), default=d.context)
-    p.add_argument("--batch-size", type=whole(1), default=None, help="sequences per step (default: size-dependent)")
-    p.add_argument("--lr", type=positive, default=None, help="peak learning rate (default: size-dependent)")
-    p.add_argument("--data", default=None, help="text file or folder (default: the installed KJV corpus)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint path: saved periodically, resumed if present")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
     p.add_argument("--threads", type=whole(1), default=None, help="CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_command)
@@ -89,7 +82,9 @@ def add_sweep_command(sub) -> None:
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: cores/workers)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and an estimated time, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print each pending run's memory plan (peak, micro-batch), steps, FLOPs and estimated time; "
+                        "run nothing")
     p.set_defaults(func=_sweep_command)
 
 

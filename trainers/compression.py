@@ -16,15 +16,27 @@ from scipy import stats
 from capscale import capacity
 from capscale.capacity import BASELINE, InputError, is_uncompressed
 from capscale.capacity.formats import ScaledQuantizer
+from capscale.capacity.grids import quest_fp4_trust_as_run
 from capscale.capacity.runtable import format_label
 from capscale.capacity.structure import Hadamard, NMSparse, Sparse
 
 ESTIMATORS = ("ste", "clipped", "trust")
 BACKWARD_MASKS = ("masked", "dense", "rbbm")
+SPARSE_QUANTIZED = ("quest", "unrotated")
+FP4_TRUST = ("intended", "as-run")
 
 
 def _option(help: str, **argparse_kwargs) -> dict:
     return {"help": help, **argparse_kwargs}
+
+
+def _with_row_scale(spec: str) -> str:
+    """The spec with its quantizers scaling from the whole row before pruning (`scale_from=row`)."""
+    fmt = capacity.parse(spec)
+    for part in fmt.parts:
+        if isinstance(part, ScaledQuantizer):
+            part.params["scale_from"] = "row"
+    return str(fmt)
 
 
 @dataclass(frozen=True)
@@ -42,11 +54,26 @@ class Compression:
     rbbm_p: float = field(default=0.2, metadata=_option("RBBM band parameter p", type=float))
     rotate: bool = field(default=True, metadata=_option(
         "Hadamard-rotate weight and activation of each linear along its input dimension when a format quantizes "
-        "and neither sparsifies (QuEST); scales and trust masks are then taken in the rotated domain",
+        "(QuEST), unless a format only sparsifies (see --sparse-quantized); scales and trust masks are then taken in "
+        "the rotated domain",
         action=argparse.BooleanOptionalAction))
     hadamard_block: int = field(default=128, metadata=_option(
         "largest Hadamard block; a layer uses the largest power of two dividing both it and its input width",
         type=int))
+    sparse_quantized: str = field(default="quest", metadata=_option(
+        "a weight format that sparsifies and quantizes (2:4+int4, 4:8(vector=2)+int4): `quest` trains it as QuEST's "
+        "FourEight, rotating both operands, pruning the rotated weight, scaling from the full row "
+        "(int4(scale_from=row), recorded in the format) and giving pruned entries the estimator's gradient (trust: "
+        "where |w| <= the trust radius); `unrotated`, as capscale 0.2 did: no rotation, the spec's own scale, pruned "
+        "entries per --backward-mask", choices=SPARSE_QUANTIZED))
+    fp4_trust: str = field(default="intended", metadata=_option(
+        "trust radius of fp4_e2m1: `intended`, half the grid's largest gap (0.487 RMS), or `as-run`, the radius "
+        "QuEST's code ran with (half the top gap of its 20-iteration Lloyd-Max levels, 0.3186 RMS), which produced "
+        "the published fp4 efficiency", choices=FP4_TRUST))
+
+    # Settings added after runs were recorded, with the behaviour of those runs: they enter the run's key only
+    # when they differ from it, and a record without them was trained that way.
+    RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended"}
 
     def __post_init__(self):
         # One meaning of "uncompressed": weights default to the baseline label, activations to no spec.
@@ -56,6 +83,11 @@ class Compression:
             raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.backward_mask not in BACKWARD_MASKS:
             raise InputError(f"backward mask must be one of {', '.join(BACKWARD_MASKS)}, got {self.backward_mask!r}")
+        if self.sparse_quantized not in SPARSE_QUANTIZED:
+            raise InputError(f"sparse_quantized must be one of {', '.join(SPARSE_QUANTIZED)}, "
+                             f"got {self.sparse_quantized!r}")
+        if self.fp4_trust not in FP4_TRUST:
+            raise InputError(f"fp4_trust must be one of {', '.join(FP4_TRUST)}, got {self.fp4_trust!r}")
         for spec in (self.w_format, self.a_format):
             if spec is not None and not isinstance(spec, str):
                 raise InputError(f"a format spec is text, got {spec!r}")
@@ -66,7 +98,18 @@ class Compression:
         if not isinstance(self.hadamard_block, int) or self.hadamard_block < 1 or \
                 self.hadamard_block & (self.hadamard_block - 1):
             raise InputError(f"hadamard block must be a power of two, got {self.hadamard_block}")
+        if self.quest_sparse_quantized(self.w_fmt):  # the weights' format as it trains: scaled from the full row
+            object.__setattr__(self, "w_format", _with_row_scale(self.w_format))
+            self.__dict__.pop("w_fmt", None)  # parsed again from the spec as recorded
         self.w_fmt, self.a_fmt  # parse now: a bad spec fails before any training
+
+    @staticmethod
+    def _sparsifies(fmt) -> bool:
+        return fmt is not None and bool(fmt.component(Sparse) or fmt.component(NMSparse))
+
+    def quest_sparse_quantized(self, fmt) -> bool:
+        """Whether this format trains under QuEST's sparse+quantized scheme (see `sparse_quantized`)."""
+        return self.sparse_quantized == "quest" and self._sparsifies(fmt) and fmt.component(ScaledQuantizer) is not None
 
     def _parsed(self, spec: str | None) -> tuple[capacity.Format | None, int | None]:
         """(the Format the layer applies, the Hadamard block a leading `hadamard` component asks for). A leading
@@ -90,15 +133,17 @@ class Compression:
 
     @functools.cached_property
     def rotation_block(self) -> int:
-        """Largest Hadamard block for this pair of formats, 0 for none: rotation applies when a format quantizes
-        and neither sparsifies (sparsity must stay in the weights' own basis), or when a spec asks for it."""
+        """Largest Hadamard block for this pair of formats, 0 for none. Rotation applies when a format quantizes,
+        unless a format only sparsifies (its pattern must stay in the weights' own basis) or, under
+        `sparse_quantized=unrotated`, any format sparsifies; a leading `hadamard` in a spec asks for its block."""
         asked = [b for b in (self._parsed(self.w_format)[1], self._parsed(self.a_format)[1]) if b]
-        formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
-        sparsifies = any(f.component(Sparse) or f.component(NMSparse) for f in formats)
-        quantizes = any(f.component(ScaledQuantizer) for f in formats)
         if asked:
             return min(asked)
-        return self.hadamard_block if self.rotate and quantizes and not sparsifies else 0
+        formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
+        quantizes = [f.component(ScaledQuantizer) is not None for f in formats]
+        blocked = any(self._sparsifies(f) and (not q or self.sparse_quantized == "unrotated")
+                      for f, q in zip(formats, quantizes))
+        return self.hadamard_block if self.rotate and any(quantizes) and not blocked else 0
 
     def block_for(self, width: int) -> int:
         """The Hadamard block of a layer with this input width: 0 (none) or a power of two dividing it."""
@@ -114,8 +159,27 @@ class Compression:
         return format_label(self.w_format, self.a_format)
 
     def settings(self) -> dict:
-        """The settings as plain values: what the run's content key hashes."""
+        """The settings as plain values (the run record's columns)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def key_settings(self) -> dict:
+        """What the run's content key hashes: the settings, less the newer ones that do not act on these formats or
+        are at the behaviour of the runs recorded before them (so those runs keep their keys)."""
+        formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
+        acts = {"sparse_quantized": any(self._sparsifies(f) and f.component(ScaledQuantizer) for f in formats),
+                "fp4_trust": self.estimator == "trust" and self.trust is None and any(
+                    getattr(f.component(ScaledQuantizer), "name", None) == "fp4_e2m1" for f in formats)}
+        return {k: v for k, v in self.settings().items()
+                if k not in self.RECORDED_BEFORE or acts[k] and v != self.RECORDED_BEFORE[k]}
+
+    def trust_radius(self, fmt: capacity.Format) -> float | None:
+        """The trust radius in row-RMS units for this format, or None for its own (half its largest gap)."""
+        if self.trust is not None:
+            return self.trust
+        quantizer = fmt.component(ScaledQuantizer)
+        if self.fp4_trust == "as-run" and quantizer is not None and quantizer.name == "fp4_e2m1":
+            return quest_fp4_trust_as_run()
+        return None
 
     def to_record(self) -> dict:
         """The run-record columns of these settings (the schema's `format`, `w_format`, `a_format` and the rest)."""
@@ -124,8 +188,10 @@ class Compression:
 
     @classmethod
     def from_record(cls, record: dict) -> "Compression":
-        """The settings a run record was trained with (the inverse of `to_record`)."""
-        return cls(**{f.name: record[f.name] for f in fields(cls) if f.name in record})
+        """The settings a run record was trained with (the inverse of `to_record`); a record older than a setting
+        was trained with that setting's RECORDED_BEFORE behaviour."""
+        values = {**cls.RECORDED_BEFORE, **{f.name: record[f.name] for f in fields(cls) if f.name in record}}
+        return cls(**values)
 
     @classmethod
     def add_options(cls, parser) -> None:

@@ -8,9 +8,13 @@ that `capscale.gmse` measures. The backward pass is an estimator's masked identi
   ste      gradient everywhere (straight-through);
   clipped  gradient where |v| <= the row's largest |Q(v)| (nothing for clipped values);
   trust    gradient where |Q(v) - v| <= half the grid's largest step at the row's scale (QuEST's trust region:
-           c_b / (2^b - 1) row RMS for int<b>, 0.487 RMS for fp4); `trust=` sets it in row-RMS units instead.
+           c_b / (2^b - 1) row RMS for int<b>, 0.487 RMS for fp4, or 0.3186 with `fp4_trust=as-run`, the radius
+           QuEST's published fp4 runs used); `trust=` sets it in row-RMS units instead.
            Formats without a scalar grid (vq, user components) pass the gradient straight through.
-For sparse formats the pruned entries follow `backward_mask`: `masked` (no gradient, the default),
+A weight format that sparsifies and quantizes trains by default as QuEST's FourEight (`sparse_quantized=quest`):
+rotated like any quantized format, pruned in the rotated domain, scaled from the full row, and the estimator's
+rule applies to every entry, so a pruned entry (value 0) gets gradient where |v| <= the trust radius.
+Otherwise the pruned entries of sparse formats follow `backward_mask`: `masked` (no gradient, the default),
 `dense` (straight-through: pruned weights keep learning and can regrow), or `rbbm` (RMS-banded backward
 masking: gradient where |v| < min(T_p, T_k) or |v| > max(T_p, T_k), with T_p = row RMS * Phi^-1(0.5 + p)
 and T_k the forward's own threshold: the tensor's for unstructured sparsity, each group's for N:M).
@@ -35,16 +39,19 @@ def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression)
     """(fmt(v), the entries where the gradient passes, or None for everywhere), per the estimator."""
     out = fmt.compress(v)
     q, keep = out.values, out.keep
+    radius = comp.trust_radius(fmt)
     if comp.estimator == "ste":
         mask = None
     elif comp.estimator == "clipped":
         mask = v.abs() <= q.abs().amax(-1, keepdim=True)
-    elif comp.trust is not None:
-        mask = (q - v).abs() <= comp.trust * _row_rms(v)
+    elif radius is not None:
+        mask = (q - v).abs() <= radius * _row_rms(v)
     else:
         mask = None if out.tolerance is None else (q - v).abs() <= out.tolerance
     if keep is None:
         return q, mask
+    if comp.quest_sparse_quantized(fmt):  # QuEST's FourEight: the estimator's rule on every entry, pruned ones
+        return q, mask                   # (whose value is 0) included
     kept = keep if mask is None else mask & keep  # the quantizer's rule holds for the values it stored
     if comp.backward_mask == "masked":
         return q, kept
@@ -78,7 +85,7 @@ def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) ->
 
 def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
     """Block Hadamard along the last dim, in float32 also under bf16 autocast (the quantizer sees exact values).
-    One dense product per block: training blocks are at most 128 wide, where it beats the fast transform."""
+    One dense product per block (`hadamard_block` defaults to 128, where it beats the fast transform)."""
     block = hadamard.shape[0]
     with torch.autocast(v.device.type, enabled=False):
         return (v.float().reshape(-1, block) @ hadamard).reshape(v.shape)

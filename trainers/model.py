@@ -1,9 +1,15 @@
 """A Llama-style decoder, readable top to bottom: RMSNorm, rotary embeddings, SwiGLU, no biases.
 
 Every linear layer inside the blocks is a CompressedLinear, so weights and input activations pass
-through capacity formats; embeddings, norms and the output head stay in high precision. Embeddings
-are tied to the output head by default (`tie_embeddings`), which keeps tiny models' parameter
-budget in the blocks; the non-embedding count excludes both.
+through capacity formats; embeddings, norms and the output head stay in high precision. The
+non-embedding count excludes the embedding and the head.
+
+Two models in one file, chosen by ModelConfig's fields (`ModelConfig.quest()` sets all of them):
+- capscale's small-model defaults: embeddings tied to the head (keeps tiny models' budget in the blocks),
+  fan-in init, RMSNorm eps 1e-6, SwiGLU width rounded to the width's power-of-two factor;
+- QuEST's Llama (reference section 5b): untied head, N(0, 0.02) init with the residual output projections
+  (attention `proj`, MLP `down`) at 0.02 / sqrt(2 n_layer), eps 1e-5, SwiGLU width int(8 d / 3) rounded up
+  to a multiple of 256.
 """
 from __future__ import annotations
 
@@ -25,11 +31,24 @@ class ModelConfig:
     vocab_size: int = 256
     context: int = 128
     tie_embeddings: bool = True
+    init: str = "fan_in"        # "fan_in": std fan_in^-1/2 (embeddings d^-1/2); "quest": 0.02, residual projections /sqrt(2L)
+    norm_eps: float = 1e-6
+    mlp_multiple: int = 0       # SwiGLU width rounded up to this multiple; 0: the width's power-of-two factor (<= 128)
+
+    INITS = ("fan_in", "quest")
+
+    @classmethod
+    def quest(cls, **shape) -> "ModelConfig":
+        """QuEST's Llama at a given shape (n_layer, n_head, n_embd, vocab_size, context)."""
+        return cls(**shape, tie_embeddings=False, init="quest", norm_eps=1e-5, mlp_multiple=256)
 
     @property
     def mlp_hidden(self) -> int:
-        """SwiGLU width: 8/3 of the model width, rounded up to a multiple of the width's largest power-of-two
-        factor (at most 128), so that the down-projection's input takes as large a Hadamard block as the rest."""
+        """SwiGLU width. QuEST (mlp_multiple > 0): int(8 d / 3) rounded up to the multiple. Default: 8/3 of the
+        width rounded up to its largest power-of-two factor (at most 128), so that the down-projection's input
+        takes as large a Hadamard block as the rest."""
+        if self.mlp_multiple:
+            return self.mlp_multiple * math.ceil(int(8 * self.n_embd / 3) / self.mlp_multiple)
         unit = min(128, self.n_embd & -self.n_embd)
         return unit * math.ceil(8 * self.n_embd / 3 / unit)
 
@@ -83,8 +102,8 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, comp: Compression):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.n_embd), Attention(cfg, comp)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.n_embd), SwiGLU(cfg, comp)
+        self.attn_norm, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg, comp)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), SwiGLU(cfg, comp)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -98,22 +117,38 @@ class Decoder(nn.Module):
         comp = comp or Compression()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg, comp) for _ in range(cfg.n_layer))
-        self.norm = RMSNorm(cfg.n_embd)
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
         cos, sin = rotary_tables(cfg.n_embd // cfg.n_head, cfg.context)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
+        if cfg.init not in ModelConfig.INITS:
+            raise ValueError(f"init must be one of {ModelConfig.INITS}, got {cfg.init!r}")
         self.apply(self._init)
+        if cfg.init == "quest":  # GPT-2's scaled init of the projections that write into the residual stream
+            for block in self.blocks:
+                for layer in (block.attn.proj, block.mlp.down):
+                    nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     def _init(self, module):
-        # Fan-in scaled matrices and d^-1/2 embeddings: with a fixed 0.02 std, tiny models sit on the
-        # unigram plateau for a random number of steps, which dominated run-to-run scatter (0.09 vs 0.006 nats).
-        if isinstance(module, (nn.Linear, CompressedLinear)):
-            nn.init.normal_(module.weight, std=module.weight.shape[1] ** -0.5)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=self.cfg.n_embd ** -0.5)
+        # capscale's default, fan-in scaled matrices and d^-1/2 embeddings: with a fixed 0.02 std, tiny models sit
+        # on the unigram plateau for a random number of steps, which dominated run-to-run scatter (0.09 vs 0.006
+        # nats). QuEST's 0.02 is what its published learning rates were tuned for.
+        if isinstance(module, (nn.Linear, CompressedLinear, nn.Embedding)):
+            fan_in = module.weight.shape[1] if not isinstance(module, nn.Embedding) else self.cfg.n_embd
+            nn.init.normal_(module.weight, std=0.02 if self.cfg.init == "quest" else fan_in ** -0.5)
+
+    def decayed_parameters(self, rule: str) -> tuple[list, list]:
+        """(weight-decayed, not decayed) parameters. "linear": only the linear weights inside the blocks (QuEST);
+        "matrices": every matrix, the embedding and head included (capscale's default)."""
+        if rule == "linear":
+            decayed = {id(m.weight) for m in self.blocks.modules() if isinstance(m, CompressedLinear)}
+        else:
+            decayed = {id(p) for p in self.parameters() if p.dim() >= 2}
+        params = list(self.parameters())
+        return [p for p in params if id(p) in decayed], [p for p in params if id(p) not in decayed]
 
     def hadamard_blocks(self) -> dict:
         """The recipe as it ran: each compressed layer's Hadamard block (0: not rotated), by layer name."""
@@ -137,12 +172,12 @@ class Decoder(nn.Module):
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token (forward and backward): 6 x (matrix parameters, output head included) plus the
     attention scores, 12 x layers x width x context (PaLM's model-FLOPs convention, used for MFU)."""
-    matrices = count_non_embedding(cfg.n_layer, cfg.n_embd) + cfg.vocab_size * cfg.n_embd
+    matrices = count_non_embedding(cfg.n_layer, cfg.n_embd, cfg.mlp_multiple) + cfg.vocab_size * cfg.n_embd
     return 6.0 * matrices + 12.0 * cfg.n_layer * cfg.n_embd * cfg.context
 
 
-def count_non_embedding(n_layer: int, n_embd: int) -> int:
-    cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1)
+def count_non_embedding(n_layer: int, n_embd: int, mlp_multiple: int = 0) -> int:
+    cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1, mlp_multiple=mlp_multiple)
     per_block = 4 * n_embd * n_embd + 3 * n_embd * cfg.mlp_hidden + 2 * n_embd
     return n_layer * per_block + n_embd
 
@@ -150,22 +185,23 @@ def count_non_embedding(n_layer: int, n_embd: int) -> int:
 WIDTHS = (16, 32, 48, *range(64, 4097, 64))
 
 
-def config_for_params(target: int, context: int = 128, vocab_size: int = 256) -> ModelConfig:
+def config_for_params(target: int, context: int = 128, vocab_size: int = 256, **model) -> ModelConfig:
     """(layers, heads, width) whose non-embedding count is closest to `target` (within 1%), preferring 2+
     layers, then a width/depth ratio near 48 (between 4 and 128). Widths are multiples of 64 (so Hadamard
     blocks of 64-128 fit), or 16, 32, 48 for budgets too small for that; heads of 8 (width < 64), 16
-    (width < 256) or 64 dimensions."""
+    (width < 256) or 64 dimensions. `model`: the other ModelConfig fields (init, mlp_multiple, ...)."""
+    mlp_multiple = model.get("mlp_multiple", 0)
     best = None
     for n_layer in range(1, 33):
         for n_embd in WIDTHS:
             ratio = n_embd / n_layer
             if not 4 <= ratio <= 128:
                 continue
-            miss = abs(math.log(count_non_embedding(n_layer, n_embd) / target))
+            miss = abs(math.log(count_non_embedding(n_layer, n_embd, mlp_multiple) / target))
             key = (round(miss, 2), n_layer < 2, abs(math.log(ratio / 48)))
             if best is None or key < best[0]:
                 best = (key, n_layer, n_embd)
     _, n_layer, n_embd = best
     head_dim = 8 if n_embd < 64 else 16 if n_embd < 256 else 64
     return ModelConfig(n_layer=n_layer, n_head=max(1, n_embd // head_dim), n_embd=n_embd,
-                       vocab_size=vocab_size, context=context)
+                       vocab_size=vocab_size, context=context, **model)

@@ -40,8 +40,10 @@ from capscale.capacity import InputError, load_plugin
 from capscale.capacity.spec import loaded_plugins
 from capscale.capacity.runtable import finished_keys, read_records
 
+from .config import TrainConfig
+from .memory import GIB, device_budget
 from .model import count_non_embedding, flops_per_token
-from .train import TrainConfig, package_version, train_and_record
+from .train import package_version, plan_for, train_and_record
 
 GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
 
@@ -86,7 +88,8 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
     overrides = spec.get("train", {})
     models = [{"params": int(size)} for size in spec.get("sizes", [])]
     for shape in spec.get("shapes", []):  # an explicit shape, with its own settings (a published lr, say)
-        models.append({**shape, "params": count_non_embedding(shape["n_layer"], shape["n_embd"])})
+        multiple = {**overrides, **shape}.get("mlp_multiple", 0)
+        models.append({**shape, "params": count_non_embedding(shape["n_layer"], shape["n_embd"], multiple)})
     configs = []
     for model in models:
         for tpp in spec["tokens_per_param"]:
@@ -150,10 +153,29 @@ def _run_one(job) -> str:
     return record["status"]
 
 
+def refuse_unfit(configs: list[TrainConfig], workers: int = 1) -> tuple[list[TrainConfig], list[str]]:
+    """(the runs whose memory plan fits, one line for each that does not): checked before anything trains, so
+    a run that cannot fit is neither started nor recorded as failed (and retried) by every sweep."""
+    fitting, refused = [], []
+    for cfg in configs:
+        if workers > 1 and cfg.memory is None and not cfg.device.startswith("cuda"):
+            # CPU workers share the machine's memory
+            cfg = dataclasses.replace(cfg, memory=device_budget("cpu")[0] / GIB / workers)
+        try:
+            plan_for(cfg)
+            fitting.append(cfg)
+        except InputError as err:
+            refused.append(f"refused, N~{cfg.params:,} D={cfg.tokens:,} seed {cfg.seed}: {err}")
+    return fitting, refused
+
+
 def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True) -> int:
     """Run the pending runs of a sweep, longest first so that parallel workers finish together; returns how many
-    this process trained (runs claimed by a concurrent sweep, or finished meanwhile, are skipped)."""
-    todo = sorted(sweep.pending(), key=estimated_seconds, reverse=True)
+    this process trained (runs claimed by a concurrent sweep, or finished meanwhile, are skipped; runs whose
+    memory plan does not fit are refused, each with a line on stderr)."""
+    todo, refused = refuse_unfit(sorted(sweep.pending(), key=estimated_seconds, reverse=True), workers)
+    for line in refused:
+        print(line, file=sys.stderr)
     threads = threads or max(1, torch.get_num_threads() // workers)
     jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads, loaded_plugins()) for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
@@ -174,14 +196,26 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
 
 
 def describe_plan(sweep: Sweep, workers: int = 1) -> str:
+    """The dry run: per pending run, its memory plan (or why it does not fit), steps, FLOPs and time."""
     todo = sweep.pending()
     seconds = sum(estimated_seconds(c) for c in todo) / max(1, workers)
     gpu = any(c.device.startswith("cuda") for c in todo)
-    basis = (f"model FLOPs at {GPU_TFLOPS:g} TFLOP/s per GPU" if gpu else "reference 2-core CPU throughput model")
+    basis = (f"model FLOPs at {GPU_TFLOPS:g} TFLOP/s per GPU, compressed formats 1.3x slower (an assumption, "
+             "not a measurement: benchmarks/gpu_check.sh measures it)" if gpu else
+             "the reference 2-core CPU's measured throughput")
     lines = [f"{len(sweep.configs)} runs in the grid, {len(sweep.configs) - len(todo)} done, {len(todo)} to run "
-             f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h ({basis})"]
-    lines += [f"  {c.compression.label:>24}  N~{c.params:>11,}  D={c.tokens:>14,}  seed {c.seed}  "
-              f"~{estimated_seconds(c) / 3600:.2f} h" for c in todo]
+             f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h ({basis})",
+             "memory: peak per process of the planned step (micro-batch x accumulation = sequences per step)"]
+    for c in todo:
+        try:
+            memory = plan_for(c, assume_missing_gpu=True).describe()
+        except InputError as err:
+            memory = f"DOES NOT FIT: {err}"
+        model = c.model_config(c.vocab_size or 256)
+        steps = -(-c.tokens // (c.resolved_batch_size() * c.context))
+        flops = flops_per_token(model) * steps * c.resolved_batch_size() * c.context
+        lines.append(f"  {c.compression.label:>24}  N~{c.params:>11,}  D={c.tokens:>14,}  seed {c.seed}  "
+                     f"{steps:>6,} steps  {flops:.2e} FLOPs  ~{estimated_seconds(c) / 3600:.2f} h  {memory}")
     return "\n".join(lines)
 
 

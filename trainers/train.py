@@ -1,21 +1,22 @@
 """Train one model over a format and return its run record (the run-table schema plus metadata).
 
-AdamW (0.9, 0.95, weight decay 0.1 on matrices), linear warm-up then cosine to 10%, gradient clip 1.0,
-bf16 autocast on CUDA and fp32 on CPU. A NaN/inf loss stops the run as `diverged`. With a checkpoint
-path the run saves its state every `checkpoint_every` steps and resumes from it after an interruption.
-Under `torchrun` (WORLD_SIZE > 1) every rank draws the same global batch and trains on its slice
-through DistributedDataParallel (gloo on CPU, nccl on CUDA): the same run as a single process.
+AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1), linear warm-up then cosine to 10%, gradient clip 1.0, bf16
+autocast on CUDA and fp32 on CPU. Each step's batch (`batch_size` sequences over all processes) is split
+into micro-batches whose gradients accumulate, so the recipe is independent of device memory; the micro-batch
+is planned before anything runs (`memory.plan_memory`). A NaN/inf loss stops the run as `diverged`. With a
+checkpoint path the run saves its state every `checkpoint_every` steps and resumes from it after an
+interruption. Under `torchrun` (WORLD_SIZE > 1) every rank draws the same global batch and trains on its
+share through DistributedDataParallel (gloo on CPU, nccl on CUDA): the same run as a single process. The
+ranks reduce each step's loss together, so they agree on a non-finite one and stop together.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field, fields
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -27,89 +28,12 @@ from capscale import capacity
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.runtable import append_record, claim, finished_keys
 
-from .data import load_tokens, random_batch, validation_batches
-from .compression import Compression
-from .model import Decoder, ModelConfig, config_for_params
+from .config import TrainConfig
+from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
+from .memory import MemoryPlan, plan_memory
+from .model import Decoder
 
-
-@dataclass
-class TrainConfig:
-    compression: Compression = field(default_factory=Compression)
-    params: int = 20_000            # target non-embedding parameters (the exact count is recorded)
-    n_layer: int | None = None      # an explicit shape (all three), e.g. a published one; default: the size helper
-    n_head: int | None = None
-    n_embd: int | None = None
-    tokens: int = 200_000           # training tokens (rounded up to whole steps)
-    seed: int = 0
-    context: int = 128
-    batch_size: int | None = None   # default by model size: 16 sequences below 1M parameters, 32 below 30M, else 64
-    lr: float | None = None         # default: 3e-3 * (N / 1e6)^-0.2, at most 6e-3
-    warmup: float = 0.1
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_tokens: int = 65_536
-    data: str | None = None         # text file or folder, or uint16 token shards (.bin); default: the KJV corpus
-    vocab_size: int | None = None   # required for token shards; bytes have 256
-    device: str = "cpu"
-    compile: bool = False
-    checkpoint: str | None = None
-    checkpoint_every: int = 100
-
-    def __post_init__(self):
-        """Every setting checked before any work: one clear error instead of a late traceback or a silent default."""
-        def need(ok: bool, name: str, expected: str):
-            if not ok:
-                raise capacity.InputError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-        whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least  # noqa: E731
-        real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        for name, least in (("params", 1), ("tokens", 1), ("context", 2), ("eval_tokens", 1), ("checkpoint_every", 1)):
-            need(whole(getattr(self, name), least), name, f"a whole number >= {least}")
-        need(whole(self.seed, 0), "seed", "a whole number >= 0")
-        for name in ("batch_size", "n_layer", "n_head", "n_embd", "vocab_size"):
-            need(getattr(self, name) is None or whole(getattr(self, name), 1), name, "a whole number >= 1")
-        need(self.lr is None or real(self.lr) and self.lr > 0, "lr", "a positive learning rate")
-        need(real(self.warmup) and 0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
-        need(real(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
-        need(real(self.grad_clip) and self.grad_clip > 0, "grad_clip", "a positive number")
-        need(isinstance(self.compression, Compression), "compression", "a Compression")
-        need(self.data is None or isinstance(self.data, str), "data", "a path")
-
-    RUN_FIELDS = ("params", "n_layer", "n_head", "n_embd", "tokens", "seed", "context", "batch_size", "lr", "warmup",
-                  "weight_decay", "grad_clip", "eval_tokens", "data", "vocab_size")  # with the compression settings:
-    # what determines a run's result
-
-    def model_config(self, vocab_size: int) -> ModelConfig:
-        shape = (self.n_layer, self.n_head, self.n_embd)
-        if any(v is not None for v in shape):
-            if None in shape:
-                raise capacity.InputError("an explicit shape needs all of n_layer, n_head and n_embd")
-            return ModelConfig(*shape, vocab_size=vocab_size, context=self.context)
-        return config_for_params(self.params, self.context, vocab_size)
-
-    @classmethod
-    def from_flat(cls, **values) -> "TrainConfig":
-        """A config from one flat mapping of fields and compression settings (a sweep's [train] table, a CLI)."""
-        known = {f.name for f in fields(cls)} - {"compression"}
-        if unknown := set(values) - known - Compression.names():
-            raise capacity.InputError(f"unknown training setting(s) {sorted(unknown)}; known: "
-                                      f"{sorted(known | Compression.names())}")
-        return cls(compression=Compression(**{k: v for k, v in values.items() if k in Compression.names()}),
-                   **{k: v for k, v in values.items() if k in known})
-
-    def key(self) -> str:
-        """Content key of the run: what determines its result (not where or how fast it runs)."""
-        payload = {**self.compression.settings(), **{f: getattr(self, f) for f in self.RUN_FIELDS}}
-        return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-    def resolved_batch_size(self) -> int:
-        """Fixed per model size, never per token budget: in a scaling study more tokens must mean more steps
-        (a batch that grows with D confounds the D term with the batch size)."""
-        if self.batch_size:
-            return self.batch_size
-        return 16 if self.params < 1e6 else 32 if self.params < 3e7 else 64
-
-    def resolved_lr(self, n_params: int) -> float:
-        return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
+__all__ = ["TrainConfig", "train", "train_and_record", "plan_for"]
 
 
 def package_version() -> str:
@@ -119,7 +43,15 @@ def package_version() -> str:
         return "unknown"
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine") -> float:
+    """The learning rate of a step: a pure function of the step, so a resumed run needs no scheduler state."""
+    if schedule == "onecycle":  # torch's OneCycleLR as QuEST configures it (cosine both ways, 1% -> 100% -> 10%)
+        rise_end, fall_end = warmup * total - 1, total - 1
+        if step <= rise_end:
+            start, end, pct = peak / 100, peak, step / rise_end
+        else:
+            start, end, pct = peak, peak / 10, (step - rise_end) / (fall_end - rise_end)
+        return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
     warm = max(1, int(warmup * total))
     if step < warm:
         return peak * (step + 1) / warm
@@ -127,11 +59,18 @@ def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _optimizer(model, lr, weight_decay):
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+def _optimizer(model, lr, weight_decay, rule):
+    decay, no_decay = model.decayed_parameters(rule)
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def plan_for(cfg: TrainConfig, world_size: int = 1, assume_missing_gpu: bool = False) -> MemoryPlan:
+    """The memory plan of a run (raises InputError when it cannot fit), from its settings alone."""
+    model = cfg.model_config(cfg.vocab_size or BYTE_VOCAB)
+    return plan_memory(model, cfg.compression, device=cfg.device, batch_size=cfg.resolved_batch_size(),
+                       world_size=world_size, micro_batch_size=cfg.micro_batch_size, memory_gib=cfg.memory,
+                       assume_missing_gpu=assume_missing_gpu)
 
 
 @torch.inference_mode()
@@ -150,11 +89,34 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast("cpu", enabled=False)
 
 
+def _step(forward, ddp, x, y, micro: int, device: str) -> torch.Tensor:
+    """Forward and backward over one process's share of the batch in micro-batches (gradients all-reduced on the
+    last one only, under DDP); the mean loss over every process's tokens, reduced across the ranks so that a NaN
+    on any rank is a NaN on all."""
+    chunks = list(zip(x.split(micro), y.split(micro)))
+    total = torch.zeros((), device=x.device)
+    for i, (xs, ys) in enumerate(chunks):
+        sync = ddp.no_sync() if ddp is not None and i < len(chunks) - 1 else contextlib.nullcontext()
+        with sync, _autocast(device):
+            loss = forward(xs, ys) * (xs.shape[0] / x.shape[0])  # the chunk's share of the process's mean
+        loss.backward()
+        total += loss.detach().float()
+    if ddp is not None:
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
+    return total
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train one model; return its run record. Raises on bad input; the caller records crashes."""
+    """Train one model; return its run record. Raises on bad input (a run that cannot fit included); the caller
+    records crashes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = cfg.device
+    batch = cfg.resolved_batch_size()
+    if batch % world:
+        raise capacity.InputError(f"batch size {batch} is not divisible by the {world} processes")
+    plan = plan_for(cfg, world)  # before any work: a run that cannot fit is refused here
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):
@@ -164,11 +126,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     data = load_tokens(cfg.data, cfg.vocab_size)
     model = Decoder(cfg.model_config(data.vocab_size), cfg.compression).to(device)
     n_params = model.non_embedding_params()
-    batch, lr = cfg.resolved_batch_size(), cfg.resolved_lr(n_params)
-    if batch % world:
-        raise capacity.InputError(f"batch size {batch} is not divisible by the {world} processes")
+    lr = cfg.resolved_lr(n_params)
     steps = math.ceil(cfg.tokens / (batch * cfg.context))
-    optimizer = _optimizer(model, lr, cfg.weight_decay)
+    optimizer = _optimizer(model, lr, cfg.weight_decay, cfg.decay)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     step_fn = torch.compile(net) if cfg.compile else net
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -182,28 +142,29 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         start_step = state["step"]
 
     status, train_loss, started = "ok", float("nan"), time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(range(start_step, steps), disable=not progress or rank != 0, leave=False,
                desc=f"{cfg.compression.label} N={n_params} D={steps * batch * cfg.context}")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, cfg.warmup)
+            group["lr"] = _lr_at(step, steps, lr, cfg.warmup, cfg.schedule)
         x, y = random_batch(data.train, batch, cfg.context, gen)
         x, y = x[rank::world].to(device), y[rank::world].to(device)
-        with _autocast(device):
-            loss = step_fn(x, y)
-        if not torch.isfinite(loss):
+        loss = _step(step_fn, net if world > 1 else None, x, y, plan.micro_batch_size, device)
+        if not torch.isfinite(loss):  # the same verdict on every rank: the loss was reduced across them
             status = "diverged"
             break
-        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss = float(loss.detach())
+        train_loss = float(loss)
         if step % 10 == 0:
             bar.set_postfix(loss=f"{train_loss:.3f}")
         if ckpt and rank == 0 and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps):
             save_checkpoint(ckpt, cfg, model, optimizer, gen, step + 1)
     wall = time.perf_counter() - started
+    measured_peak = torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None  # training only
     val_loss = evaluate(model, data, cfg, device) if status == "ok" else float("nan")
     if status == "ok" and not math.isfinite(val_loss):
         status = "diverged"
@@ -212,10 +173,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     return run_record(cfg, status, params=n_params, tokens=steps * batch * cfg.context, loss=val_loss,
                       train_loss=train_loss, n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd,
                       mlp_hidden=mcfg.mlp_hidden, hadamard_blocks=model.hadamard_blocks(), context=cfg.context,
-                      batch_size=batch, lr=lr, steps=steps, wall_time_s=round(wall, 3),
-                      tokens_per_s=round(trained / max(wall, 1e-9), 1), resumed_from_step=start_step,
-                      device=str(device), world_size=world, torch_version=torch.__version__,
-                      data=Path(data.source).name)
+                      batch_size=batch, micro_batch_size=plan.micro_batch_size, lr=lr, steps=steps,
+                      wall_time_s=round(wall, 3), tokens_per_s=round(trained / max(wall, 1e-9), 1),
+                      planned_peak_gib=round(plan.peak / 2 ** 30, 3),
+                      measured_peak_gib=None if measured_peak is None else round(measured_peak / 2 ** 30, 3),
+                      resumed_from_step=start_step, device=str(device), world_size=world,
+                      torch_version=torch.__version__, data=Path(data.source).name)
 
 
 def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True) -> dict | None:
@@ -274,8 +237,10 @@ def flat_settings(cfg: TrainConfig) -> dict:
 
 def run_record(cfg: TrainConfig, status: str, **measured) -> dict:
     """The one writer of a run's record: schema columns, the compression settings, what was measured."""
+    model = {f: getattr(cfg, f) for f in ("tie_embeddings", "init", "norm_eps", "mlp_multiple", "decay", "schedule")}
     return {**cfg.compression.to_record(), "params": cfg.params, "tokens": cfg.tokens, "loss": float("nan"),
-            "status": status, "seed": cfg.seed, **measured, "capscale_version": package_version(), "key": cfg.key()}
+            "status": status, "seed": cfg.seed, **model, **measured, "capscale_version": package_version(),
+            "key": cfg.key()}
 
 
 def failed_record(cfg: TrainConfig, error: BaseException) -> dict:
