@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .laws import law_loss
+from .laws import eff_key, law_loss
+from .names import RESAMPLING_UNITS
 
 
 @dataclass
@@ -39,7 +40,6 @@ class BootstrapResult:
         return table
 
 
-RESAMPLING_UNITS = ("formats", "cells")
 
 
 def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats") -> pd.DataFrame:
@@ -113,7 +113,7 @@ def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: fl
     n, d = new["params"].to_numpy(float), new["tokens"].to_numpy(float)
     sims = []
     for _, values in boot.samples.iterrows():
-        eff = np.array([values.get(f"eff[{f}]", np.nan) for f in new["format"]])
+        eff = np.array([values.get(eff_key(f), np.nan) for f in new["format"]])
         pred = law_loss(values, n, d, eff)
         sims.append(pred * np.exp(rng.choice(fit.residuals_, size=len(new))))
     sims = np.array(sims)

@@ -19,6 +19,7 @@ from capscale.capacity.runtable import format_label
 
 from .bootstrap import BootstrapResult
 from .runs import RunTableError
+from .laws import eff_key
 
 
 def composite_parts(label: str, labels: set) -> tuple[str, str] | None:
@@ -46,7 +47,7 @@ def compose_runs(eff: dict, boot: BootstrapResult | None) -> pd.DataFrame:
         lo = hi = np.nan
         if boot is not None and len(boot.samples):
             s = boot.samples
-            draws = s[f"eff[{label}]"] / (s[f"eff[{parts[0]}]"] * s[f"eff[{parts[1]}]"])
+            draws = s[eff_key(label)] / (s[eff_key(parts[0])] * s[eff_key(parts[1])])
             lo, hi = draws.quantile(list(boot.tails()))
         rows.append({"combined": label, "part1": parts[0], "part2": parts[1], "eff_combined": eff[label],
                      "eff_part1": eff[parts[0]], "eff_part2": eff[parts[1]],

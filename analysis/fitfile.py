@@ -65,8 +65,9 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
     return path
 
 
-def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, BootstrapResult | None]:
-    """The saved law (its residuals recomputed on `runs`) and bootstrap; refused if `runs` is not the data it fitted."""
+def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, BootstrapResult | None, int]:
+    """The saved law (its residuals recomputed on `runs`), bootstrap and seed; refused if `runs` is not the data it
+    fitted."""
     try:
         content = json.loads(Path(path).read_text())
         law_data = content["law"]
@@ -84,5 +85,6 @@ def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, Boot
     law._finish(runs, law_data["objective"])
     boot = content.get("bootstrap")
     if boot is None:
-        return law, None
-    return law, BootstrapResult(pd.DataFrame(boot["samples"]), int(boot["n_failed"]), float(boot["level"]))
+        return law, None, 0
+    return (law, BootstrapResult(pd.DataFrame(boot["samples"]), int(boot["n_failed"]), float(boot["level"])),
+            int(boot.get("seed", 0)))

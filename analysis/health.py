@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .laws import E_AT_BOUND
+from .laws import E_AT_BOUND, eff_key
 
 
 def seed_scatter(runs: pd.DataFrame) -> float:
@@ -27,7 +27,7 @@ def seed_scatter(runs: pd.DataFrame) -> float:
 
 def efficiency_interval(intervals: pd.DataFrame, fmt: str) -> tuple:
     """(lo, hi) of a format's efficiency (the baseline's, fixed at 1, is the point (1, 1))."""
-    return tuple(intervals.loc[f"eff[{fmt}]", ["lo", "hi"]])
+    return tuple(intervals.loc[eff_key(fmt), ["lo", "hi"]])
 
 
 def disjoint(intervals: pd.DataFrame, a: str, b: str) -> bool:

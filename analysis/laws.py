@@ -20,6 +20,7 @@ from threadpoolctl import threadpool_limits
 
 from capscale.capacity import BASELINE, InputError, is_uncompressed, parse, rho
 
+from .names import LAW_NAMES
 from .runs import check_identifiable, format_table, require_capacity
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
@@ -49,6 +50,11 @@ def single_threaded_blas(fit):
         with threadpool_limits(limits=1, user_api="blas"):
             return fit(*args, **kwargs)
     return wrapper
+
+
+def eff_key(label: str) -> str:
+    """The name of a format's efficiency among a fit's values and bootstrap columns: `eff[int4]`."""
+    return f"eff[{label}]"
 
 
 def law_loss(p, n, d, eff=1.0):
@@ -154,21 +160,7 @@ class ScalingLaw:
 
     def values(self) -> dict:
         """Every fitted number, flat: parameters and eff[label]."""
-        return {**self.params_, **{f"eff[{k}]": v for k, v in self.eff_.items()}}
-
-    def summary(self, intervals: pd.DataFrame | None = None, level: float = 0.95) -> str:
-        rows = []
-        for name, value in self.values().items():
-            if intervals is not None and name in intervals.index:
-                lo, hi, se = intervals.loc[name, ["lo", "hi", "se"]]
-                rows.append(f"  {name:<28} {value:>12.5g}   [{lo:.5g}, {hi:.5g}]  se {se:.3g}")
-            else:
-                rows.append(f"  {name:<28} {value:>12.5g}")
-        head = (f"{self.law} law: {self.formula_text}, Huber(delta={self.delta:g}) on log loss\n"
-                f"  runs {self.n_runs_}, objective {self.objective_:.6e}, RMSE log-loss {self.rmse_log_:.4g}, "
-                f"RMSE loss {self.rmse_loss_:.4g}, baseline '{self.baseline}' (eff = 1)")
-        ci = "" if intervals is None else f"   {level:.0%} interval, bootstrap s.e."
-        return head + f"\n  {'parameter':<28} {'value':>12}{ci}\n" + "\n".join(rows)
+        return {**self.params_, **{eff_key(k): v for k, v in self.eff_.items()}}
 
 
 class DecoupledLaw(ScalingLaw):
@@ -440,7 +432,7 @@ class FrantarLaw(ScalingLaw):
         return (q["a_S"] * (1 - s) ** q["b_S"] + q["c_S"]) * (n * (1 - s)) ** -q["b_N"] + (q["a_D"] / d) ** q["b_D"] + q["c"]
 
 
-LAWS = {"decoupled": DecoupledLaw, "unified": UnifiedLaw, "kumar": KumarLaw, "frantar": FrantarLaw}
+LAWS = dict(zip(LAW_NAMES, (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw)))
 
 
 def make_law(name: str, **kwargs) -> ScalingLaw:

@@ -5,29 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import json
-import math
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 
 import jinja2
-import numpy as np
 import pandas as pd
 
-from capscale.capacity import BASELINE, InputError, pair_rho
+from capscale.capacity import InputError, pair_rho
 
 from . import plots
-from .bootstrap import bootstrap, extrapolation_check, extrapolation_summary
-from .compare import paired_comparison
-from .compose import compose_grid, compose_runs, read_grid
+from .compose import compose_grid, read_grid
 from .families import format_styles
-from .health import fit_health
-from .laws import DecoupledLaw, exponent_at_edge, make_law
+from .laws import DecoupledLaw
 from .report_sections import build_sections
 from .runs import format_table
-from .statistics import calibration, composability_wald, paired_mixed
 from .summary import provenance, verdict
-from .validate import validate
 
 
 @dataclass
@@ -60,55 +53,6 @@ def writable_folder(folder: "str | Path") -> Path:
     return folder
 
 
-def _law_comparison(runs, decoupled, delta):
-    """How well each law fits (not its constants: those need their own bootstrap; `capscale fit --law` gives them
-    with intervals)."""
-    rows = [("decoupled", len(decoupled.params_) + len(decoupled.eff_) - 1, decoupled)]
-    for name in ("unified", "kumar", "frantar"):
-        try:
-            fit = make_law(name, baseline=decoupled.baseline, delta=delta).fit(runs)
-        except ValueError:  # e.g. no sparsity runs for the Frantar law
-            continue
-        rows.append((name, len(fit.params_), fit))
-    table = pd.DataFrame([{"law": n, "parameters": k, "runs": f.n_runs_, "objective": f.objective_,
-                           "rmse_log_loss": f.rmse_log_, "rmse_loss": f.rmse_loss_} for n, k, f in rows])
-    return table
-
-
-def _finite(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
-
-
-def fit_json(law, intervals: pd.DataFrame | None, boot=None) -> dict:
-    def p(name, value):
-        if intervals is None or name not in intervals.index:
-            return {"value": float(value), "se": None, "ci": None}
-        row = intervals.loc[name]
-        return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
-    return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_,
-            "rmse_log_loss": law.rmse_log_, "rmse_loss": law.rmse_loss_,
-            "params": {k: p(k, v) for k, v in law.params_.items()},
-            "eff": {k: p(f"eff[{k}]", v) for k, v in law.eff_.items()},
-            "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
-                                                     "failed": boot.n_failed},
-            "warnings": fit_warnings(law, boot)}
-
-
-def fit_warnings(law, boot=None) -> list[str]:
-    """What a reader should know before trusting the numbers: weak estimates, refits that would not converge."""
-    out = list(law.warnings_)
-    if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
-        out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is fragile "
-                   "and its intervals understate the uncertainty")
-    if boot is not None and len(boot.samples) and {"alpha", "beta"} <= set(boot.samples):
-        edge = exponent_at_edge(boot.samples[["alpha", "beta"]]).any(axis=1).mean()
-        if edge > 0.05:
-            out.append(f"{edge:.0%} of bootstrap refits put alpha or beta at the edge of the range searched: those "
-                       "resamples lack the distinct sizes or token budgets that identify the law (with --resample "
-                       "cells, too few (N, D) cells), so the intervals are wide or unbounded")
-    return out
-
-
 def _figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -127,30 +71,28 @@ def _table_md(frame: pd.DataFrame) -> str:
     return frame.fillna("").to_markdown(index=False, floatfmt=".4g") if len(frame.columns) else ""
 
 
-def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, seed: int = 0, delta: float = 1e-3,
-                 grids: dict | None = None, title: str = "capscale report", progress: bool = True,
-                 n_jobs: int | None = None, replicates: pd.DataFrame | None = None, baseline: str = BASELINE,
-                 level: float = 0.95, law: DecoupledLaw | None = None, boot=None, command: str | None = None) -> Report:
-    """Fit, bootstrap, validate, compose and plot `runs` into `folder`; `replicates` (optional seed repeats
-    of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure its seed
-    bars. A saved `law` and `boot` (`capscale fit -o`) are reused instead of refitting."""
+def build_report(fit, folder: "str | Path", grids: dict | None = None, title: str = "capscale report",
+                 progress: bool = True, n_jobs: int | None = None, replicates: pd.DataFrame | None = None,
+                 command: str | None = None) -> Report:
+    """Every analysis of a decoupled LawFit into `folder`: validation, composability, paired comparisons, health,
+    extrapolation and figures. `grids`: {name: path} of capacity grids to analyse too; `replicates` (optional
+    seed repeats of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure
+    its seed bars."""
+    if not isinstance(fit.law, DecoupledLaw):
+        raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.law} law")
     folder = writable_folder(folder)
-    if law is None:
-        law = DecoupledLaw(baseline, delta).fit(runs)
-        boot = bootstrap(law, runs, n_boot, seed, n_jobs=n_jobs, progress=progress, level=level) if n_boot else None
-    baseline, delta, level = law.baseline, law.delta, boot.level if boot is not None else level
-    intervals = boot.intervals(law.values()) if boot else None
-    comparison = _law_comparison(runs, law, delta)
+    runs, law, boot, level, baseline = fit.runs, fit.law, fit.boot, fit.level, fit.baseline
+    intervals = fit.intervals()
+    comparison = fit.compare_laws()
     try:
-        validation, capacity_omitted = validate(runs, law=law, boot=boot, n_boot=0, progress=progress), None
+        validation, capacity_omitted = fit.validate(progress=progress, n_jobs=n_jobs), None
     except InputError as err:  # labels without a GMSE, or too few formats: the capacity sections say why instead
         validation, capacity_omitted = None, str(err)
-    comp = compose_runs(law.eff_, boot)
-    paired = paired_comparison(runs, baseline, level)
-    stats_ = _statistics(runs, law, boot, validation, comp, baseline, level)
-    health = fit_health(law, runs, boot, replicates)
-    extrap = extrapolation_check(law, runs) if runs["params"].nunique() > 2 else None
-    extrap_summary = None if extrap is None else extrapolation_summary(extrap)
+    comp, wald = fit.compose()
+    paired = fit.paired()
+    stats_ = {"calibration": fit.calibration(validation), "wald": wald, "mixed": fit.paired_mixed()}
+    health = fit.health(replicates)
+    extrap, extrap_summary = fit.extrapolation()
     grid_results = {name: compose_grid(read_grid(path)) for name, path in (grids or {}).items()}
 
     info = format_table(runs)
@@ -160,16 +102,15 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
         family=lambda d: styles.loc[d["format"], "family"].to_numpy(),
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
     eff_table = pd.DataFrame([{"format": f, "family": styles.at[f, "family"], "eff": v,
-                               "eff_lo": intervals.loc[f"eff[{f}]", "lo"] if intervals is not None else np.nan,
-                               "eff_hi": intervals.loc[f"eff[{f}]", "hi"] if intervals is not None else np.nan}
-                              for f, v in law.eff_.items()])
+                               "eff_lo": fit.eff_interval(f)[0], "eff_hi": fit.eff_interval(f)[1]}
+                              for f, v in fit.eff.items()])
     summary = verdict(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
-                      comp, health, fit_warnings(law, boot), extrap_summary,
+                      comp, health, fit.warnings, extrap_summary,
                       pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
-    origin = provenance(runs, seed, law, boot, level, command)
+    origin = provenance(runs, fit.seed, law, boot, level, command)
 
     results = {"title": title, "summary": summary, "provenance": origin, "source": runs.attrs.get("source"),
-               "baseline": baseline, "decoupled": fit_json(law, intervals, boot),
+               "baseline": baseline, "decoupled": fit.as_json(),
                "law_comparison": comparison.to_dict("records"),
                "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
@@ -193,22 +134,6 @@ def build_report(runs: pd.DataFrame, folder: "str | Path", n_boot: int = 200, se
     _render(folder, title, summary, sections, figures, images, origin)
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
                   stats_["wald"], stats_["mixed"], summary)
-
-
-def _statistics(runs, law, boot, validation, comp, baseline, level) -> dict:
-    """The statsmodels tests, where the data allow them (None where not)."""
-    has_boot = boot is not None and len(boot.samples) > 2
-    out = {"calibration": None, "wald": None, "mixed": None}
-    if validation is not None and has_boot and len(validation.table) >= 3:
-        out["calibration"] = calibration(validation.table, boot.samples, level)
-    if not comp.empty and has_boot:
-        out["wald"] = composability_wald(list(comp[["combined", "part1", "part2"]].itertuples(index=False, name=None)),
-                                         law.eff_, boot.samples, level)
-    try:
-        out["mixed"] = paired_mixed(runs, baseline, level)
-    except InputError:
-        pass
-    return out
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),

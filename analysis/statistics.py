@@ -22,6 +22,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from capscale.capacity import BASELINE, InputError
+from .laws import eff_key
 
 
 @dataclass
@@ -73,7 +74,7 @@ def calibration(table: pd.DataFrame, samples: pd.DataFrame, level: float = 0.95)
         raise InputError("the calibration regression needs at least 3 compressed formats")
     y = np.log(table["fitted"].to_numpy(float))
     x = pd.DataFrame({"log_predicted": np.log(table["predicted"].to_numpy(float))})
-    variances = np.array([np.log(samples[f"eff[{f}]"]).var(ddof=1) for f in table["format"]])
+    variances = np.array([np.log(samples[eff_key(f)]).var(ddof=1) for f in table["format"]])
     weights = 1.0 / np.maximum(variances, 1e-8)
     result = sm.WLS(y, sm.add_constant(x), weights=weights).fit()
     joint = result.f_test("log_predicted = 1, const = 0")
@@ -98,7 +99,7 @@ def composability_wald(pairs: list[tuple[str, str, str]], eff: dict, samples: pd
     rows = []
     z_crit = stats.norm.ppf(0.5 + level / 2)
     for combined, part1, part2 in pairs:
-        logs = np.log(samples[[f"eff[{combined}]", f"eff[{part1}]", f"eff[{part2}]"]].to_numpy(float))
+        logs = np.log(samples[[eff_key(combined), eff_key(part1), eff_key(part2)]].to_numpy(float))
         a = np.array([1.0, -1.0, -1.0])
         se = float(np.sqrt(a @ np.cov(logs, rowvar=False) @ a))
         d = float(np.log(eff[combined]) - np.log(eff[part1]) - np.log(eff[part2]))

@@ -20,10 +20,11 @@ from capscale.capacity.law import rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
-from .laws import L_PLAUSIBLE, DecoupledLaw, law_loss, single_threaded_blas
+from .laws import DecoupledLaw, L_PLAUSIBLE, eff_key, law_loss, single_threaded_blas
+from .names import RHO_FORMS
 from .runs import format_table, require_capacity
 
-FORMS = {  # name: (function of gmse and constants, constant names, starts, bounds)
+FORMS = {  # name (RHO_FORMS, in order): (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
              [(1.0, 0.41, 1.39), (0.9, 0.3, 1.0), (1.0, 0.6, 2.0)], [(0.05, 5.0), (0.01, 5.0), (0.05, 10.0)]),
     "logistic": (lambda g, A, B: 1.0 / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
@@ -31,6 +32,9 @@ FORMS = {  # name: (function of gmse and constants, constant names, starts, boun
     "ratio": (lambda g, A, B: (1.0 - np.asarray(g, float) ** A) / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
               [(1.0, 5.0), (0.5, 2.0), (2.0, 20.0)], [(0.01, 10.0), (1e-3, 1e4)]),
 }
+
+
+assert tuple(FORMS) == RHO_FORMS
 
 
 def capacity_parts(formats: pd.DataFrame) -> list:
@@ -154,7 +158,7 @@ class Validation:
 
 
 def _eff_columns(formats):
-    return [f"eff[{f}]" for f in formats]
+    return [eff_key(f) for f in formats]
 
 
 @single_threaded_blas  # once per batch: probing the BLAS pools costs more than one of these tiny fits
@@ -226,7 +230,7 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
         if samples is not None:
             preds = loo_draws[:, i]
             lo, hi = np.quantile(preds, boot.tails())
-            flo, fhi = samples[f"eff[{f}]"].quantile(boot.tails())
+            flo, fhi = samples[eff_key(f)].quantile(boot.tails())
             inside = bool(flo <= predicted <= fhi)  # the prediction falls inside the fitted efficiency's interval
             overlap = bool(lo <= fhi and flo <= hi)  # a weaker test: the two intervals share some value
         rows.append({"format": f, "w_gmse": info.at[f, "w_gmse"], "a_gmse": info.at[f, "a_gmse"],

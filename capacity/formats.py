@@ -300,10 +300,12 @@ class GridQuantizer(ScaledQuantizer):
         self.top = float(np.abs(self.levels_np).max())
         self.half_gap = float(np.diff(np.sort(self.levels_np)).max()) / 2 if len(self.levels_np) > 1 else None
         super().__init__(**(params or {}))
-        needs_gaussian = self.params["scale"] in ("opt", "rms")
-        self.gaussian_scale = grids.optimal_scale(self.levels_np)[0] if needs_gaussian else 1.0
         if rms_scale is not None and self.params["scale"] == "rms":
             self.gaussian_scale = rms_scale
+        elif self.params["scale"] in ("opt", "rms"):
+            self.gaussian_scale = grids.optimal_scale(self.levels_np)[0]
+        else:
+            self.gaussian_scale = 1.0
 
     def round(self, u):
         if self.uniform:  # midrise integer grid: +-0.5, +-1.5, ...

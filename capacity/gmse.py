@@ -10,14 +10,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from .formats import Format
 from .law import rho as rho_law
 from .spec import is_uncompressed, parse
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MEASURE_SHAPE = (64, 1024)
 DEFAULT_SAMPLES = 1 << 22
@@ -81,9 +84,10 @@ def spec_gmse(spec: str | None) -> float:
     return 0.0 if is_uncompressed(spec) else gmse_auto(spec, samples=1 << 20).gmse
 
 
-def compare(specs, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> pd.DataFrame:
+def compare(specs, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> "pd.DataFrame":
     """A table of formats: bits/value, GMSE, rho, rho per bit and the rate-distortion bound 2^(-2R)."""
     rows = [gmse_auto(s, samples=samples, seed=seed).as_dict() for s in specs]
+    import pandas as pd
     table = pd.DataFrame(rows)[["spec", "bits_per_value", "gmse", "stderr", "rho", "method"]]
     table["rho_per_bit"] = table["rho"] / table["bits_per_value"]
     table["rd_bound"] = 2.0 ** (-2 * table["bits_per_value"])

@@ -10,7 +10,7 @@ import functools
 
 import numpy as np
 import torch
-from scipy import optimize, special
+from scipy import special
 
 NF4_CODEBOOK = (-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
                 0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0)
@@ -77,6 +77,7 @@ def _optimal_scale_cached(levels: tuple) -> tuple[float, float]:
     mses = [grid_mse(lv, c / top) for c in clips]
     i = int(np.argmin(mses))
     lo, hi = clips[max(i - 1, 0)], clips[min(i + 1, len(clips) - 1)]
+    from scipy import optimize  # loaded on the first optimal-scale search, not with every format
     res = optimize.minimize_scalar(lambda c: grid_mse(lv, c / top), bounds=(lo, hi), method="bounded",
                                    options={"xatol": 1e-10})
     return float(res.x / top), float(res.fun)

@@ -5,7 +5,6 @@ import functools
 
 import numpy as np
 import torch
-from sklearn.cluster import KMeans
 
 from .formats import ScaledQuantizer, SpecError
 from .paths import atomic_write, cache_dir
@@ -24,6 +23,7 @@ def gaussian_codebook(dim: int, codewords: int) -> torch.Tensor:
         return torch.tensor(np.load(path), dtype=torch.float32)
     rng = np.random.default_rng(12345)
     sample = rng.standard_normal((max(TRAIN_VECTORS, 64 * codewords), dim))
+    from sklearn.cluster import KMeans  # only when a codebook is built (then cached on disk)
     km = KMeans(n_clusters=codewords, n_init=1, random_state=0, max_iter=300, tol=1e-6).fit(sample)
     atomic_write(path, lambda f: np.save(f, km.cluster_centers_))
     return torch.tensor(km.cluster_centers_, dtype=torch.float32)

@@ -3,7 +3,8 @@
     import capscale
     capscale.gmse("int4")                                   # Gaussian MSE, bits, rho
     capscale.train(capscale.TrainConfig(capscale.Compression("int4", "int4"), params=20_000))
-    capscale.DecoupledLaw().fit(capscale.load_runs("runs.jsonl")).eff_
+    fit = capscale.fit("runs.jsonl", bootstrap=200)            # a LawFit: params, eff, conf_int(), summary()
+    fit.predict(new_runs, interval=True); fit.validate(); fit.save("study.fit.json"); fit.report("report/")
 
 Subpackages: `capscale.capacity` (formats, GMSE, the rho law), `capscale.trainers` (model, compressed
 layers, training, sweeps), `capscale.analysis` (run tables, law fits, bootstrap, reports). The names below
@@ -16,6 +17,7 @@ from importlib.metadata import PackageNotFoundError, version
 _API = {
     ".capacity": ("BASELINE", "Component", "Format", "compare", "gmse", "parse", "register", "registry", "rho"),
     ".analysis.bootstrap": ("bootstrap",),
+    ".analysis.lawfit": ("LawFit", "fit"),
     ".analysis.laws": ("DecoupledLaw", "FrantarLaw", "KumarLaw", "UnifiedLaw", "make_law"),
     ".analysis.report": ("build_report",),
     ".analysis.runs": ("load_runs",),

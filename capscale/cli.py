@@ -1,41 +1,38 @@
 """The `capscale` command line: one command, a subcommand per job, above the three packages.
 
 capacity jobs (formats, gmse, compare) are here; training jobs in `commands_train`, analysis jobs in
-`commands_analysis`. Every job is also a plain Python function, which the subcommand only calls.
+`commands_analysis`. Every job is also a plain Python function: a subcommand reads its options, calls it and
+prints what it returns.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-
-import pandas as pd
 
 from capscale.capacity import InputError, compare, gmse, load_plugin, registry
 from capscale.capacity.gmse import DEFAULT_SAMPLES
 
 from . import commands_analysis, commands_train
 from .options import whole
-from .output import print_table
+from .output import print_records
 
 
 def add_formats_command(sub) -> None:
     p = sub.add_parser("formats", help="list the registered formats",
                        description="List the format registry: spec name, example, one-line description.")
-    p.set_defaults(func=lambda args: print_table(
-        pd.DataFrame([(e.name, e.example, e.description) for e in registry()],
-                     columns=["name", "example", "description"])))
+    p.set_defaults(func=lambda args: print_records(
+        [{"name": e.name, "example": e.example, "description": e.description} for e in registry()]))
 
 
 def _gmse_command(args) -> None:
     results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact, row_length=args.row_length)
                for s in args.specs]
     if args.json:
-        print(json.dumps([{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho")}
-                          for r in results], indent=1))
+        print_records([{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho")}
+                       for r in results], as_json=True)
     else:
-        print_table(pd.DataFrame([r.as_dict() for r in results]).drop(columns=["shape"]), floatfmt="{:.6g}")
+        print_records([{k: v for k, v in r.as_dict().items() if k != "shape"} for r in results], floatfmt=".6g")
 
 
 def add_gmse_command(sub) -> None:

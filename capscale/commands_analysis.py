@@ -1,23 +1,16 @@
-"""Analysis commands: `capscale fit | validate | predict | compose | report | demo`."""
+"""Analysis commands: `capscale fit | validate | predict | compose | report | demo`.
+
+Building the parser imports nothing heavy (the choices come from `analysis.names`); each command imports the
+analysis it runs, so `capscale gmse` never loads pandas, statsmodels or matplotlib."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
 
-import pandas as pd
+from capscale.analysis.names import LAW_NAMES, RESAMPLING_UNITS, RHO_FORMS
+from capscale.capacity import BASELINE, InputError
 
-from capscale.analysis.bootstrap import RESAMPLING_UNITS, bootstrap, extrapolation_check, extrapolation_summary
-from capscale.analysis.compose import compose_grid, compose_runs, grid_summary, read_grid
-from capscale.analysis.laws import LAWS, make_law
-from capscale.analysis.fitfile import load_fit, save_fit
-from capscale.analysis.report import build_report, fit_json, fit_warnings, writable_folder
-from capscale.analysis.runs import RunTableError, load_runs
-from capscale.analysis.statistics import calibration, composability_wald
-from capscale.analysis.validate import FORMS, predict_format, validate
-from capscale.capacity import BASELINE
-
-from .demo import run_demo
 from .options import level, nonnegative, positive, whole
 from .output import print_table
 
@@ -29,7 +22,8 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     else:
         p.add_argument("runs", metavar="RUNS", help=help_runs)
     p.add_argument("--baseline", default=BASELINE, help="label of the uncompressed baseline (eff = 1)")
-    p.add_argument("--query", default=None, help="pandas query to select rows, e.g. \"params > 2e4\"")
+    p.add_argument("--query", default=None, help="rows to keep: comparisons of columns with numbers or labels, "
+                                                 "joined by and/or/not, e.g. \"params > 2e4 and format != 'int2'\"")
     p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
                    help="read other column names, e.g. --map loss=val_loss,params=n_params")
     p.add_argument("--bootstrap", type=whole(0), default=bootstrap_default, metavar="B", help="bootstrap replicates")
@@ -47,19 +41,18 @@ def _warn(messages) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
-def fitted(args, runs):
-    """The decoupled law and its bootstrap: loaded from --fit FILE (no refitting), or fitted now."""
+def runs_from_args(args):
+    from capscale.analysis.runs import load_runs
+    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
+
+
+def fit_from_args(args, runs, law: str = "decoupled", **law_options):
+    """The LawFit the options ask for: loaded from --fit FILE (no refitting), or fitted and bootstrapped now."""
+    from capscale.analysis.lawfit import LawFit, fit
     if getattr(args, "fit", None):
-        return load_fit(args.fit, runs)
-    law = make_law("decoupled", baseline=args.baseline, delta=args.delta).fit(runs)
-    return law, bootstrapped(args, law, runs)
-
-
-def bootstrapped(args, law, runs):
-    """The bootstrap the run options ask for (--bootstrap, --seed, --jobs, --resample, --level); None for B = 0."""
-    if not args.bootstrap:
-        return None
-    return bootstrap(law, runs, args.bootstrap, args.seed, n_jobs=args.jobs, unit=args.resample, level=args.level)
+        return LawFit.load(args.fit, runs)
+    return fit(runs, law=law, bootstrap=args.bootstrap, level=args.level, baseline=args.baseline,
+               resample=args.resample, seed=args.seed, delta=args.delta, n_jobs=args.jobs, **law_options)
 
 
 def add_fit_file_argument(p) -> None:
@@ -67,33 +60,25 @@ def add_fit_file_argument(p) -> None:
                                                  "refitting, the saved bootstrap replicates give the intervals")
 
 
-def runs_from_args(args):
-    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
-
-
 def _fit_command(args) -> None:
     runs = runs_from_args(args)
-    extra = {"fix_E": args.fix_E} if args.fix_E is not None else {}
-    if extra and args.law != "decoupled":
-        raise RunTableError("--fix-E applies to the decoupled law")
-    law = make_law(args.law, baseline=args.baseline, delta=args.delta, **extra).fit(runs)
-    boot = bootstrapped(args, law, runs)
-    intervals = boot.intervals(law.values()) if boot else None
-    _warn(fit_warnings(law, boot))
+    if args.fix_E is not None and args.law != "decoupled":
+        raise InputError("--fix-E applies to the decoupled law")
+    result = fit_from_args(args, runs, args.law, **({"fix_E": args.fix_E} if args.fix_E is not None else {}))
+    _warn(result.warnings)
     if args.output:
-        save_fit(args.output, law, boot, runs, args.seed)
+        result.save(args.output)
         print(f"fit saved to {args.output}", file=sys.stderr)
     if args.json:
-        print(json.dumps(fit_json(law, intervals, boot), indent=1))
+        print(json.dumps(result.as_json(), indent=1))
         return
-    print(law.summary(intervals, args.level))
-    if boot:
-        print(f"  bootstrap: {len(boot.samples)} refits, {boot.n_failed} failed")
+    print(result.summary())
     if runs.attrs.get("skipped"):
         print(f"  not fitted (status not ok): {len(runs.attrs['skipped'])} run(s)")
-    if args.extrapolate and runs["params"].nunique() > 2:
-        summary = extrapolation_summary(extrapolation_check(law, runs))
-        print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: {summary['text']}")
+    if args.extrapolate:
+        _, summary = result.extrapolation()
+        if summary is not None:
+            print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: {summary['text']}")
 
 
 def add_fit_command(sub) -> None:
@@ -101,7 +86,7 @@ def add_fit_command(sub) -> None:
                        description="Fit loss = A (N eff)^-alpha + B D^-beta + E over formats (Huber on log loss, "
                                    "global optimum by variable projection), with bootstrap intervals.")
     add_run_arguments(p, bootstrap_default=200)  # every fitted constant is printed with its interval
-    p.add_argument("--law", default="decoupled", choices=list(LAWS),
+    p.add_argument("--law", default="decoupled", choices=LAW_NAMES,
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
@@ -112,11 +97,10 @@ def add_fit_command(sub) -> None:
 
 
 def _validate_command(args) -> None:
-    runs = runs_from_args(args)
-    law, boot = fitted(args, runs)
-    v = validate(runs, form=args.form, law=law, boot=boot, n_boot=0)
+    result = fit_from_args(args, runs_from_args(args))
+    v = result.validate(form=args.form)
     _warn(v.warnings)
-    cal = calibration(v.table, v.boot.samples, args.level) if v.boot is not None and len(v.table) >= 3 else None
+    cal = result.calibration(v)
     if args.json:
         print(json.dumps({**v.as_json(), "calibration": None if cal is None else cal.as_json()}, indent=1))
     else:
@@ -128,23 +112,22 @@ def add_validate_command(sub) -> None:
                        description="Fit rho(GMSE) to the decoupled efficiencies (weights x activations as a "
                                    "product), then leave-one-format-out: each format predicted without it.")
     add_run_arguments(p, bootstrap_default=200)
-    p.add_argument("--form", default="tanh", choices=list(FORMS), help="rho form")
+    p.add_argument("--form", default="tanh", choices=RHO_FORMS, help="rho form")
     add_fit_file_argument(p)
     p.set_defaults(func=_validate_command)
 
 
 def _predict_command(args) -> None:
-    runs = runs_from_args(args)
-    law, boot = fitted(args, runs)
-    out = predict_format(runs, args.spec, args.a_format, args.params, args.tokens, form=args.form, law=law, boot=boot,
-                         n_boot=0)
+    from capscale.analysis.summary import format_interval
+    out = fit_from_args(args, runs_from_args(args)).predict_format(args.spec, args.a_format, args.params,
+                                                                    args.tokens, form=args.form)
     if args.json:
         print(json.dumps(out, indent=1))
     else:
-        fmt = lambda iv: "" if iv is None else f" [{iv[0]:.4g}, {iv[1]:.4g}]"  # noqa: E731
+        interval = lambda iv: "" if iv is None else " " + format_interval(*iv, ".4g")  # noqa: E731
         print(f"{args.spec}" + (f" / {args.a_format}" if args.a_format else "") +
-              f": predicted efficiency {out['eff']:.4g}{fmt(out['eff_interval'])}, "
-              f"loss at N={args.params:.4g}, D={args.tokens:.4g}: {out['loss']:.4g}{fmt(out['loss_interval'])}")
+              f": predicted efficiency {out['eff']:.4g}{interval(out['eff_interval'])}, "
+              f"loss at N={args.params:.4g}, D={args.tokens:.4g}: {out['loss']:.4g}{interval(out['loss_interval'])}")
 
 
 def add_predict_command(sub) -> None:
@@ -154,7 +137,7 @@ def add_predict_command(sub) -> None:
     p.add_argument("--a-format", default=None, help="activations format spec")
     p.add_argument("--params", type=positive, required=True)
     p.add_argument("--tokens", type=positive, required=True)
-    p.add_argument("--form", default="tanh", choices=list(FORMS))
+    p.add_argument("--form", default="tanh", choices=RHO_FORMS)
     add_run_arguments(p, bootstrap_default=200, runs_option=True)
     add_fit_file_argument(p)
     p.set_defaults(func=_predict_command)
@@ -162,23 +145,19 @@ def add_predict_command(sub) -> None:
 
 def _compose_command(args) -> None:
     if args.grid:
+        from capscale.analysis.compose import compose_grid, grid_summary, read_grid
         result = compose_grid(read_grid(args.runs), args.edge_row, args.edge_col)
         if args.json:
-            print(json.dumps({k: (v.to_dict() if isinstance(v, pd.DataFrame) else v) for k, v in result.items()},
+            print(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in result.items()},
                              indent=1, default=str))
         else:
             print(grid_summary(result))
         return
-    runs = runs_from_args(args)
-    law, boot = fitted(args, runs)
-    table = compose_runs(law.eff_, boot)
-    if not table.empty and boot is not None:
-        table = composability_wald(list(table[["combined", "part1", "part2"]].itertuples(index=False, name=None)),
-                                   law.eff_, boot.samples, args.level).table
+    table, wald = fit_from_args(args, runs_from_args(args)).compose()
     if table.empty:
         print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
     else:
-        print_table(table, args.json)
+        print_table(table if wald is None else wald.table, args.json)
 
 
 def add_compose_command(sub) -> None:
@@ -194,14 +173,13 @@ def add_compose_command(sub) -> None:
 
 
 def _report_command(args) -> None:
-    writable_folder(args.output)
+    from capscale.analysis.report import writable_folder
+    from capscale.analysis.runs import load_runs
+    writable_folder(args.output)  # before any work that would be lost
     runs = runs_from_args(args)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
     replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
-    law, boot = fitted(args, runs)
-    report = build_report(runs, args.output, n_boot=args.bootstrap, seed=args.seed, delta=args.delta, grids=grids,
-                          n_jobs=args.jobs, replicates=replicates, baseline=args.baseline, level=args.level,
-                          law=law, boot=boot)
+    report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 
@@ -227,7 +205,12 @@ def add_demo_command(sub) -> None:
     p.add_argument("--bootstrap", type=whole(0), default=200, help="bootstrap replicates")
     p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes")
-    p.set_defaults(func=lambda a: run_demo(a.output, a.train, a.bootstrap, a.seed, a.jobs))
+    p.set_defaults(func=_demo_command)
+
+
+def _demo_command(args) -> None:
+    from .demo import run_demo
+    run_demo(args.output, args.train, args.bootstrap, args.seed, args.jobs)
 
 
 ADDERS = (add_fit_command, add_validate_command, add_predict_command, add_compose_command, add_report_command,

@@ -1,4 +1,4 @@
-"""Training commands: `capscale train` and `capscale sweep`."""
+"""Training commands: `capscale train`, `capscale sweep` and `capscale diagnose` (each imports what it runs)."""
 from __future__ import annotations
 
 import json
@@ -10,15 +10,13 @@ import torch
 
 from capscale.capacity import InputError
 from capscale.trainers.config import TrainConfig
-from capscale.trainers.diagnose import diagnose
-from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
-from capscale.trainers.train import failed_record, plan_for, train, train_and_record
 
 from .options import whole
 from .output import print_table
 
 
 def _train_command(args) -> None:
+    from capscale.trainers.train import failed_record, plan_for, train, train_and_record
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_options(args)
@@ -62,6 +60,7 @@ def add_train_command(sub) -> None:
 
 
 def _sweep_command(args) -> None:
+    from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
     sweep = load_sweep(args.sweep, args.shard)
     if args.dry_run:
         print(describe_plan(sweep, args.workers))
@@ -89,6 +88,7 @@ def add_sweep_command(sub) -> None:
 
 
 def _diagnose_command(args) -> None:
+    from capscale.trainers.diagnose import diagnose
     print_table(diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens), args.json)
 
 

@@ -1,4 +1,4 @@
-"""`capscale demo`: the whole claim of the toolkit on the shipped CPU study, in a few minutes.
+"""`capscale demo`: the whole claim of the toolkit on the shipped CPU study, in about 15 seconds.
 
 Capacity of the study's formats; decoupled and unified fits with bootstrap; leave-one-format-out
 validation of capacity predictions; composability on runs and on the published grids; the report.
@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from capscale import capacity, data
-from capscale.analysis.report import build_report, writable_folder
+from capscale.analysis.lawfit import fit
+from capscale.analysis.report import writable_folder
 from capscale.analysis.summary import format_interval
 from capscale.analysis.runs import format_table, load_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
@@ -46,8 +47,8 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     grids = {p.stem.removeprefix("capacity_"): p for p in sorted(data.path("reference").glob("capacity_*.csv"))}
     seeds_path = data.path("study_seed_runs.jsonl")
     replicates = load_runs(seeds_path) if not train and seeds_path.exists() else None
-    report = build_report(runs, out, n_boot=n_boot, seed=seed, grids=grids, n_jobs=n_jobs,
-                          title=f"capscale demo: {runs_path.name}", replicates=replicates)
+    report = fit(runs, bootstrap=n_boot, seed=seed, n_jobs=n_jobs).report(
+        out, grids=grids, n_jobs=n_jobs, title=f"capscale demo: {runs_path.name}", replicates=replicates)
     res = report.results
     print(f"\n== Summary (the same text heads {out / 'report.md'} and is in results.json) ==")
     for line in report.summary:

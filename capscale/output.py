@@ -1,9 +1,24 @@
-"""How commands print tables: text for people, JSON records for programs."""
+"""How commands print tables: text for people, JSON records for programs (non-finite numbers as null, so the
+JSON is valid). Nothing here imports pandas: `capscale gmse` prints without loading it."""
 from __future__ import annotations
 
-import pandas as pd
+import json
+import math
+
+from tabulate import tabulate
 
 
-def print_table(frame: pd.DataFrame, as_json: bool = False, floatfmt: str = "{:.4g}") -> None:
-    print(frame.to_json(orient="records", indent=1) if as_json else
-          frame.to_string(index=False, float_format=floatfmt.format))
+def _finite(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def print_records(records: list[dict], as_json: bool = False, floatfmt: str = ".4g") -> None:
+    if as_json:
+        print(json.dumps([{k: _finite(v) for k, v in r.items()} for r in records], indent=1, default=str))
+    else:
+        print(tabulate(records, headers="keys", tablefmt="plain", floatfmt=floatfmt, missingval=""))
+
+
+def print_table(frame, as_json: bool = False, floatfmt: str = ".4g") -> None:
+    """A pandas DataFrame, printed as `print_records` does."""
+    print_records(frame.to_dict("records"), as_json, floatfmt)

@@ -221,10 +221,10 @@ def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capscale_cli):
 
 
 def test_report_writes_html_markdown_json_and_figures(tmp_path):
-    from capscale.analysis.report import build_report
+    import capscale
     runs = load_runs(simulate_runs(capacity_effs(), noise=0.003, specs=SPECS))
-    report = build_report(runs, tmp_path, n_boot=8, progress=False,
-                          grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})
+    report = capscale.fit(runs, bootstrap=8, progress=False).report(
+        tmp_path, progress=False, grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 9
     assert {"decoupled", "validation", "composability", "law_comparison", "summary", "provenance"} <= set(report.results)

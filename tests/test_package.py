@@ -1,5 +1,6 @@
 """The package: one namespace with its data inside, and one meaning for every uncompressed name."""
 import json
+import importlib
 import subprocess
 import sys
 import zipfile
@@ -45,8 +46,10 @@ def test_an_uncompressed_name_means_the_same_to_gmse_train_and_fit(name):
 
 def test_public_api_is_importable_from_capscale():
     for name in ("gmse", "parse", "register", "DecoupledLaw", "UnifiedLaw", "KumarLaw", "FrantarLaw", "train",
-                 "TrainConfig", "Compression", "load_runs", "bootstrap", "validate", "build_report"):
-        assert hasattr(capscale, name), name
+                 "TrainConfig", "Compression", "load_runs", "bootstrap", "validate", "build_report", "fit", "LawFit"):
+        value = getattr(capscale, name)
+        home = importlib.import_module(capscale._HOME[name], "capscale")
+        assert value is getattr(home, name) and callable(value), name
 
 
 def test_shipped_data_is_addressed_inside_the_package():

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from capscale.analysis.report import build_report
+import capscale
 from capscale.analysis.runs import load_runs
 from capscale.analysis.simulate import simulate_runs
 
@@ -60,7 +60,8 @@ def test_report_reads_verdict_first_with_every_figure_loaded_and_no_overflow(tmp
              "int4/int4": ("int4", "int4"), "bf16/int4": ("bf16", "int4"), "bf16": ("bf16", None)}
     eff = {"bf16": 1.0, "int4": 0.82, "int2": 0.45, "2:4": 0.6, "2:4+int4": 0.49, "int4/int4": 0.67, "bf16/int4": 0.82}
     report_dir = tmp_path / "report"
-    build_report(load_runs(simulate_runs(eff, specs=specs, noise=0.003)), report_dir, n_boot=12, progress=False)
+    capscale.fit(load_runs(simulate_runs(eff, specs=specs, noise=0.003)), bootstrap=12, progress=False).report(
+        report_dir, progress=False)
     browser("POST", "/window/rect", {"width": 1280, "height": 1000})
     browser("POST", "/url", {"url": (report_dir / "report.html").resolve().as_uri()})
     run = lambda script: browser("POST", "/execute/sync", {"script": script, "args": []})  # noqa: E731

@@ -11,8 +11,6 @@ import functools
 import math
 from dataclasses import dataclass, field, fields
 
-from scipy import stats
-
 from capscale import capacity
 from capscale.capacity import BASELINE, InputError, is_uncompressed
 from capscale.capacity.formats import ScaledQuantizer
@@ -152,7 +150,8 @@ class Compression:
     @functools.cached_property
     def rbbm_z(self) -> float:
         """Phi^-1(0.5 + p): RBBM's band edge in RMS units."""
-        return float(stats.norm.ppf(0.5 + self.rbbm_p))
+        from scipy import special
+        return float(special.ndtri(0.5 + self.rbbm_p))
 
     @property
     def label(self) -> str:

@@ -1,0 +1,266 @@
+"""One results object for a fit: `capscale.fit(runs, ...) -> LawFit`, in the manner of statsmodels' results.
+
+A LawFit owns everything a fit's later questions need (the runs, the fitted law, its bootstrap replicates, the
+confidence level and the seed) so that nothing threads them by hand: intervals (`conf_int`), a paste-able
+`summary()`, predictions with intervals, fit health, the capacity validation, composability tests, law
+comparison, paired comparisons, extrapolation, saving and reloading, and the report all start from it.
+Plotting libraries load only with `report()`.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from capscale.capacity import BASELINE, InputError
+
+from .bootstrap import BootstrapResult, bootstrap as run_bootstrap
+from .laws import DecoupledLaw, ScalingLaw, eff_key, exponent_at_edge, law_loss, make_law
+from .names import LAW_NAMES
+
+
+def _finite(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+class Summary:
+    """A fit's summary as text (str), Markdown or HTML, like statsmodels' Summary."""
+
+    def __init__(self, title: str, header: list[tuple[str, str]], table: pd.DataFrame, notes: list[str]):
+        self.title, self.header, self.table, self.notes = title, header, table, notes
+
+    def as_text(self) -> str:
+        head = "\n".join(f"  {k}: {v}" for k, v in self.header)
+        notes = "".join(f"\n  {n}" for n in self.notes)
+        return f"{self.title}\n{head}\n{self.table.to_string(index=False, float_format='{:.4g}'.format)}{notes}"
+
+    def as_markdown(self) -> str:
+        head = "\n".join(f"- {k}: {v}" for k, v in self.header)
+        notes = "".join(f"\n- {n}" for n in self.notes)
+        return (f"**{self.title}**\n\n{head}\n\n{self.table.to_markdown(index=False, floatfmt='.4g')}\n{notes}").rstrip()
+
+    def as_html(self) -> str:
+        from html import escape
+        head = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in self.header)
+        notes = "".join(f"<p>{escape(n)}</p>" for n in self.notes)
+        return (f"<table class='summary'><caption>{escape(self.title)}</caption>{head}</table>"
+                + self.table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + notes)
+
+    def __str__(self) -> str:
+        return self.as_text()
+
+    def _repr_html_(self) -> str:
+        return self.as_html()
+
+
+class LawFit:
+    """A fitted law with its bootstrap. Build one with `capscale.fit(...)` or `LawFit.load(path, runs)`."""
+
+    def __init__(self, runs: pd.DataFrame, law: ScalingLaw, boot: BootstrapResult | None = None, seed: int = 0,
+                 level: float = 0.95):
+        self.runs, self.law, self.boot, self.seed = runs, law, boot, seed
+        self.level = boot.level if boot is not None else level
+
+    # -- the fitted numbers -----------------------------------------------------------------------------------
+    @property
+    def params(self) -> dict:
+        return dict(self.law.params_)
+
+    @property
+    def eff(self) -> dict:
+        """Efficiency per format (formula laws: evaluated at each format's capacity)."""
+        return dict(self.law.eff_) if hasattr(self.law, "eff_") else {}
+
+    @property
+    def baseline(self) -> str:
+        return self.law.baseline
+
+    def intervals(self, level: float | None = None) -> pd.DataFrame | None:
+        """value, standard error and percentile interval of every fitted number (None without a bootstrap)."""
+        if self.boot is None or not len(self.boot.samples):
+            return None
+        return self.boot.intervals(self.law.values(), level)
+
+    def conf_int(self, level: float | None = None) -> pd.DataFrame:
+        """Percentile bootstrap intervals, one row per fitted number (`eff[int4]` for efficiencies): lo, hi."""
+        table = self.intervals(level)
+        if table is None:
+            raise InputError("no bootstrap replicates: fit with bootstrap > 0 for intervals")
+        return table[["lo", "hi"]]
+
+    def eff_interval(self, label: str) -> tuple[float, float]:
+        table = self.intervals()
+        if table is None or eff_key(label) not in table.index:
+            return (np.nan, np.nan)
+        return tuple(table.loc[eff_key(label), ["lo", "hi"]])
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a reader should know before trusting the numbers: weak estimates, refits that would not converge."""
+        law, boot = self.law, self.boot
+        out = list(law.warnings_)
+        if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
+            out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is "
+                       "fragile and its intervals understate the uncertainty")
+        if boot is not None and len(boot.samples) and {"alpha", "beta"} <= set(boot.samples):
+            edge = exponent_at_edge(boot.samples[["alpha", "beta"]]).any(axis=1).mean()
+            if edge > 0.05:
+                out.append(f"{edge:.0%} of bootstrap refits put alpha or beta at the edge of the range searched: those "
+                           "resamples lack the distinct sizes or token budgets that identify the law (with --resample "
+                           "cells, too few (N, D) cells), so the intervals are wide or unbounded")
+        return out
+
+    def summary(self) -> Summary:
+        law, table = self.law, self.intervals()
+        rows = []
+        for name, value in {**law.params_, **{eff_key(k): v for k, v in self.eff.items()}}.items():
+            lo, hi, se = (table.loc[name, ["lo", "hi", "se"]] if table is not None and name in table.index
+                          else (np.nan, np.nan, np.nan))
+            rows.append({"": name, "value": value, "s.e.": se, f"[{(1 - self.level) / 2:g}": lo,
+                         f"{1 - (1 - self.level) / 2:g}]": hi})
+        header = [("law", f"{law.law}: {law.formula_text}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
+                  ("residual RMSE, log loss", f"{law.rmse_log_:.4g}"), ("baseline", law.baseline),
+                  ("bootstrap", "none" if self.boot is None else
+                   f"{len(self.boot.samples)} refits ({self.boot.n_failed} failed), seed {self.seed}, "
+                   f"{self.level:.0%} percentile intervals")]
+        return Summary(f"capscale {law.law} law fit", header, pd.DataFrame(rows),
+                       [f"warning: {w}" for w in self.warnings])
+
+    def as_json(self) -> dict:
+        table = self.intervals()
+
+        def p(name, value):
+            if table is None or name not in table.index:
+                return {"value": float(value), "se": None, "ci": None}
+            row = table.loc[name]
+            return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
+        law, boot = self.law, self.boot
+        return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_, "rmse_log_loss": law.rmse_log_,
+                "rmse_loss": law.rmse_loss_, "level": self.level,
+                "params": {k: p(k, v) for k, v in law.params_.items()},
+                "eff": {k: p(eff_key(k), v) for k, v in self.eff.items()},
+                "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
+                                                         "failed": boot.n_failed, "seed": self.seed},
+                "warnings": self.warnings}
+
+    # -- predictions ------------------------------------------------------------------------------------------
+    def predict(self, new: pd.DataFrame, interval: bool = False):
+        """Loss of runs (format, params, tokens) under the fitted law; with `interval`, a frame with the
+        prediction and its percentile interval over the bootstrap refits (decoupled law)."""
+        point = self.law.predict(new)
+        if not interval:
+            return point
+        if self.boot is None or not isinstance(self.law, DecoupledLaw):
+            raise InputError("prediction intervals need the decoupled law fitted with bootstrap > 0")
+        draws = np.array([law_loss(row, new["params"].to_numpy(float), new["tokens"].to_numpy(float),
+                                   np.array([row[eff_key(f)] if eff_key(f) in row else 1.0 for f in new["format"]]))
+                          for _, row in self.boot.samples.iterrows()])
+        lo, hi = np.quantile(draws, self.boot.tails(), axis=0)
+        return pd.DataFrame({"loss": point, "lo": lo, "hi": hi}, index=new.index)
+
+    def predict_format(self, spec: str | None, a_format: str | None, params: float, tokens: float,
+                       form: str = "tanh") -> dict:
+        """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
+        from .validate import predict_format
+        return predict_format(self.runs, spec, a_format, params, tokens, n_boot=0, seed=self.seed, form=form,
+                              law=self.law, boot=self.boot, level=self.level)
+
+    # -- the questions a fit answers --------------------------------------------------------------------------
+    def health(self, replicates: pd.DataFrame | None = None) -> pd.DataFrame:
+        from .health import fit_health
+        return fit_health(self.law, self.runs, self.boot, replicates)
+
+    def validate(self, form: str = "tanh", progress: bool = True, n_jobs: int | None = None):
+        """Capacity against efficiency: rho fitted to the efficiencies, each format predicted leaving it out."""
+        from .validate import validate
+        return validate(self.runs, form=form, law=self.law, boot=self.boot, n_boot=0, progress=progress,
+                        n_jobs=n_jobs)
+
+    def calibration(self, validation):
+        """The calibration regression of a validation (None where the replicates or formats are too few)."""
+        from .statistics import calibration
+        if validation is None or self.boot is None or len(self.boot.samples) <= 2 or len(validation.table) < 3:
+            return None
+        return calibration(validation.table, self.boot.samples, self.level)
+
+    def compose(self):
+        """Combined formats against their parts: the ratio table, with Wald tests where there are replicates."""
+        from .compose import compose_runs
+        from .statistics import composability_wald
+        table = compose_runs(self.law.eff_, self.boot)
+        if table.empty or self.boot is None or len(self.boot.samples) <= 2:
+            return table, None
+        pairs = list(table[["combined", "part1", "part2"]].itertuples(index=False, name=None))
+        wald = composability_wald(pairs, self.law.eff_, self.boot.samples, self.level)
+        return table, wald
+
+    def compare_laws(self) -> pd.DataFrame:
+        """How well each law fits these runs (their constants need their own bootstrap: `capscale.fit(law=...)`)."""
+        rows = [(self.law.law, self.law)]
+        for name in LAW_NAMES:
+            if name == self.law.law:
+                continue
+            try:
+                rows.append((name, make_law(name, baseline=self.baseline, delta=self.law.delta).fit(self.runs)))
+            except ValueError:  # e.g. no sparsity runs for the Frantar law, or labels without capacity
+                continue
+        def n_constants(f):  # the decoupled law fits one efficiency per format besides the baseline's
+            return len(f.params_) + (len(f.eff_) - 1 if isinstance(f, DecoupledLaw) else 0)
+        return pd.DataFrame([{"law": n, "parameters": n_constants(f), "runs": f.n_runs_, "objective": f.objective_,
+                              "rmse_log_loss": f.rmse_log_, "rmse_loss": f.rmse_loss_} for n, f in rows])
+
+    def paired(self) -> pd.DataFrame:
+        from .compare import paired_comparison
+        return paired_comparison(self.runs, self.baseline, self.level)
+
+    def paired_mixed(self):
+        from .statistics import paired_mixed
+        try:
+            return paired_mixed(self.runs, self.baseline, self.level)
+        except InputError:
+            return None
+
+    def extrapolation(self) -> tuple[pd.DataFrame | None, dict | None]:
+        """The law refitted without the largest models, predicting them (None with fewer than 3 sizes)."""
+        from .bootstrap import extrapolation_check, extrapolation_summary
+        if self.runs["params"].nunique() <= 2:
+            return None, None
+        table = extrapolation_check(self.law, self.runs)
+        return table, extrapolation_summary(table)
+
+    # -- files ------------------------------------------------------------------------------------------------
+    def save(self, path: "str | Path") -> Path:
+        from .fitfile import save_fit
+        return save_fit(path, self.law, self.boot, self.runs, self.seed)
+
+    @classmethod
+    def load(cls, path: "str | Path", runs: pd.DataFrame) -> "LawFit":
+        """A fit saved by `save` (or `capscale fit -o`), refused for other data than it fitted."""
+        from .fitfile import load_fit
+        law, boot, seed = load_fit(path, runs)
+        return cls(runs, law, boot, seed)
+
+    def report(self, folder: "str | Path", **options):
+        """The full report into `folder` (see `analysis.report.build_report` for the options)."""
+        from .report import build_report
+        return build_report(self, folder, **options)
+
+    def __repr__(self) -> str:
+        boot = "no bootstrap" if self.boot is None else f"{len(self.boot.samples)} bootstrap refits"
+        return f"<LawFit {self.law.law}: {self.law.n_runs_} runs, {len(self.eff)} formats, {boot}>"
+
+
+def fit(runs, law: str = "decoupled", bootstrap: int = 200, level: float = 0.95, baseline: str = BASELINE,
+        resample: str = "formats", seed: int = 0, delta: float = 1e-3, n_jobs: int | None = None,
+        progress: bool = True, **law_options) -> LawFit:
+    """Fit a scaling law to a run table (a path or a frame from `load_runs`) and bootstrap it: the LawFit."""
+    from .runs import load_runs
+    runs = runs if isinstance(runs, pd.DataFrame) and "format" in runs else load_runs(runs, baseline=baseline)
+    if law not in LAW_NAMES:
+        raise InputError(f"unknown law '{law}'; choose from {', '.join(LAW_NAMES)}")
+    fitted = make_law(law, baseline=baseline, delta=delta, **law_options).fit(runs)
+    boot = run_bootstrap(fitted, runs, bootstrap, seed, n_jobs=n_jobs, progress=progress, unit=resample,
+                         level=level) if bootstrap else None
+    return LawFit(runs, fitted, boot, seed, level)

@@ -1,0 +1,5 @@
+"""The names the analysis offers (laws, rho forms, bootstrap units), defined once and importable without numpy,
+scipy or pandas, so that the command line lists them as choices before loading anything heavy."""
+LAW_NAMES = ("decoupled", "unified", "kumar", "frantar")
+RHO_FORMS = ("tanh", "logistic", "ratio")
+RESAMPLING_UNITS = ("formats", "cells")
