@@ -6,15 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import sys
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from capscale.capacity import InputError
+from capscale.capacity.provenance import invoked_command, package_version
 
 from .bootstrap import BootstrapResult
 from .laws import DecoupledLaw
@@ -27,22 +26,6 @@ def fingerprint(runs: pd.DataFrame) -> str:
     rows = runs[["format", "params", "tokens", "loss"]].astype({"format": str}).sort_values(
         ["format", "params", "tokens", "loss"])
     return hashlib.sha256(rows.to_csv(index=False, float_format="%.12g").encode()).hexdigest()
-
-
-def invoked_command() -> str:
-    """The command line that is running: `capscale ...` from the command, else `python ...`."""
-    program = Path(sys.argv[0])
-    if program.name == "capscale" or program.parent.name == "capscale" and program.name == "__main__.py":
-        return " ".join(["capscale", *sys.argv[1:]])
-    return " ".join(["python", *sys.argv])
-
-
-def package_version(name: str) -> str:
-    """An installed distribution's version, read from its metadata (nothing is imported)."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None, runs: pd.DataFrame,

@@ -12,6 +12,7 @@ eff_f by a formula and start from the decoupled solution.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pandas as pd
@@ -106,10 +107,24 @@ class ScalingLaw:
         self.baseline, self.delta = baseline, delta
 
     def get_params(self) -> dict:
-        return {"baseline": self.baseline, "delta": self.delta}
+        """The constructor's parameters and their values, read from `__init__`'s signature (scikit-learn's
+        contract: each is stored under its own name), so a refit (`clone`, the bootstrap) cannot drop one."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {n: getattr(self, n) for n in names}
+
+    def set_params(self, **params) -> "ScalingLaw":
+        known = self.get_params()
+        if unknown := set(params) - set(known):
+            raise InputError(f"{type(self).__name__}: unknown parameter(s) {sorted(unknown)}; known: {sorted(known)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def clone(self):
         return type(self)(**self.get_params())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
     def _prepare(self, runs: pd.DataFrame):
         check_identifiable(runs)
@@ -172,9 +187,6 @@ class DecoupledLaw(ScalingLaw):
     def __init__(self, baseline: str = BASELINE, delta: float = 1e-3, fix_E: float | None = None):
         super().__init__(baseline, delta)
         self.fix_E = fix_E
-
-    def get_params(self) -> dict:
-        return {**super().get_params(), "fix_E": self.fix_E}
 
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame, start: np.ndarray | None = None):

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from .fitfile import fingerprint, invoked_command, package_version
+from capscale.capacity.provenance import invoked_command, package_version
+
+from .fitfile import fingerprint
 
 
 def format_interval(lo, hi, spec: str = ".3g") -> str:

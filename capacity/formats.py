@@ -70,6 +70,12 @@ class Component:
         """Storage bits per value of this step given the bits of what follows it."""
         return inner_bits
 
+    def tolerance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """Per entry of x, the largest rounding error an in-range value can have (half the largest gap between
+        the values it rounds to, at x's scale): the trust estimator's radius. None (the default): the component
+        does not round, and a format whose only rounding step says None trains straight-through."""
+        return None
+
     def exact_mse(self) -> float:
         raise SpecError(f"exact GMSE is not available for '{self.spec}': use Monte Carlo (exact=False)")
 
@@ -99,12 +105,18 @@ class Format:
                 return t
             part = self.parts[i]
             if isinstance(part, ScaledQuantizer):  # run it here to see its tolerance; apply() does the same
-                t, seen["tolerance"] = part.quantize(t, keep, unpruned)
+                t, tolerance = part.quantize(t, keep, unpruned)
+                seen["tolerance"] = (i, tolerance)
                 return run(i + 1, t, keep, unpruned)
-            return part.apply(t, keep, lambda u, k: run(i + 1, u, k, unpruned))
+            out = part.apply(t, keep, lambda u, k: run(i + 1, u, k, unpruned))
+            tolerance = part.tolerance(t, out)
+            if tolerance is not None and (seen["tolerance"] is None or seen["tolerance"][0] < i):
+                seen["tolerance"] = (i, tolerance)  # the last rounding step of the chain sets the trust radius
+            return out
         dtype, x = x.dtype, x.float()
         values = run(0, x, None, x).to(dtype)
-        return Compressed(values, seen["tolerance"], seen["keep"])
+        tolerance = seen["tolerance"][1] if seen["tolerance"] is not None else None
+        return Compressed(values, tolerance, seen["keep"])
 
     def component(self, kind: type) -> "Component | None":
         """The first component of a kind (a sparsity step, a quantizer), or None."""

@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from typing import Callable
 
 import numpy as np
+import torch
 
 from . import grids
 from .formats import Component, Format, GridQuantizer, Identity, SpecError
@@ -42,14 +43,51 @@ _ENTRY_POINTS_LOADED = False
 
 
 def register(name: str, factory: Callable, description: str = "", pattern: str | None = None,
-             example: str | None = None) -> None:
+             example: str | None = None, *, check: bool = True) -> None:
     """Register a format component: `parse(name)` then calls `factory(**kwargs)`.
 
     With `pattern` (a regex over the whole name), the factory is called as factory(match, **kwargs),
-    for families such as `int<b>`. The factory must return a `capscale.capacity.Component`.
+    for families such as `int<b>`. The factory must return a `capscale.capacity.Component`. The component is
+    checked now, on its example (`check_component`), so that a mistake fails here and not silently in a study
+    (the built-ins, checked by the test suite, skip it).
     """
     _REGISTRY[name] = Entry(name, factory, description, re.compile(pattern, re.ASCII) if pattern else None,
                             example or name)
+    if check:
+        try:
+            check_component(example or name)
+        except Exception:
+            del _REGISTRY[name]
+            raise
+
+
+class _Probe(Component):
+    """Stands after a component in a test chain: records whether the component passed the rest of the chain on."""
+
+    name = "probe"
+
+    def apply(self, x, keep, inner):
+        self.called = True
+        return inner(x, keep)
+
+
+def check_component(example: str) -> None:
+    """The mistakes a user component can make silently: no `name` (its spec would print as `component`, which
+    does not parse), a spec that does not parse back to itself, an `apply` that never calls `inner` (every format
+    after it in a chain would be skipped while bits and GMSE still count them)."""
+    fmt = parse(example)
+    for part in fmt.parts:
+        if part.name == Component.name:
+            raise SpecError(f"'{example}': {type(part).__name__} sets no `name`, so its spec would print as "
+                            f"'{Component.name}'; give the class a name (the one it registers under)")
+    if str(parse(str(fmt))) != str(fmt):
+        raise SpecError(f"'{example}': prints as '{fmt}', which parses back as '{parse(str(fmt))}'; a spec must "
+                        "round-trip (check the `spec` of its components and their `defaults`)")
+    probe = _Probe()
+    Format([*fmt.parts, probe])(torch.randn(4, 256, generator=torch.Generator().manual_seed(0)))
+    if not getattr(probe, "called", False):
+        raise SpecError(f"'{example}': its apply() never calls inner(x, keep), so the formats after it in a chain "
+                        "(2:4+yours+int4) would be skipped; end apply() with `return inner(...)` or pass its result on")
 
 
 def registry() -> list[Entry]:
@@ -298,33 +336,37 @@ def _nm(match, vector=1):
     return NMSparse(int(match.group(1)), int(match.group(2)), vector)
 
 
+def _builtin(*args, **kwargs):
+    register(*args, **kwargs, check=False)
+
+
 def _register_builtins():
     for name, bits in UNCOMPRESSED_BITS.items():
-        register(name, functools.partial(Identity, name, bits),
+        _builtin(name, functools.partial(Identity, name, bits),
                  f"uncompressed: GMSE 0, capacity 1, stored in {bits:g} bits; the trainer applies no rounding")
-    register("int<b>", _int, "2^b-level symmetric uniform midrise grid, b = 1..8; group=, scale=, grid=signed",
+    _builtin("int<b>", _int, "2^b-level symmetric uniform midrise grid, b = 1..8; group=, scale=, grid=signed",
              pattern=r"int(\d+)", example="int4")
-    register("lloydmax<b>", _lloydmax, "Lloyd-Max MSE-optimal Gaussian grid with 2^b levels",
+    _builtin("lloydmax<b>", _lloydmax, "Lloyd-Max MSE-optimal Gaussian grid with 2^b levels",
              pattern=r"lloydmax(\d+)", example="lloydmax4")
-    register("ternary", _ternary, "{-1, 0, 1} x scale (1.58 bits); scale=absmean is BitNet's")
-    register("binary", _binary, "sign(x) x mean|x| (1 bit)")
+    _builtin("ternary", _ternary, "{-1, 0, 1} x scale (1.58 bits); scale=absmean is BitNet's")
+    _builtin("binary", _binary, "sign(x) x mean|x| (1 bit)")
     for kind, name in [("e2m1", "fp4_e2m1"), ("e2m3", "fp6_e2m3"), ("e3m2", "fp6_e3m2"),
                        ("e4m3", "fp8_e4m3"), ("e5m2", "fp8_e5m2")]:
-        register(name, _minifloat(kind, name), f"{kind.upper()} minifloat elements with one (optimal) scale")
+        _builtin(name, _minifloat(kind, name), f"{kind.upper()} minifloat elements with one (optimal) scale")
     for kind, name in [("e2m1", "mxfp4"), ("e2m3", "mxfp6_e2m3"), ("e3m2", "mxfp6_e3m2"),
                        ("e4m3", "mxfp8_e4m3"), ("e5m2", "mxfp8_e5m2")]:
-        register(name, _mx(kind, name), f"OCP MX: {kind.upper()} elements, blocks of 32, E8M0 power-of-two scale")
-    register("nvfp4", _nvfp4, "E2M1 elements, blocks of 16, E4M3 block scale under an FP32 tensor scale")
-    register("nf4", _nf4, "NormalFloat-4 codebook, absmax per block (default 64, fp32 scale)")
-    register("sparse", Sparse, "unstructured magnitude sparsity at a fraction: sparse(0.5)",
+        _builtin(name, _mx(kind, name), f"OCP MX: {kind.upper()} elements, blocks of 32, E8M0 power-of-two scale")
+    _builtin("nvfp4", _nvfp4, "E2M1 elements, blocks of 16, E4M3 block scale under an FP32 tensor scale")
+    _builtin("nf4", _nf4, "NormalFloat-4 codebook, absmax per block (default 64, fp32 scale)")
+    _builtin("sparse", Sparse, "unstructured magnitude sparsity at a fraction: sparse(0.5)",
              example="sparse(0.5)")
-    register("N:M", _nm, "N:M magnitude sparsity along the last dim: 2:4; over vectors of a length by L2 norm: "
+    _builtin("N:M", _nm, "N:M magnitude sparsity along the last dim: 2:4; over vectors of a length by L2 norm: "
              "4:8(vector=2) (QuEST's pairs)", pattern=r"(\d+):(\d+)", example="2:4")
-    register("vq", VectorQuantizer, "vector quantization, k-means Gaussian codebook: vq(dim=2,bits=4)",
+    _builtin("vq", VectorQuantizer, "vector quantization, k-means Gaussian codebook: vq(dim=2,bits=4)",
              example="vq(dim=2,bits=4)")
-    register("hadamard", Hadamard, "block Hadamard rotation around what follows: hadamard+int4",
+    _builtin("hadamard", Hadamard, "block Hadamard rotation around what follows: hadamard+int4",
              example="hadamard+int4")
-    register("outliers", Outliers, "keep the largest fraction exactly, compress the rest: outliers(0.01)+int3",
+    _builtin("outliers", Outliers, "keep the largest fraction exactly, compress the rest: outliers(0.01)+int3",
              example="outliers(0.01)+int3")
 
 

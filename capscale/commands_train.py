@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from capscale.capacity import InputError
+from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
 
 from .options import whole
@@ -16,7 +16,7 @@ from .output import print_table
 
 
 def _train_command(args) -> None:
-    from capscale.trainers.train import failed_record, plan_for, train, train_and_record
+    from capscale.trainers.train import plan_for, train_and_record, train_or_fail
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_options(args)
@@ -31,12 +31,7 @@ def _train_command(args) -> None:
                   file=sys.stderr)
             return
     else:
-        try:
-            record = train(cfg, progress=not args.quiet)
-        except (KeyboardInterrupt, InputError):
-            raise
-        except Exception as err:
-            record = failed_record(cfg, err)
+        record = train_or_fail(cfg, progress=not args.quiet)
     if int(record.get("world_size", 1)) > 1 and torch.distributed.get_rank() != 0:
         return
     print(json.dumps(record))
@@ -67,7 +62,7 @@ def _sweep_command(args) -> None:
         return
     started = time.time()
     ran = run_sweep(sweep, workers=args.workers, threads=args.threads)
-    log = log_session(sweep, "capscale " + " ".join(sys.argv[1:]), started, time.time(), ran)
+    log = log_session(sweep, invoked_command(), started, time.time(), ran)
     print(f"ran {ran} run(s); run table: {sweep.runs} (sessions logged in {log.name})")
 
 

@@ -43,7 +43,8 @@ MC_TARGETS = {  # reference README section 4 (Monte Carlo values): target, relat
 }
 
 
-@pytest.mark.parametrize("spec,target", MC_TARGETS.items())
+@pytest.mark.parametrize("spec,target", [pytest.param(s, t, marks=pytest.mark.slow) if s.startswith("vq") else (s, t)
+                                         for s, t in MC_TARGETS.items()])  # k-means codebooks: slow to build
 def test_monte_carlo_gmse_matches_reference(spec, target):
     value, rel = target
     result = gmse(spec, samples=1 << 20)
@@ -147,7 +148,8 @@ def test_bad_specs_raise_clear_errors(bad, fragment):
     assert fragment in str(info.value)
 
 
-@pytest.mark.parametrize("bad", ["intt4", "int0", "3:2", "sparse(1.5)", "int4(group=-1)", "int4+"])
+@pytest.mark.parametrize("bad", ["intt4", "int4+", *(pytest.param(b, marks=pytest.mark.slow)
+                                                     for b in ("int0", "3:2", "sparse(1.5)", "int4(group=-1)"))])
 def test_cli_bad_input_exits_2_with_one_line(bad, capscale_cli):
     out = capscale_cli("gmse", bad)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -163,7 +165,10 @@ def test_cli_gmse_json_contract(capscale_cli):
     assert exact["gmse"] == pytest.approx(0.0115429, rel=2e-4) and exact["stderr"] == 0
 
 
-def test_user_registered_format_gets_gmse_and_rho():
+def test_user_registered_format_gets_gmse_and_rho(monkeypatch):
+    from capscale.capacity import spec
+    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))  # the registration ends with the test
+
     class Halver(capacity.Component):
         name, defaults = "halver", {"factor": 0.5}
 
@@ -174,6 +179,9 @@ def test_user_registered_format_gets_gmse_and_rho():
     result = gmse("halver(factor=0.5)", samples=1 << 16)
     assert result.gmse == pytest.approx(0.25, rel=0.02) and 0 < result.rho < 1
     assert str(parse("halver")) == "halver"
+    monkeypatch.undo()
+    with pytest.raises(SpecError):
+        parse("halver")
 
 
 def test_compare_table_sorted_by_capacity_with_rate_distortion_bound():
@@ -181,3 +189,62 @@ def test_compare_table_sorted_by_capacity_with_rate_distortion_bound():
     assert list(table["spec"]) == ["int8", "int4", "int2"]
     assert (table["gmse"] > table["rd_bound"]).all()
     assert table.loc[table.spec == "int4", "rd_bound"].item() == pytest.approx(2 ** -8)
+
+
+class Rounder(capacity.Component):
+    """A user format: rounding to a grid of `step` (in row-RMS units), with its tolerance for the trust estimator."""
+    name, defaults = "rounder", {"step": 0.5}
+
+    def _scale(self, x):
+        return self.params["step"] * x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    def apply(self, x, keep, inner):
+        return inner(torch.round(x / self._scale(x)) * self._scale(x), keep)
+
+    def tolerance(self, x, y):
+        return (self._scale(x) / 2).expand_as(x)
+
+
+def test_register_refuses_a_component_that_would_misbehave_silently(monkeypatch):
+    from capscale.capacity import spec
+    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
+
+    class Nameless(capacity.Component):
+        defaults = {}
+
+        def apply(self, x, keep, inner):
+            return inner(x, keep)
+
+    class Swallower(capacity.Component):
+        name, defaults = "swallower", {}
+
+        def apply(self, x, keep, inner):
+            return x.round()  # forgets inner: "swallower+int4" would never quantize
+
+    with pytest.raises(SpecError, match="sets no `name`"):
+        capacity.register("nameless", Nameless)
+    with pytest.raises(SpecError, match="never calls inner"):
+        capacity.register("swallower", Swallower)
+    assert not {"nameless", "swallower"} & {e.name for e in capacity.registry()}  # refused means not registered
+    capacity.register("rounder", Rounder, "test format")
+    assert str(parse("rounder(step=0.25)")) == "rounder(step=0.25)"
+
+
+def test_a_user_format_trains_under_trust_through_its_tolerance(monkeypatch):
+    from capscale.capacity import spec
+    from capscale.trainers.compression import Compression
+    from capscale.trainers.layers import compress_with_mask
+    from capscale.trainers.train import TrainConfig, train
+    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
+    capacity.register("rounder", Rounder, "test format")
+    v = torch.randn(8, 64, generator=torch.Generator().manual_seed(0)) * 3
+    v[0, 0] = 40.0  # an outlier: this grid does not clip, so it is trusted; int2 after it clips it
+    comp = Compression("rounder(step=0.5)")
+    q, mask = compress_with_mask(v, comp.w_fmt, comp)
+    half_step = 0.25 * v.pow(2).mean(-1, keepdim=True).sqrt()
+    assert mask is not None and torch.equal(mask, (q - v).abs() <= half_step + 1e-6)  # the trust rule, not STE
+    _, clipped = compress_with_mask(v, capacity.parse("rounder+int2"), Compression("rounder+int2"))
+    assert not clipped.all()  # int2 is the last rounding step here: its own radius applies, clipping the outlier
+    record = train(TrainConfig(Compression("rounder(step=0.5)"), params=6000, tokens=20_000), progress=False)
+    assert record["status"] == "ok" and str(capacity.parse(record["w_format"])) == "rounder"
+    assert record["loss"] < math.log(256)

@@ -59,6 +59,7 @@ def test_shipped_data_is_addressed_inside_the_package():
     assert "provenance" in data.path("reference", "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_the_wheel_installs_only_capscale_with_its_data_and_templates(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                           str(tmp_path), str(ROOT)], capture_output=True, text=True)

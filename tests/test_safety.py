@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from capscale import capacity
+from capscale.analysis.laws import DecoupledLaw
 from capscale.analysis.runs import load_runs
 from capscale.analysis.simulate import simulate_runs
 from capscale.capacity.runtable import append_record, claim, read_lines, read_records
@@ -35,9 +36,13 @@ def _table(tmp_path, cell: str):
     return path
 
 
-@pytest.mark.parametrize("cell", ["os:system(touch PWNED)", "builtins:print(PWNED)", "subprocess:run(touch PWNED)",
-                                  "capscale.capacity.formats:Component"])
-@pytest.mark.parametrize("command", ["fit", "validate", "compose"])
+CELLS = ["os:system(touch PWNED)", "builtins:print(PWNED)", "subprocess:run(touch PWNED)",
+         "capscale.capacity.formats:Component"]
+DEFAULT_TIER = {("os:system(touch PWNED)", "fit"), ("capscale.capacity.formats:Component", "validate")}
+
+
+@pytest.mark.parametrize("cell,command", [pytest.param(c, m, marks=() if (c, m) in DEFAULT_TIER else pytest.mark.slow)
+                                          for m in ("fit", "validate", "compose") for c in CELLS])
 def test_a_table_cell_naming_code_is_refused_and_runs_nothing(tmp_path, capscale_cli, cell, command):
     path = _table(tmp_path, cell)
     out = capscale_cli(command, str(path), "--bootstrap", "0", cwd=tmp_path)
@@ -66,7 +71,8 @@ def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscal
 
 
 @pytest.mark.parametrize("query", ["@pd.io.common.os.system('touch PWNED')", "__import__('os').system('touch PWNED')",
-                                   "params.__class__", "loss > 1 and exec('1')", "(params + 1) > 2", "lambda: 1"])
+                                   *(pytest.param(q, marks=pytest.mark.slow) for q in
+                                     ("params.__class__", "loss > 1 and exec('1')", "(params + 1) > 2", "lambda: 1"))])
 def test_a_query_that_is_not_a_comparison_is_refused(tmp_path, capscale_cli, query):
     path = _table(tmp_path, "int4")
     out = capscale_cli("fit", str(path), "--query", query, cwd=tmp_path)
@@ -117,7 +123,8 @@ def test_a_retried_failure_keeps_every_record_and_the_table_still_fits(tmp_path)
     frame = simulate_runs({"bf16": 1.0, "int4": 0.8}).assign(status="ok")
     failed = frame.iloc[[0]].assign(status="failed", loss=float("nan"))
     runs = load_runs(__import__("pandas").concat([frame, failed, failed]))
-    assert len(runs) == len(frame)
+    assert len(runs) == len(frame) and len(runs.attrs["skipped"]) == 2
+    assert DecoupledLaw().fit(runs).eff_["int4"] == pytest.approx(0.8, abs=0.05)
 
 
 def test_claims_are_exclusive_and_a_dead_claimant_is_taken_over(tmp_path):
@@ -133,6 +140,7 @@ def test_claims_are_exclusive_and_a_dead_claimant_is_taken_over(tmp_path):
     taken.release()
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_train_each_run_once(tmp_path):
     sweep = tmp_path / "sweep.toml"
     sweep.write_text(SWEEP)

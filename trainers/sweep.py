@@ -37,13 +37,14 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from capscale.capacity import InputError, load_plugin
+from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
 from capscale.capacity.runtable import finished_keys, read_records
 
 from .config import TrainConfig
 from .memory import GIB, device_budget
 from .model import count_non_embedding, flops_per_token
-from .train import package_version, plan_for, train_and_record
+from .train import plan_for, train_and_record
 
 GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
 

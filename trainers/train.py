@@ -17,7 +17,6 @@ import math
 import os
 import pickle
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from capscale import capacity
 from capscale.capacity.paths import atomic_write
+from capscale.capacity.provenance import package_version
 from capscale.capacity.runtable import append_record, claim, finished_keys
 
 from .config import TrainConfig
@@ -33,14 +33,7 @@ from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
 from .memory import MemoryPlan, plan_memory
 from .model import Decoder
 
-__all__ = ["TrainConfig", "train", "train_and_record", "plan_for"]
-
-
-def package_version() -> str:
-    try:
-        return version("capscale")
-    except PackageNotFoundError:
-        return "unknown"
+__all__ = ["TrainConfig", "train", "train_or_fail", "train_and_record", "plan_for"]
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine") -> float:
@@ -181,6 +174,17 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                       torch_version=torch.__version__, data=Path(data.source).name)
 
 
+def train_or_fail(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train, and record a crash as a result too: the run's `failed` record, with the error and the config to
+    retry it (a later sweep does). Bad input, a run that cannot fit, and interruptions raise instead."""
+    try:
+        return train(cfg, progress=progress)
+    except (KeyboardInterrupt, capacity.InputError):
+        raise
+    except Exception as err:
+        return failed_record(cfg, err)
+
+
 def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True) -> dict | None:
     """Train a run and append its record to the table `runs`; None, without training, if the run already finished
     there or another live process has claimed it. A crash is recorded as failed (a later sweep retries it); bad
@@ -194,12 +198,7 @@ def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True
     try:
         if key in finished_keys(runs):  # finished by another process while this one was claiming it
             return None
-        try:
-            record = train(cfg, progress=progress)
-        except (KeyboardInterrupt, capacity.InputError):
-            raise
-        except Exception as err:  # a crash is a result too: recorded as failed, retried on the next sweep
-            record = failed_record(cfg, err)
+        record = train_or_fail(cfg, progress=progress)
         if not distributed or dist.get_rank() == 0:
             append_record(runs, record)
         return record
