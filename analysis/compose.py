@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import BASELINE
-from capscale.capacity.runtable import format_label
+from capscale.capacity.runtable import format_label, split_label
 
 from .bootstrap import BootstrapResult
 from .runs import RunTableError
@@ -25,7 +25,7 @@ from .laws import eff_key
 def composite_parts(label: str, labels: set) -> tuple[str, str] | None:
     """The two trained parts of a combined label, or None."""
     if "/" in label:
-        w, a = label.split("/", 1)
+        w, a = split_label(label)
         parts = (w, format_label(None, a))
         if w != BASELINE and all(p in labels for p in parts):
             return parts

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .laws import E_AT_BOUND, eff_key
+from .summary import format_interval
 
 
 def seed_scatter(runs: pd.DataFrame) -> float:
@@ -59,7 +60,7 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
                                                                   "larger models, more tokens, or --fix-E")
     at_bound = 0.0
     if intervals is not None:
-        value += f" [{intervals.loc['E', 'lo']:.3g}, {intervals.loc['E', 'hi']:.3g}]"
+        value += " " + format_interval(intervals.loc["E", "lo"], intervals.loc["E", "hi"])
         at_bound = float((boot.samples["E"] <= floor).mean())
         detail += f"; at its bound in {at_bound:.0%} of bootstrap refits"
     verdict = "ok" if e > floor and at_bound < 0.5 else "weak"

@@ -20,6 +20,7 @@ from scipy import optimize, special
 from threadpoolctl import threadpool_limits
 
 from capscale.capacity import BASELINE, InputError, is_uncompressed, parse, rho
+from capscale.capacity.law import RHO_C, RHO_F, RHO_L
 
 from .names import LAW_NAMES
 from .runs import check_identifiable, format_table, require_capacity
@@ -354,7 +355,7 @@ class UnifiedLaw(_FormulaLaw):
         return part("w") * part("a")
 
     def constant_starts(self, decoupled):
-        return [(1.0, 0.41, 1.39), (0.9, 0.6, 1.0), (1.0, 0.25, 2.0)]
+        return [(RHO_L, RHO_F, RHO_C), (0.9, 0.6, 1.0), (1.0, 0.25, 2.0)]
 
 
 class KumarLaw(_FormulaLaw):

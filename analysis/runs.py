@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, spec_gmse
-from capscale.capacity.runtable import OPTIONAL, REQUIRED, STATUSES, RunTableError, read_lines
+from capscale.capacity.runtable import OPTIONAL, REQUIRED, RunTableError, STATUSES, read_lines, split_label
 
 from .query import select
 
@@ -137,7 +137,7 @@ def _spec_or_label(row) -> tuple:
     w = row.get("w_format")
     a = row.get("a_format")
     if is_uncompressed(w) and is_uncompressed(a) and not is_uncompressed(row["format"]):
-        w, a = (row["format"].split("/", 1) + [None])[:2]
+        w, a = split_label(row["format"])
     return (None if is_uncompressed(w) else str(w)), (None if is_uncompressed(a) else str(a))
 
 

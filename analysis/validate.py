@@ -16,17 +16,18 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity.law import rho
+from capscale.capacity.law import RHO_C, RHO_F, RHO_L, rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, L_PLAUSIBLE, eff_key, law_loss, single_threaded_blas
 from .names import RHO_FORMS
 from .runs import format_table, require_capacity
+from .summary import format_interval
 
 FORMS = {  # name (RHO_FORMS, in order): (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
-             [(1.0, 0.41, 1.39), (0.9, 0.3, 1.0), (1.0, 0.6, 2.0)], [(0.05, 5.0), (0.01, 5.0), (0.05, 10.0)]),
+             [(RHO_L, RHO_F, RHO_C), (0.9, 0.3, 1.0), (1.0, 0.6, 2.0)], [(0.05, 5.0), (0.01, 5.0), (0.05, 10.0)]),
     "logistic": (lambda g, A, B: 1.0 / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
                  [(1.0, 5.0), (0.5, 2.0), (2.0, 20.0)], [(0.01, 10.0), (1e-3, 1e4)]),
     "ratio": (lambda g, A, B: (1.0 - np.asarray(g, float) ** A) / (1.0 + B * np.asarray(g, float) ** A), ("A", "B"),
@@ -136,7 +137,7 @@ class Validation:
         return self.law.warnings_ + self.regression.warnings_
 
     def summary(self) -> str:
-        consts = ", ".join(f"{k} = {v:.3g}" + (f" [{self.constants_ci[k][0]:.3g}, {self.constants_ci[k][1]:.3g}]"
+        consts = ", ".join(f"{k} = {v:.3g}" + (" " + format_interval(*self.constants_ci[k][:2])
                                                if k in self.constants_ci else "") for k, v in self.constants.items())
         cols = ["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_lo", "fitted_hi", "predicted",
                 "pred_lo", "pred_hi", "inside", "overlap"]

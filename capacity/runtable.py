@@ -46,6 +46,12 @@ def format_label(w_format: str | None, a_format: str | None) -> str:
     return w if is_uncompressed(a_format) else f"{w}/{a_format}"
 
 
+def split_label(label: str) -> tuple[str, str | None]:
+    """(weights part, activations part or None) of a label: the inverse of `format_label`."""
+    w, _, a = str(label).partition("/")
+    return w, (a or None)
+
+
 def _parse_line(path: Path, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
