@@ -199,6 +199,9 @@ def test_cli_fit_json_contract(chinchilla, capscale_cli):
 
 
 def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
+    """The JSON contracts of fit and validate on the command line; compose and predict print what LawFit returns
+    (the slow tier runs them as commands too: test_a_saved_fit_is_reused...)."""
+    import capscale
     path = tmp_path / "runs.jsonl"
     frame = simulate_runs(capacity_effs(), noise=0.003, specs=SPECS)
     path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n")
@@ -208,11 +211,12 @@ def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
     assert set(val["rho"]) == {"L", "F", "C"}
     row = val["formats"][0]
     assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside", "overlap"}
-    comp = json.loads(capscale_cli("compose", str(path), "--bootstrap", "8", "--json").stdout)
-    assert comp[0]["combined"] == "int4/int4" and 0 <= comp[0]["p"] <= 1 and comp[0]["ratio_lo"] < comp[0]["ratio_hi"]
     assert "calibration" in val and val["calibration"]["slope"][1] < val["calibration"]["slope"][2]
-    pred = json.loads(capscale_cli("predict", "int5", "--params", "1e8", "--tokens", "2e9", "--runs", str(path),
-                             "--bootstrap", "8", "--json").stdout)
+    result = capscale.fit(load_runs(path), bootstrap=8, progress=False)
+    _, wald = result.compose()
+    comp = wald.table.to_dict("records")
+    assert comp[0]["combined"] == "int4/int4" and 0 <= comp[0]["p"] <= 1 and comp[0]["ratio_lo"] < comp[0]["ratio_hi"]
+    pred = result.predict_format("int5", None, 1e8, 2e9)
     assert rho(gmse("int4", exact=True).gmse) < pred["eff"] < 1 and pred["loss_interval"][0] < pred["loss"]
 
 
@@ -220,7 +224,8 @@ def test_cli_bad_run_table_exits_2_naming_the_problem(tmp_path, capscale_cli):
     path = _write(tmp_path, simulate_runs({"bf16": 1.0, "int4": 0.8}).drop(columns="tokens"))
     out = capscale_cli("fit", str(path))
     assert out.returncode == 2 and "Traceback" not in out.stderr and "tokens" in out.stderr
-    assert capscale_cli("fit", str(tmp_path / "nope.csv")).returncode == 2
+    with pytest.raises(InputError, match="nope.csv"):
+        load_runs(tmp_path / "nope.csv")
 
 
 def test_report_writes_html_markdown_json_and_figures(tmp_path):
