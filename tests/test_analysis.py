@@ -294,17 +294,15 @@ def test_fit_health_compares_misfit_with_seed_scatter_and_flags_an_unidentified_
     assert fit_health(held, no_floor, None).set_index("check").loc["irreducible loss E", "verdict"] == "reported"
 
 
-def test_a_label_only_table_fits_and_reports_without_capacity_sections(tmp_path, capscale_cli):
+def test_a_label_only_table_fits_and_reports_without_capacity_sections(tmp_path):
     """Labels capscale cannot parse and no GMSE columns: the decoupled law fits; what needs capacity says why."""
     import capscale
     frame = simulate_runs({"dense": 1.0, "myfmt": 0.8, "w4a4": 0.6, "fmt_c": 0.5, "fmt_d": 0.9}).drop(
         columns=["w_format", "a_format"])
     path = _write(tmp_path, frame)
-    fit = capscale_cli("fit", str(path), "--baseline", "dense", "--bootstrap", "8", "--json")
-    assert fit.returncode == 0, fit.stderr
-    eff = json.loads(fit.stdout)["eff"]
-    assert eff["myfmt"]["value"] == pytest.approx(0.8, rel=0.1) and eff["dense"]["value"] == 1.0
     runs = load_runs(path, baseline="dense")
+    eff = capscale.fit(runs, baseline="dense", bootstrap=8, progress=False).as_json()["eff"]
+    assert eff["myfmt"]["value"] == pytest.approx(0.8, rel=0.1) and eff["dense"]["value"] == 1.0
     with pytest.raises(InputError, match="myfmt.*w_gmse|w_gmse.*myfmt"):
         capscale.fit(runs, law="unified", baseline="dense", bootstrap=0)
     capscale.fit(runs, baseline="dense", bootstrap=8, progress=False).report(tmp_path / "r", progress=False)

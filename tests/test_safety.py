@@ -38,7 +38,7 @@ def _table(tmp_path, cell: str):
 
 CELLS = ["os:system(touch PWNED)", "builtins:print(PWNED)", "subprocess:run(touch PWNED)",
          "capscale.capacity.formats:Component"]
-DEFAULT_TIER = {("os:system(touch PWNED)", "fit"), ("capscale.capacity.formats:Component", "validate")}
+DEFAULT_TIER = {("capscale.capacity.formats:Component", "validate")}  # the rest run in the slow tier
 
 
 @pytest.mark.parametrize("cell,command", [pytest.param(c, m, marks=() if (c, m) in DEFAULT_TIER else pytest.mark.slow)
@@ -53,7 +53,7 @@ def test_a_table_cell_naming_code_is_refused_and_runs_nothing(tmp_path, capscale
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.csv"]
 
 
-def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscale_cli):
+def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscale_cli, monkeypatch):
     plugin = tmp_path / "myformats.py"
     plugin.write_text("from capscale import capacity\n\nclass Halve(capacity.Component):\n"
                       "    name, defaults = 'halve', {'factor': 0.5}\n\n"
@@ -66,13 +66,21 @@ def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscal
                       cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)[0]["gmse"] == pytest.approx(0.01, rel=0.05)
-    call = capscale_cli("--plugin", "myformats", "gmse", "myformats:not_a_component", cwd=tmp_path, env=env)
-    assert call.returncode == 2 and "not a Component subclass" in call.stderr and not (tmp_path / "PWNED").exists()
+    from capscale.capacity import spec
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(spec, "_PLUGINS", dict(spec._PLUGINS))  # the plugin stays loaded only in this test
+    monkeypatch.delitem(sys.modules, "myformats", raising=False)
+    capacity.load_plugin("myformats")
+    with pytest.raises(capacity.SpecError, match="not a Component subclass"):
+        capacity.parse("myformats:not_a_component")
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+    monkeypatch.delitem(sys.modules, "myformats")
 
 
-@pytest.mark.parametrize("query", ["@pd.io.common.os.system('touch PWNED')", "__import__('os').system('touch PWNED')",
+@pytest.mark.parametrize("query", ["@pd.io.common.os.system('touch PWNED')",
                                    *(pytest.param(q, marks=pytest.mark.slow) for q in
-                                     ("params.__class__", "loss > 1 and exec('1')", "(params + 1) > 2", "lambda: 1"))])
+                                     ("__import__('os').system('touch PWNED')", "params.__class__",
+                                      "loss > 1 and exec('1')", "(params + 1) > 2", "lambda: 1"))])
 def test_a_query_that_is_not_a_comparison_is_refused(tmp_path, capscale_cli, query):
     path = _table(tmp_path, "int4")
     out = capscale_cli("fit", str(path), "--query", query, cwd=tmp_path)
@@ -155,13 +163,16 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path):
 
 
 def test_rerunning_a_finished_train_says_so_and_appends_nothing(tmp_path, capscale_cli):
-    args = ["train", "--w-format", "int4", "--params", "3000", "--tokens", "8000", "--batch-size", "4",
-            "--context", "32", "--runs", str(tmp_path / "r.jsonl"), "--checkpoint", str(tmp_path / "ck.pt"), "--quiet"]
-    first = capscale_cli(*args)
-    assert first.returncode == 0, first.stderr
-    again = capscale_cli(*args)
+    from capscale.trainers.compression import Compression
+    from capscale.trainers.train import TrainConfig, train_and_record
+    runs = tmp_path / "r.jsonl"
+    cfg = TrainConfig(Compression("int4"), params=3000, tokens=8000, batch_size=4, context=32)
+    assert train_and_record(cfg, runs, progress=False)["status"] == "ok"
+    assert train_and_record(cfg, runs, progress=False) is None  # finished: not trained again
+    again = capscale_cli("train", "--w-format", "int4", "--params", "3000", "--tokens", "8000", "--batch-size", "4",
+                         "--context", "32", "--runs", str(runs), "--quiet")
     assert again.returncode == 0 and "already finished" in again.stderr
-    assert len(read_records(tmp_path / "r.jsonl")) == 1
+    assert len(read_records(runs)) == 1
 
 
 # ---- fuzzing: any input gives a result or an InputError (exit 2), never another exception or a side effect ----
