@@ -71,7 +71,7 @@ def test_seed_repeats_are_their_sweep_grid_at_cells_of_the_study():
 def test_shipped_study_fit_separates_int2_int4_bf16_and_its_misfit_is_the_deep_narrow_size():
     runs = load_runs(load_sweep(STUDY).runs)
     law = DecoupledLaw().fit(runs)
-    boot = bootstrap(law, runs, 100, seed=0, progress=False)
+    boot = bootstrap(law, runs, 50, seed=0, progress=False)  # separations hold with the same margins as at 100
     intervals = boot.intervals(law.values())
     assert law.eff_["int2"] < law.eff_["int4"] < 1
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
