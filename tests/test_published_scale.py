@@ -255,6 +255,9 @@ def test_onecycle_is_torchs_schedule_as_quest_configures_it():
         assert _lr_at(step, total, 1e-3, 0.1, "onecycle") == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
         opt.step()
         scheduler.step()
+    for short in (1, 2, 10):  # too short for a warm-up step: from the peak down to 10%, no division by zero
+        rates = [_lr_at(step, short, 1e-3, 0.1, "onecycle") for step in range(short)]
+        assert rates[0] == pytest.approx(1e-3) and all(1e-4 - 1e-12 <= r <= 1e-3 for r in rates)
 
 
 NAN_ON_RANK_1 = """

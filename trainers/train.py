@@ -1,7 +1,7 @@
 """Train one model over a format and return its run record (the run-table schema plus metadata).
 
-AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1), linear warm-up then cosine to 10%, gradient clip 1.0, bf16
-autocast on CUDA and fp32 on CPU. Each step's batch (`batch_size` sequences over all processes) is split
+AdamW (0.9, 0.95, eps 1e-8, weight decay 0.1), warm-up then cosine to 10% (`schedule`: capscale's linear
+warm-up, or QuEST's OneCycle), gradient clip 1.0, bf16 autocast on CUDA and fp32 on CPU. Each step's batch (`batch_size` sequences over all processes) is split
 into micro-batches whose gradients accumulate, so the recipe is independent of device memory; the micro-batch
 is planned before anything runs (`memory.plan_memory`). A NaN/inf loss stops the run as `diverged`. With a
 checkpoint path the run saves its state every `checkpoint_every` steps and resumes from it after an
@@ -40,10 +40,11 @@ def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "c
     """The learning rate of a step: a pure function of the step, so a resumed run needs no scheduler state."""
     if schedule == "onecycle":  # torch's OneCycleLR as QuEST configures it (cosine both ways, 1% -> 100% -> 10%)
         rise_end, fall_end = warmup * total - 1, total - 1
-        if step <= rise_end:
+        if rise_end > 0 and step <= rise_end:
             start, end, pct = peak / 100, peak, step / rise_end
-        else:
-            start, end, pct = peak, peak / 10, (step - rise_end) / (fall_end - rise_end)
+        else:  # runs too short for a warm-up step start at the peak
+            rise_end = max(rise_end, 0.0)
+            start, end, pct = peak, peak / 10, (step - rise_end) / max(fall_end - rise_end, 1.0)
         return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
     warm = max(1, int(warmup * total))
     if step < warm:
