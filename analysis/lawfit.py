@@ -16,8 +16,8 @@ import pandas as pd
 
 from capscale.capacity import BASELINE, InputError
 
-from .bootstrap import BootstrapResult, bootstrap as run_bootstrap
-from .laws import DecoupledLaw, ScalingLaw, eff_key, exponent_at_edge, law_loss, make_law
+from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
+from .laws import DecoupledLaw, ScalingLaw, eff_key, exponent_at_edge, make_law
 from .names import LAW_NAMES
 
 
@@ -148,17 +148,14 @@ class LawFit:
     # -- predictions ------------------------------------------------------------------------------------------
     def predict(self, new: pd.DataFrame, interval: bool = False):
         """Loss of runs (format, params, tokens) under the fitted law; with `interval`, a frame with the
-        prediction and its percentile interval over the bootstrap refits (decoupled law)."""
+        prediction and its interval (`bootstrap.prediction_interval`: the refits' spread and the residual scatter)."""
         point = self.law.predict(new)
         if not interval:
             return point
         if self.boot is None or not isinstance(self.law, DecoupledLaw):
             raise InputError("prediction intervals need the decoupled law fitted with bootstrap > 0")
-        draws = np.array([law_loss(row, new["params"].to_numpy(float), new["tokens"].to_numpy(float),
-                                   np.array([row[eff_key(f)] if eff_key(f) in row else 1.0 for f in new["format"]]))
-                          for _, row in self.boot.samples.iterrows()])
-        lo, hi = np.quantile(draws, self.boot.tails(), axis=0)
-        return pd.DataFrame({"loss": point, "lo": lo, "hi": hi}, index=new.index)
+        table = prediction_interval(self.law, self.boot, new, self.level, self.seed)
+        return pd.DataFrame({"loss": point, "lo": table["lo"], "hi": table["hi"]}, index=new.index)
 
     def predict_format(self, spec: str | None, a_format: str | None, params: float, tokens: float,
                        form: str = "tanh") -> dict:

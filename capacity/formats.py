@@ -20,8 +20,8 @@ Inner = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASELINE_BITS = 16.0  # storage of an uncompressed value (bf16), used where a chain ends without a quantizer
 SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
 SCALE_POLICIES = ("opt", "rms", "absmax", "absmean", "none")
-SCALE_UNITS = ("row", "tensor")
-SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic over the kept entries, or the whole row  # besides a group size: one scale per row (last dim) or per whole tensor
+SCALE_UNITS = ("row", "tensor")  # besides a group size: one scale per row (last dim) or per whole tensor
+SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic over the kept entries, or the whole row
 
 
 class Compressed(NamedTuple):

@@ -105,9 +105,17 @@ class Compression:
     def _sparsifies(fmt) -> bool:
         return fmt is not None and bool(fmt.component(Sparse) or fmt.component(NMSparse))
 
+    @classmethod
+    def _sparse_and_quantized(cls, fmt) -> bool:
+        return cls._sparsifies(fmt) and fmt.component(ScaledQuantizer) is not None
+
+    @staticmethod
+    def _is_fp4(fmt) -> bool:
+        return fmt is not None and getattr(fmt.component(ScaledQuantizer), "name", None) == "fp4_e2m1"
+
     def quest_sparse_quantized(self, fmt) -> bool:
         """Whether this format trains under QuEST's sparse+quantized scheme (see `sparse_quantized`)."""
-        return self.sparse_quantized == "quest" and self._sparsifies(fmt) and fmt.component(ScaledQuantizer) is not None
+        return self.sparse_quantized == "quest" and self._sparse_and_quantized(fmt)
 
     def _parsed(self, spec: str | None) -> tuple[capacity.Format | None, int | None]:
         """(the Format the layer applies, the Hadamard block a leading `hadamard` component asks for). A leading
@@ -165,9 +173,8 @@ class Compression:
         """What the run's content key hashes: the settings, less the newer ones that do not act on these formats or
         are at the behaviour of the runs recorded before them (so those runs keep their keys)."""
         formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
-        acts = {"sparse_quantized": any(self._sparsifies(f) and f.component(ScaledQuantizer) for f in formats),
-                "fp4_trust": self.estimator == "trust" and self.trust is None and any(
-                    getattr(f.component(ScaledQuantizer), "name", None) == "fp4_e2m1" for f in formats)}
+        acts = {"sparse_quantized": any(self._sparse_and_quantized(f) for f in formats),
+                "fp4_trust": self.estimator == "trust" and self.trust is None and any(map(self._is_fp4, formats))}
         return {k: v for k, v in self.settings().items()
                 if k not in self.RECORDED_BEFORE or acts[k] and v != self.RECORDED_BEFORE[k]}
 
@@ -175,8 +182,7 @@ class Compression:
         """The trust radius in row-RMS units for this format, or None for its own (half its largest gap)."""
         if self.trust is not None:
             return self.trust
-        quantizer = fmt.component(ScaledQuantizer)
-        if self.fp4_trust == "as-run" and quantizer is not None and quantizer.name == "fp4_e2m1":
+        if self.fp4_trust == "as-run" and self._is_fp4(fmt):
             return quest_fp4_trust_as_run()
         return None
 

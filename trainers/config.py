@@ -155,6 +155,10 @@ class TrainConfig:
             return self.batch_size
         return 16 if self.params < 1e6 else 32 if self.params < 3e7 else 64
 
+    def steps(self) -> int:
+        """Optimizer steps: the token budget in whole steps of the batch."""
+        return math.ceil(self.tokens / (self.resolved_batch_size() * self.context))
+
     def resolved_lr(self, n_params: int) -> float:
         return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
 

@@ -158,10 +158,10 @@ def refuse_unfit(configs: list[TrainConfig], workers: int = 1) -> tuple[list[Tra
     """(the runs whose memory plan fits, one line for each that does not): checked before anything trains, so
     a run that cannot fit is neither started nor recorded as failed (and retried) by every sweep."""
     fitting, refused = [], []
+    share = device_budget("cpu")[0] / GIB / workers if workers > 1 else None  # CPU workers share the machine's memory
     for cfg in configs:
-        if workers > 1 and cfg.memory is None and not cfg.device.startswith("cuda"):
-            # CPU workers share the machine's memory
-            cfg = dataclasses.replace(cfg, memory=device_budget("cpu")[0] / GIB / workers)
+        if share is not None and cfg.memory is None and not cfg.device.startswith("cuda"):
+            cfg = dataclasses.replace(cfg, memory=share)
         try:
             plan_for(cfg)
             fitting.append(cfg)
@@ -213,7 +213,7 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
         except InputError as err:
             memory = f"DOES NOT FIT: {err}"
         model = c.model_config(c.vocab_size or 256)
-        steps = -(-c.tokens // (c.resolved_batch_size() * c.context))
+        steps = c.steps()
         flops = flops_per_token(model) * steps * c.resolved_batch_size() * c.context
         lines.append(f"  {c.compression.label:>24}  N~{c.params:>11,}  D={c.tokens:>14,}  seed {c.seed}  "
                      f"{steps:>6,} steps  {flops:.2e} FLOPs  ~{estimated_seconds(c) / 3600:.2f} h  {memory}")
