@@ -6,15 +6,15 @@ its run count) and `cells` (whole (N, D, seed) cells resampled with all their fo
 at a cell shares the seed's initialisation and data order, a pairing the per-format bootstrap ignores)."""
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .parallel import chunked_map
 from .laws import eff_key, law_loss
 from .names import RESAMPLING_UNITS
 
@@ -56,8 +56,7 @@ def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats"
     return out
 
 
-def _refit(args):
-    law_cls, law_params, runs, seed, replicates, start, unit = args
+def _refit(law_cls, law_params, runs, seed, start, unit, replicates):
     results = []
     for b in replicates:
         rng = np.random.default_rng([seed, b])
@@ -83,26 +82,14 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
     n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
     identified = not getattr(law, "warnings_", ["not fitted"])
     start = getattr(law, "theta_", None) if warm and identified else None
-    chunks = [list(range(i, n_boot, max(1, n_jobs * 4))) for i in range(min(n_boot, max(1, n_jobs * 4)))]
     if unit not in RESAMPLING_UNITS:
         raise ValueError(f"resampling unit must be one of {RESAMPLING_UNITS}, got {unit!r}")
-    jobs = [(type(law), law.get_params(), runs, seed, chunk, start, unit) for chunk in chunks]
-    rows, failed = [], 0
+    work = partial(_refit, type(law), law.get_params(), runs, seed, start, unit)
     bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
-    if n_jobs == 1:
-        outputs = map(_refit, jobs)
-        for out in outputs:
-            rows += [r for r in out if r is not None]
-            failed += sum(r is None for r in out)
-            bar.update(len(out))
-    else:
-        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as pool:
-            for out in pool.map(_refit, jobs):
-                rows += [r for r in out if r is not None]
-                failed += sum(r is None for r in out)
-                bar.update(len(out))
+    values = chunked_map(work, range(n_boot), n_jobs, n_chunks=n_jobs * 4, done=bar.update)
     bar.close()
-    return BootstrapResult(pd.DataFrame(rows), failed, level)
+    rows = [v for v in values if v is not None]
+    return BootstrapResult(pd.DataFrame(rows), n_boot - len(rows), level)
 
 
 def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: float = 0.95,
@@ -130,7 +117,7 @@ def extrapolation_check(law, runs: pd.DataFrame) -> pd.DataFrame:
     return held[["format", "params", "tokens", "loss"]].assign(predicted=pred, rel_error=pred / held["loss"] - 1)
 
 
-def extrapolation_summary(check: pd.DataFrame) -> dict:
+def extrapolation_errors(check: pd.DataFrame) -> dict:
     """Mean |error| alone hides a bias: the signed mean, and how many held-out runs err on its side."""
     e = check["rel_error"]
     side = int((np.sign(e) == np.sign(e.mean())).sum())

@@ -23,15 +23,15 @@ FAMILIES = {  # family: (colour, marker); colour-blind-safe hues (Okabe-Ito)
 }
 
 
-def family(w_spec, a_spec) -> str:
+def family(w_format, a_format) -> str:
     """The family of a weights/activations pair of specs (None = uncompressed); 'other' for labels capscale
     cannot parse."""
-    if not is_uncompressed(a_spec):
+    if not is_uncompressed(a_format):
         return "W+A"
-    if is_uncompressed(w_spec):
+    if is_uncompressed(w_format):
         return "uncompressed"
     try:
-        parts = [p for p in parse(w_spec).parts if not isinstance(p, Hadamard)]
+        parts = [p for p in parse(w_format).parts if not isinstance(p, Hadamard)]
     except InputError:
         return "other"
     if any(isinstance(p, VectorQuantizer) for p in parts):
@@ -53,7 +53,7 @@ def _shades(base: str, n: int) -> list:
 def format_styles(info: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Per format (rows of `format_table`): family, colour (a shade of the family's) and marker, ordered by
     family then label."""
-    fam = pd.Series({f: "uncompressed" if f == baseline else family(r["w_spec"], r["a_spec"])
+    fam = pd.Series({f: "uncompressed" if f == baseline else family(r["w_format"], r["a_format"])
                      for f, r in info.iterrows()})
     order = sorted(fam.index, key=lambda f: (list(FAMILIES).index(fam[f]), f != baseline, f))
     rows = []

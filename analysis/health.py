@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from .laws import E_AT_BOUND, eff_key
-from .summary import format_interval
+from .verdicts import format_interval
 
 
 def seed_scatter(runs: pd.DataFrame) -> float:

@@ -221,11 +221,11 @@ class LawFit:
 
     def extrapolation(self) -> tuple[pd.DataFrame | None, dict | None]:
         """The law refitted without the largest models, predicting them (None with fewer than 3 sizes)."""
-        from .bootstrap import extrapolation_check, extrapolation_summary
+        from .bootstrap import extrapolation_check, extrapolation_errors
         if self.runs["params"].nunique() <= 2:
             return None, None
         table = extrapolation_check(self.law, self.runs)
-        return table, extrapolation_summary(table)
+        return table, extrapolation_errors(table)
 
     # -- files ------------------------------------------------------------------------------------------------
     def save(self, path: "str | Path") -> Path:

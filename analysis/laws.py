@@ -168,7 +168,7 @@ class ScalingLaw:
 
     def predict(self, runs: pd.DataFrame) -> np.ndarray:
         """Predicted loss for rows with params, tokens and format (a label this fit knows, or for formula
-        laws any row with w_spec/a_spec/w_gmse/a_gmse)."""
+        laws any row with w_format/a_format/w_gmse/a_gmse)."""
         eff = runs["format"].map(self.eff_).to_numpy(float)
         for i in np.flatnonzero(np.isnan(eff)):
             eff[i] = self.efficiency(runs["format"].iloc[i], runs.iloc[i])
@@ -273,7 +273,7 @@ class DecoupledLaw(ScalingLaw):
 
 def format_arrays(info: pd.DataFrame) -> dict:
     """What the formula laws read of formats (rows of `format_table`, or run rows), as arrays."""
-    out = {f"{side}_compressed": ~info[f"{side}_spec"].map(is_uncompressed).to_numpy(bool) for side in "wa"}
+    out = {f"{side}_compressed": ~info[f"{side}_format"].map(is_uncompressed).to_numpy(bool) for side in "wa"}
     return out | {c: info[c].to_numpy(float) for c in ("w_gmse", "a_gmse", "w_bits", "a_bits")}
 
 
@@ -402,8 +402,8 @@ class FrantarLaw(ScalingLaw):
     names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
 
     def _sparse_rows(self, runs):
-        s = runs["w_spec"].map(sparsity_of)
-        keep = s.notna() & runs["a_spec"].isna()
+        s = runs["w_format"].map(sparsity_of)
+        keep = s.notna() & runs["a_format"].isna()
         if keep.sum() < 4:
             raise InputError("the Frantar law needs dense and pure-sparsity runs (sparse(f) or N:M weights)")
         return runs[keep], s[keep].to_numpy(float)
@@ -440,7 +440,7 @@ class FrantarLaw(ScalingLaw):
         return self._finish(runs, best.fun)
 
     def predict(self, runs):
-        q, s = self.params_, runs["w_spec"].map(sparsity_of).to_numpy(float)
+        q, s = self.params_, runs["w_format"].map(sparsity_of).to_numpy(float)
         n, d = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float)
         return (q["a_S"] * (1 - s) ** q["b_S"] + q["c_S"]) * (n * (1 - s)) ** -q["b_N"] + (q["a_D"] / d) ** q["b_D"] + q["c"]
 

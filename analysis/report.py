@@ -18,9 +18,9 @@ from . import plots
 from .compose import compose_grid, read_grid
 from .families import format_styles
 from .laws import DecoupledLaw
-from .report_sections import build_sections
+from .report_sections import ReportContext, build_sections
 from .runs import format_table
-from .summary import provenance, verdict
+from .verdicts import provenance, verdicts
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Report:
     calibration: object = None
     wald: object = None
     mixed: object = None
-    summary: list = None    # the verdict sentences: [{"topic", "text"}]
+    verdicts: list = None   # the verdict sentences: [{"topic", "text"}]
 
 
 def writable_folder(folder: "str | Path") -> Path:
@@ -92,29 +92,29 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     paired = fit.paired()
     stats_ = {"calibration": fit.calibration(validation), "wald": wald, "mixed": fit.paired_mixed()}
     health = fit.health(replicates)
-    extrap, extrap_summary = fit.extrapolation()
+    extrap, extrap_errors = fit.extrapolation()
     grid_results = {name: compose_grid(read_grid(path)) for name, path in (grids or {}).items()}
 
     info = format_table(runs)
     styles = format_styles(info, baseline)
-    capacity_table = info.reset_index()[["format", "w_spec", "a_spec", "w_gmse", "a_gmse", "w_bits", "runs"]].rename(
+    capacity_table = info.reset_index()[["format", "w_format", "a_format", "w_gmse", "a_gmse", "w_bits", "runs"]].rename(
         columns={"w_bits": "bits_per_value"}).assign(
         family=lambda d: styles.loc[d["format"], "family"].to_numpy(),
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
     eff_table = pd.DataFrame([{"format": f, "family": styles.at[f, "family"], "eff": v,
                                "eff_lo": fit.eff_interval(f)[0], "eff_hi": fit.eff_interval(f)[1]}
                               for f, v in fit.eff.items()])
-    summary = verdict(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
-                      comp, health, fit.warnings, extrap_summary,
-                      pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
+    verdict_lines = verdicts(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
+                            comp, health, fit.warnings, extrap_errors,
+                            pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
     origin = provenance(runs, fit.seed, law, boot, level, command)
 
-    results = {"title": title, "summary": summary, "provenance": origin, "source": runs.attrs.get("source"),
+    results = {"title": title, "verdicts": verdict_lines, "provenance": origin, "source": runs.attrs.get("source"),
                "baseline": baseline, "decoupled": fit.as_json(),
                "law_comparison": comparison.to_dict("records"),
                "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
-               "capacity": capacity_table.to_dict("records"), "extrapolation": extrap_summary,
+               "capacity": capacity_table.to_dict("records"), "extrapolation": extrap_errors,
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
                "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted,
@@ -123,25 +123,25 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records")}
     (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    context = dict(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
-                   capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
-                   capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
-                   extrap=extrap, extrap_summary=extrap_summary, grid_results=grid_results, replicates=replicates)
+    context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
+                            capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
+                            capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
+                            extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates)
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
     for key, data in images.items():
         (folder / f"{key}.png").write_bytes(data)
-    _render(folder, title, summary, sections, figures, images, origin)
+    _render(folder, title, verdict_lines, sections, figures, images, origin)
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
-                  stats_["wald"], stats_["mixed"], summary)
+                  stats_["wald"], stats_["mixed"], verdict_lines)
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),
                                autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
 
 
-def _render(folder, title, summary, sections, figures, images, origin):
-    """report.md and report.html from their templates: the same summary, sections, figures, tables, provenance."""
+def _render(folder, title, verdicts, sections, figures, images, origin):
+    """report.md and report.html from their templates: the same verdicts, sections, figures, tables, provenance."""
     for section in sections:
         section["tables"] = [{"caption": caption, "html": _table_html(table, caption), "md": _table_md(table)}
                              for caption, table in section["tables"]]
@@ -149,5 +149,5 @@ def _render(folder, title, summary, sections, figures, images, origin):
                               for key in section["figures"]]
     for name in ("report.md", "report.html"):
         (folder / name).write_text(TEMPLATES.get_template(f"{name}.j2").render(
-            title=title, summary=summary, sections=sections, provenance=origin,
+            title=title, verdicts=verdicts, sections=sections, provenance=origin,
             provenance_json=json.dumps(origin, indent=1)))

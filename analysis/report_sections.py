@@ -4,15 +4,42 @@ which law fits, what the runs show without any law (paired), how far the law ext
 Each section pairs its figures with its tables; each figure's caption doubles as its alt text."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
 
 from . import plots, plots_inference
-from .summary import format_interval
+from .verdicts import format_interval
 
 
-def build_sections(c: dict) -> tuple[list[dict], dict]:
+@dataclass
+class ReportContext:
+    """Everything the sections are built from: the fit, its bootstrap and each analysis's result."""
+    runs: pd.DataFrame
+    law: object                 # the fitted DecoupledLaw
+    boot: object                # BootstrapResult, or None without a bootstrap
+    intervals: pd.DataFrame     # per parameter: lo, hi, se
+    level: float
+    styles: pd.DataFrame        # per format: family, colour, marker
+    info: pd.DataFrame          # analysis.runs.format_table
+    capacity_table: pd.DataFrame
+    eff_table: pd.DataFrame
+    health: pd.DataFrame
+    validation: object          # Validation, or None where capacity is unknown
+    capacity_omitted: list
+    stats: dict                 # the statsmodels tests: calibration, wald, mixed
+    comp: pd.DataFrame          # composability
+    comparison: pd.DataFrame    # law comparison
+    paired: pd.DataFrame
+    extrap: pd.DataFrame        # the extrapolation check, or None
+    extrap_errors: dict         # its errors, or None
+    grid_results: dict
+    replicates: int
+
+
+def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
     """[{id, heading, text, figures: [key], tables: [(caption, DataFrame)]}] and {key: (caption, Figure)}."""
-    law, boot, level, styles, baseline = c["law"], c["boot"], c["level"], c["styles"], c["law"].baseline
+    law, boot, level, styles, baseline = ctx.law, ctx.boot, ctx.level, ctx.styles, ctx.law.baseline
     pct = f"{level:.0%}"
     figures, sections = {}, []
 
@@ -22,24 +49,24 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
         sections.append({"id": key, "heading": heading, "text": text, "figures": [k for k, _, _ in figs],
                          "tables": list(tables)})
 
-    cap = c["capacity_table"]
+    cap = ctx.capacity_table
     section("capacity", "1. Capacity of the formats",
             "Each format's Gaussian MSE (exact where available, else Monte Carlo) and its capacity rho with the "
             "published constants; a weights/activations pair's capacity is the product of the two; a blank spec is "
             "uncompressed. Families (colour and marker in every figure) follow the format's components.",
             [("capacity_vs_bits", "Capacity rho of each format against its weights' bits per value, coloured and "
               "marked by family.", plots.capacity_vs_bits(cap, styles))] if cap["capacity"].notna().any() else [],
-            [("Formats", cap.fillna({"w_spec": "", "a_spec": ""}))])
+            [("Formats", cap.fillna({"w_format": "", "a_format": ""}))])
 
     params = pd.DataFrame([{"parameter": k, "value": v,
-                            f"{pct} interval": format_interval(*c["intervals"].loc[k, ["lo", "hi"]]) if boot else "",
-                            "s.e.": c["intervals"].loc[k, "se"] if boot else float("nan")}
+                            f"{pct} interval": format_interval(*ctx.intervals.loc[k, ["lo", "hi"]]) if boot else "",
+                            "s.e.": ctx.intervals.loc[k, "se"] if boot else float("nan")}
                            for k, v in law.params_.items()])
     figs = [("parity", f"Predicted against observed loss for all {law.n_runs_} runs, by family; the dashed line is "
-             "perfect prediction.", plots.parity(c["runs"], law, styles)),
+             "perfect prediction.", plots.parity(ctx.runs, law, styles)),
             ("residuals", "Residuals of the decoupled fit against model size N and tokens D, with their mean per "
              "value: a size or token budget the law misfits shows as a mean away from zero.",
-             plots.residuals_vs_nd(c["runs"], law, styles))]
+             plots.residuals_vs_nd(ctx.runs, law, styles))]
     if boot is not None and len(boot.samples) > 2:
         figs.append(("bootstrap_joint", "Bootstrap refits in the (alpha, E) and (alpha, beta) planes, with the fit "
                      "to all runs as a star: the trade-offs behind the marginal intervals.",
@@ -51,9 +78,9 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
                if boot else "No bootstrap. ")
             + "The health checks say whether efficiencies can be read from this fit: E away from its bound, misfit "
               "against the seed-to-seed scatter, and how many formats the intervals tell apart.",
-            figs, [("Fitted constants", params), ("Fit health", c["health"])])
+            figs, [("Fitted constants", params), ("Fit health", ctx.health)])
 
-    eff = c["eff_table"]
+    eff = ctx.eff_table
     section("efficiency", "3. Efficiency per format",
             f"The efficiency multiplier of each format (effective parameters per parameter) from the decoupled law, "
             f"with {pct} bootstrap intervals; '{baseline}' is fixed at 1.",
@@ -63,9 +90,9 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
             [("Efficiencies", eff.assign(**{f"{pct} interval": [format_interval(a, b) for a, b in zip(eff.eff_lo, eff.eff_hi)]})
               [["format", "family", "eff", f"{pct} interval"]])])
 
-    v, cal = c["validation"], c["stats"]["calibration"]
+    v, cal = ctx.validation, ctx.stats["calibration"]
     if v is None:
-        section("capacity-vs-efficiency", "4. Capacity against efficiency", f"Omitted: {c['capacity_omitted']}")
+        section("capacity-vs-efficiency", "4. Capacity against efficiency", f"Omitted: {ctx.capacity_omitted}")
     else:
         t = v.table.assign(fitted_interval=lambda d: [format_interval(a, b) for a, b in zip(d.fitted_lo, d.fitted_hi)],
                            prediction_interval=lambda d: [format_interval(a, b) for a, b in zip(d.pred_lo, d.pred_hi)])
@@ -87,14 +114,14 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
                   "shaded bar beside each point is its leave-one-format-out prediction interval.",
                   plots_inference.efficiency_vs_capacity(v, styles))], tables)
 
-    wald, comp = c["stats"]["wald"], c["comp"]
+    wald, comp = ctx.stats["wald"], ctx.comp
     figs, tables = [], []
     if not comp.empty:
         table = wald.table if wald is not None else comp
         figs.append(("composability", f"eff(combined) / (eff(part 1) x eff(part 2)) with its {pct} interval; the "
                      "dashed line at 1 is 'the capacities multiply'.", plots_inference.composability(table, level)))
         tables.append(("Composability on trained runs" + (" (Wald tests, bootstrap covariance)" if wald else ""), table))
-    for name, r in c["grid_results"].items():
+    for name, r in ctx.grid_results.items():
         figs.append((f"grid_{name}", f"Published capacity grid '{name}' and the error of predicting each cell as the "
                      "product of its edges.", plots_inference.grid_heatmaps(name, r)))
         tables.append((f"Capacity grid '{name}': product of edges (row {r['edge_row']}, column {r['edge_col']}; "
@@ -110,13 +137,13 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
     section("laws", "6. Laws compared",
             "Fit errors of the decoupled law (one efficiency per format), the unified law (eff = rho(GMSE)), Kumar et "
             "al.'s bits law and, on sparse runs, Frantar et al.'s law. Their constants, with bootstrap intervals: "
-            "`capscale fit --law NAME`.", (), [("Fit errors per law", c["comparison"])])
+            "`capscale fit --law NAME`.", (), [("Fit errors per law", ctx.comparison)])
 
-    mixed = c["stats"]["mixed"]
+    mixed = ctx.stats["mixed"]
     figs = [("loss_vs_params", f"Loss against model size per tokens-per-parameter ratio (seed means; bars: seed "
              f"standard deviation where repeated) with the fitted law, and below, loss relative to '{baseline}' at the "
-             "same (N, D).", plots.loss_vs_params(c["runs"], law, styles, c["replicates"]))]
-    tables = [("Paired comparison (mean log loss ratio over shared cells, t-interval, Wilcoxon)", c["paired"])]
+             "same (N, D).", plots.loss_vs_params(ctx.runs, law, styles, ctx.replicates))]
+    tables = [("Paired comparison (mean log loss ratio over shared cells, t-interval, Wilcoxon)", ctx.paired)]
     if mixed is not None and len(mixed.table):
         figs.insert(0, ("paired_forest", f"Mixed-model log-loss difference to '{baseline}' at equal (N, D) with its "
                         f"{pct} interval; open markers: not different after Holm adjustment.",
@@ -127,17 +154,17 @@ def build_sections(c: dict) -> tuple[list[dict], dict]:
             f"random intercept per cell (seeds nest in cells); p-values Holm-adjusted over the formats, with the "
             "Wilcoxon signed-rank test on cell means beside it.", figs, tables)
 
-    if c["extrap"] is not None:
+    if ctx.extrap is not None:
         section("extrapolation", "8. Extrapolation",
-                f"The law fitted without the largest models (N = {c['runs']['params'].max():.4g}), then asked to "
-                f"predict them: {c['extrap_summary']['text']}.",
+                f"The law fitted without the largest models (N = {ctx.runs['params'].max():.4g}), then asked to "
+                f"predict them: {ctx.extrap_errors['text']}.",
                 [("extrapolation", "Relative error of each held-out run by format; the dashed line is the signed mean "
                   "error: points all on one side mean the law is biased when it extrapolates.",
-                  plots.extrapolation(c["extrap"], styles))], [("Held-out runs", c["extrap"])])
+                  plots.extrapolation(ctx.extrap, styles))], [("Held-out runs", ctx.extrap)])
 
-    raw = c["runs"][["format", "params", "tokens", "loss"] + (["seed"] if "seed" in c["runs"] else [])].assign(
-        predicted=law.predict(c["runs"]), residual=law.residuals_).sort_values(["format", "params", "tokens"])
-    skipped = c["runs"].attrs.get("skipped", [])
+    raw = ctx.runs[["format", "params", "tokens", "loss"] + (["seed"] if "seed" in ctx.runs else [])].assign(
+        predicted=law.predict(ctx.runs), residual=law.residuals_).sort_values(["format", "params", "tokens"])
+    skipped = ctx.runs.attrs.get("skipped", [])
     section("appendix", "Appendix: the runs",
             f"Every fitted run with its prediction and log residual. {len(skipped)} run(s) not fitted (status not ok).",
             (), [("Fitted runs", raw)] + ([("Runs not fitted", pd.DataFrame(skipped))] if skipped else []))

@@ -164,7 +164,7 @@ def _bits_of(spec: str | None, given) -> float:
 
 def _fill_gmse(runs: pd.DataFrame, baseline: str) -> None:
     """Each run's weight and activation specs, GMSEs and bits per value (`gmse` and `bits` are the weights')."""
-    columns = {"w_spec": [], "a_spec": [], "w_gmse": [], "a_gmse": [], "w_bits": [], "a_bits": [], "capacity_note": []}
+    columns = {"w_format": [], "a_format": [], "w_gmse": [], "a_gmse": [], "w_bits": [], "a_bits": [], "capacity_note": []}
     for _, row in runs.iterrows():
         w, a = (None, None) if row["format"] == baseline else _spec_or_label(row)  # the baseline is uncompressed
         given_w = row.get("w_gmse", np.nan)
@@ -191,9 +191,9 @@ def require_capacity(info: pd.DataFrame, what: str) -> None:
 def format_table(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per format: its specs (None where uncompressed), GMSEs and number of runs."""
     table = (runs.groupby("format", sort=False)
-                 .agg(w_spec=("w_spec", "first"), a_spec=("a_spec", "first"), w_gmse=("w_gmse", "first"),
+                 .agg(w_format=("w_format", "first"), a_format=("a_format", "first"), w_gmse=("w_gmse", "first"),
                       a_gmse=("a_gmse", "first"), w_bits=("w_bits", "first"), a_bits=("a_bits", "first"),
                       capacity_note=("capacity_note", "first"), runs=("loss", "size")))
-    for col in ("w_spec", "a_spec"):
+    for col in ("w_format", "a_format"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     return table

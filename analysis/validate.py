@@ -7,10 +7,9 @@ rho refitted without it, with an interval from the same replicates, beside its f
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -22,8 +21,9 @@ from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, L_PLAUSIBLE, eff_key, law_loss, single_threaded_blas
 from .names import RHO_FORMS
+from .parallel import chunked_map
 from .runs import format_table, require_capacity
-from .summary import format_interval
+from .verdicts import format_interval
 
 FORMS = {  # name (RHO_FORMS, in order): (function of gmse and constants, constant names, starts, bounds)
     "tanh": (lambda g, L, F, C: rho(g, L, F, C), ("L", "F", "C"),
@@ -41,7 +41,7 @@ assert tuple(FORMS) == RHO_FORMS
 def capacity_parts(formats: pd.DataFrame) -> list:
     """[(uncompressed, GMSE)] arrays for weights and activations: what the regression reads of formats."""
     return [(formats[s].isna().to_numpy(), np.clip(formats[g].to_numpy(float), 1e-12, 1.0))
-            for s, g in (("w_spec", "w_gmse"), ("a_spec", "a_gmse"))]
+            for s, g in (("w_format", "w_gmse"), ("a_format", "a_gmse"))]
 
 
 class CapacityRegression:
@@ -89,13 +89,13 @@ class CapacityRegression:
         return self.evaluate(list(self.constants_.values()), formats)
 
 
-SPEC_COLUMNS = ["w_spec", "a_spec", "w_gmse", "a_gmse"]
+SPEC_COLUMNS = ["w_format", "a_format", "w_gmse", "a_gmse"]
 
 
 def anchored(formats: pd.DataFrame) -> list:
     """The `capacity_parts` of `formats` plus the baseline's anchor row: GMSE 0 has efficiency 1 (rho(0) = L).
     Without the anchor, leaving out the format closest to GMSE 0 leaves L unconstrained."""
-    anchor = pd.DataFrame({"w_spec": ["(baseline)"], "a_spec": [None], "w_gmse": [0.0], "a_gmse": [0.0]})
+    anchor = pd.DataFrame({"w_format": ["(baseline)"], "a_format": [None], "w_gmse": [0.0], "a_gmse": [0.0]})
     return capacity_parts(pd.concat([formats[SPEC_COLUMNS], anchor]))
 
 
@@ -163,10 +163,9 @@ def _eff_columns(formats):
 
 
 @single_threaded_blas  # once per batch: probing the BLAS pools costs more than one of these tiny fits
-def _replicate_rho(job) -> list:
+def _replicate_rho(info, form, full, held_out, rows) -> list:
     """For bootstrap replicates (rows of efficiencies): rho refitted on all formats, and each format's prediction
     with rho refitted without it; each fit starts from the corresponding full-data fit."""
-    info, form, full, held_out, rows = job
     keep = [info.index != f for f in info.index]
     without = [anchored(info[k]) for k in keep]  # the same formats in every replicate: arrays built once
     alone = [capacity_parts(info.loc[[f]]) for f in info.index]
@@ -182,16 +181,7 @@ def _replicate_rho(job) -> list:
 def _rho_over_replicates(info, form, full, held_out, samples, n_jobs) -> tuple[pd.DataFrame, np.ndarray]:
     rows = samples.to_numpy(float)
     n_jobs = max(1, min(n_jobs or os.cpu_count() or 1, len(rows)))
-    jobs = [(info, form, full, held_out, rows[i::n_jobs]) for i in range(n_jobs)]
-    if n_jobs == 1:
-        parts = list(map(_replicate_rho, jobs))
-    else:
-        with ProcessPoolExecutor(n_jobs, mp_context=mp.get_context("fork")) as pool:
-            parts = list(pool.map(_replicate_rho, jobs))
-    order = [r for i in range(n_jobs) for r in range(i, len(rows), n_jobs)]  # undo the interleaving
-    results = [None] * len(rows)
-    for position, result in zip(order, (r for part in parts for r in part)):
-        results[position] = result
+    results = chunked_map(partial(_replicate_rho, info, form, full, held_out), rows, n_jobs, n_chunks=n_jobs)
     return pd.DataFrame([c for c, _ in results]), np.array([p for _, p in results])
 
 
@@ -240,19 +230,19 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
     return Validation(law, boot, form, reg.constants_, constants_ci, pd.DataFrame(rows), reg, draws)
 
 
-def predict_format(runs: pd.DataFrame, w_spec: str | None, a_spec: str | None, params: float, tokens: float,
+def predict_format(runs: pd.DataFrame, w_format: str | None, a_format: str | None, params: float, tokens: float,
                    n_boot: int = 200, seed: int = 0, form: str = "tanh", progress: bool = True,
                    baseline: str = BASELINE, level: float = 0.95, law: DecoupledLaw | None = None,
                    boot: BootstrapResult | None = None) -> dict:
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
     v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline, level=level,
                  law=law, boot=boot)
-    w_spec, a_spec = (None if is_uncompressed(s) else s for s in (w_spec, a_spec))
-    new = pd.DataFrame({"w_spec": [w_spec], "a_spec": [a_spec], "w_gmse": [spec_gmse(w_spec)],
-                        "a_gmse": [spec_gmse(a_spec)]})
+    w_format, a_format = (None if is_uncompressed(s) else s for s in (w_format, a_format))
+    new = pd.DataFrame({"w_format": [w_format], "a_format": [a_format], "w_gmse": [spec_gmse(w_format)],
+                        "a_gmse": [spec_gmse(a_format)]})
     eff = float(v.regression.predict(new)[0])
     loss = law_loss(v.law.params_, params, tokens, eff)
-    out = {"w_format": w_spec, "a_format": a_spec, "w_gmse": float(new.w_gmse[0]), "a_gmse": float(new.a_gmse[0]),
+    out = {"w_format": w_format, "a_format": a_format, "w_gmse": float(new.w_gmse[0]), "a_gmse": float(new.a_gmse[0]),
            "params": params, "tokens": tokens, "eff": eff, "loss": float(loss), "eff_interval": None,
            "loss_interval": None}
     if v.draws is not None:  # rho constants refitted per bootstrap replicate, row for row with the samples

@@ -118,7 +118,7 @@ def add_validate_command(sub) -> None:
 
 
 def _predict_command(args) -> None:
-    from capscale.analysis.summary import format_interval
+    from capscale.analysis.verdicts import format_interval
     out = fit_from_args(args, runs_from_args(args)).predict_format(args.spec, args.a_format, args.params,
                                                                     args.tokens, form=args.form)
     if args.json:

@@ -15,7 +15,7 @@ import pandas as pd
 from capscale import capacity, data
 from capscale.analysis.lawfit import fit
 from capscale.analysis.report import writable_folder
-from capscale.analysis.summary import format_interval
+from capscale.analysis.verdicts import format_interval
 from capscale.analysis.runs import format_table, load_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
 
@@ -38,7 +38,7 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     runs_path = _study(train, out)
     runs = load_runs(runs_path)
     info = format_table(runs)
-    specs = sorted({s for s in pd.concat([info["w_spec"], info["a_spec"]]) if s is not None})
+    specs = sorted({s for s in pd.concat([info["w_format"], info["a_format"]]) if s is not None})
     print("== Capacity of the study's formats (GMSE, rho with the published constants) ==")
     print(capacity.compare(specs, samples=1 << 20)[["spec", "bits_per_value", "gmse", "rho", "rho_per_bit", "rd_bound",
                                                     "method"]].to_string(index=False, float_format="{:.4g}".format))
@@ -51,7 +51,7 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
         out, grids=grids, n_jobs=n_jobs, title=f"capscale demo: {runs_path.name}", replicates=replicates)
     res = report.results
     print(f"\n== Summary (the same text heads {out / 'report.md'} and is in results.json) ==")
-    for line in report.summary:
+    for line in report.verdicts:
         print(f"- {line['topic']} {line['text']}")
     print("\n== Details ==")
     dec = res["decoupled"]

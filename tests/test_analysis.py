@@ -235,16 +235,16 @@ def test_report_writes_html_markdown_json_and_figures(tmp_path):
         tmp_path, progress=False, grids={"wbits_x_abits": REFERENCE / "capacity_wbits_x_abits.csv"})
     html = (tmp_path / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 9
-    assert {"decoupled", "validation", "composability", "law_comparison", "summary", "provenance"} <= set(report.results)
+    assert {"decoupled", "validation", "composability", "law_comparison", "verdicts", "provenance"} <= set(report.results)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["decoupled"]["n_runs"] == len(runs)
     assert (tmp_path / "loss_vs_params.png").stat().st_size > 10_000
     # verdict first, the same text everywhere: report.md opens with it, results.json holds it
-    topics = [s["topic"] for s in results["summary"]]
-    assert topics[0] == "Does capacity predict efficiency?" and "calibration slope" in results["summary"][0]["text"]
+    topics = [s["topic"] for s in results["verdicts"]]
+    assert topics[0] == "Does capacity predict efficiency?" and "calibration slope" in results["verdicts"][0]["text"]
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.index("## Summary") < markdown.index("## 1. Capacity")
-    assert results["summary"][0]["text"] in markdown and str(escape(results["summary"][0]["text"])) in html
+    assert results["verdicts"][0]["text"] in markdown and str(escape(results["verdicts"][0]["text"])) in html
     assert "| format" in markdown and "```\n|" not in markdown  # real Markdown tables, not fenced text
     # provenance: what reproduces the report
     origin = results["provenance"]

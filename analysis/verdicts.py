@@ -100,7 +100,7 @@ def caveat_sentence(health: pd.DataFrame, warnings: list[str], extrapolation: di
     return text
 
 
-def verdict(validation, calibration, capacity_omitted, mixed, baseline, wald, comp, health, warnings,
+def verdicts(validation, calibration, capacity_omitted, mixed, baseline, wald, comp, health, warnings,
             extrapolation, residual_by_size: pd.Series) -> list[dict]:
     """[{"topic", "text"}]: the report's summary, in the order a reader asks."""
     return [{"topic": "Does capacity predict efficiency?", "text": capacity_sentence(validation, calibration,
