@@ -1,24 +1,34 @@
 """Fit once, reuse everywhere: a decoupled fit and its bootstrap replicates saved as JSON, with the data's
-fingerprint, so that validate, predict, compose and report answer in seconds without refitting, and refuse a
-saved fit of other data."""
+fingerprint, so that validate, predict, compose and report answer in seconds without refitting.
+
+A saved fit is data from anywhere, so loading verifies it before any number is used: its checksum (an edit
+after saving), its data fingerprint (a fit of other runs), every key and type, the settings' ranges, and the
+numbers themselves: parameters and efficiencies must be the ones its constants give on these runs, with the
+objective they reach, and each point estimate must lie within the spread of its own bootstrap replicates."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from capscale.capacity import InputError
+from capscale.capacity.paths import atomic_write, is_json_with, output_file
 from capscale.capacity.provenance import invoked_command, package_version
 
 from .bootstrap import BootstrapResult
 from .laws import DecoupledLaw
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2        # 2: with a checksum; version 1 files are refused (refit)
+MAX_FILE_BYTES = 64 << 20
+MAX_REPLICATES = 100_000
+LAW_KEYS = {"name", "settings", "params", "eff", "formats", "theta", "objective"}
+BOOT_KEYS = {"samples", "n_failed", "level", "seed"}
+TOP_KEYS = {"capscale_fit", "fingerprint", "n_runs", "law", "bootstrap", "command", "versions", "created", "checksum"}
 
 
 def fingerprint(runs: pd.DataFrame) -> str:
@@ -28,11 +38,17 @@ def fingerprint(runs: pd.DataFrame) -> str:
     return hashlib.sha256(rows.to_csv(index=False, float_format="%.12g").encode()).hexdigest()
 
 
+def _checksum(content: dict) -> str:
+    body = {k: v for k, v in content.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
 def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None, runs: pd.DataFrame,
-             seed: int = 0) -> Path:
+             seed: int = 0, overwrite: bool = False) -> Path:
+    """Write the fit to `path`: a new file, a fit capscale saved before, or (`overwrite`) any file."""
     if not isinstance(law, DecoupledLaw):
         raise InputError("only the decoupled law's fit can be saved and reused (--law decoupled)")
-    path = Path(path)
+    path = output_file(path, is_json_with("capscale_fit"), overwrite)
     content = {
         "capscale_fit": FORMAT_VERSION, "fingerprint": fingerprint(runs), "n_runs": len(runs),
         "law": {"name": law.law, "settings": law.get_params(), "params": law.params_, "eff": law.eff_,
@@ -44,30 +60,102 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
         | {"python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    path.write_text(json.dumps(content, indent=1))
+    content["checksum"] = _checksum(content)
+    try:
+        atomic_write(path, lambda f: f.write(json.dumps(content, indent=1).encode()))
+    except OSError as err:
+        raise InputError(f"-o {path}: cannot write there ({err.strerror})") from None
     return path
 
 
-def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, BootstrapResult | None, int]:
-    """The saved law (its residuals recomputed on `runs`), bootstrap and seed; refused if `runs` is not the data it
-    fitted."""
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+class _Refuse:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, ok: bool, why: str) -> None:
+        if not ok:
+            raise InputError(f"--fit {self.path}: {why}; refit with `capscale fit RUNS -o FILE`")
+
+
+def _read(path: Path, need: _Refuse) -> dict:
     try:
-        content = json.loads(Path(path).read_text())
-        law_data = content["law"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        need(path.stat().st_size <= MAX_FILE_BYTES, f"larger than {MAX_FILE_BYTES >> 20} MiB: not a saved fit")
+        content = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"--fit {path}: no such file") from None
+    except (OSError, ValueError, RecursionError) as err:
         raise InputError(f"--fit {path}: not a saved capscale fit ({type(err).__name__})") from None
-    if content.get("capscale_fit") != FORMAT_VERSION or law_data.get("name") != "decoupled":
-        raise InputError(f"--fit {path}: not a saved decoupled fit of this capscale version")
-    if content.get("fingerprint") != fingerprint(runs):
-        raise InputError(f"--fit {path}: fitted on other data ({content.get('n_runs')} runs, fingerprint "
-                         f"{str(content.get('fingerprint'))[:12]}...) than the table given ({len(runs)} runs, "
-                         f"{fingerprint(runs)[:12]}...); refit with `capscale fit ... -o`")
-    law = DecoupledLaw(**law_data["settings"])
-    law.formats_, law.params_, law.eff_ = law_data["formats"], law_data["params"], law_data["eff"]
-    law.theta_ = np.asarray(law_data["theta"], float)
-    law._finish(runs, law_data["objective"])
-    boot = content.get("bootstrap")
+    need(isinstance(content, dict) and "capscale_fit" in content, "not a saved capscale fit")
+    need(content["capscale_fit"] == FORMAT_VERSION, f"saved by another capscale version (format "
+         f"{content['capscale_fit']!r}, this one reads {FORMAT_VERSION})")
+    need(set(content) == TOP_KEYS, f"unexpected or missing keys {sorted(set(content) ^ TOP_KEYS)}")
+    need(content["checksum"] == _checksum(content), "edited after it was saved (its checksum does not match)")
+    return content
+
+
+def _law(law_data, runs: pd.DataFrame, need: _Refuse) -> DecoupledLaw:
+    need(isinstance(law_data, dict) and set(law_data) == LAW_KEYS and law_data["name"] == "decoupled",
+         "not a decoupled fit")
+    settings = law_data["settings"]
+    need(isinstance(settings, dict) and set(settings) == set(DecoupledLaw().get_params()), "bad law settings")
+    need(isinstance(settings["baseline"], str) and _real(settings["delta"]) and settings["delta"] > 0
+         and (settings["fix_E"] is None or _real(settings["fix_E"]) and settings["fix_E"] > 0), "bad law settings")
+    theta = law_data["theta"]
+    need(isinstance(theta, list) and all(_real(v) for v in theta), "its constants are not a list of numbers")
+    try:
+        law = DecoupledLaw(**settings).restore(theta, runs)
+    except InputError as err:
+        need(False, str(err))
+    need(law_data["formats"] == law.formats_, "its formats are not the table's")
+    for name in ("params", "eff"):
+        saved, given = law_data[name], getattr(law, f"{name}_")
+        need(isinstance(saved, dict) and set(saved) == set(given) and all(_real(v) for v in saved.values())
+             and all(math.isclose(saved[k], given[k], rel_tol=1e-9, abs_tol=1e-12) for k in given),
+             f"its {name} are not the values its constants give")
+    need(_real(law_data["objective"]) and math.isclose(law_data["objective"], law.objective_, rel_tol=1e-6,
+                                                       abs_tol=1e-12), "its objective is not the one its constants reach")
+    return law
+
+
+def _bootstrap(boot, law: DecoupledLaw, need: _Refuse) -> tuple[BootstrapResult | None, int]:
     if boot is None:
-        return law, None, 0
-    return (law, BootstrapResult(pd.DataFrame(boot["samples"]), int(boot["n_failed"]), float(boot["level"])),
-            int(boot.get("seed", 0)))
+        return None, 0
+    need(isinstance(boot, dict) and set(boot) == BOOT_KEYS, "bad bootstrap section")
+    samples, values = boot["samples"], law.values()
+    need(isinstance(samples, dict) and set(samples) == set(values), "its replicates are not of its fitted values")
+    columns = list(samples.values())
+    need(all(isinstance(c, list) and all(_real(v) for v in c) for c in columns)
+         and len({len(c) for c in columns}) == 1 and len(columns[0]) <= MAX_REPLICATES,
+         f"its replicates are not equal-length lists of numbers (at most {MAX_REPLICATES:,})")
+    need(_whole(boot["n_failed"]) and _whole(boot["seed"]) and _real(boot["level"]) and 0.5 <= boot["level"] < 1,
+         "bad bootstrap settings")
+    frame = pd.DataFrame(samples)
+    for name, value in values.items():
+        lo, hi = frame[name].min(), frame[name].max()
+        slack = 0.5 * (hi - lo) + 1e-9 * abs(value)
+        need(not len(frame) or lo - slack <= value <= hi + slack,
+             f"{name} = {value:.6g} lies outside its own bootstrap replicates [{lo:.6g}, {hi:.6g}]")
+    return BootstrapResult(frame, boot["n_failed"], float(boot["level"])), boot["seed"]
+
+
+def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, BootstrapResult | None, int]:
+    """The saved law (its residuals recomputed on `runs`), bootstrap and seed, verified (module docstring);
+    refused with one line otherwise."""
+    path = Path(path)
+    need = _Refuse(path)
+    content = _read(path, need)
+    if content["fingerprint"] != fingerprint(runs):
+        raise InputError(f"--fit {path}: fitted on other data ({content['n_runs']} runs, fingerprint "
+                         f"{str(content['fingerprint'])[:12]}...) than the table given ({len(runs)} runs, "
+                         f"{fingerprint(runs)[:12]}...); refit with `capscale fit ... -o`")
+    law = _law(content["law"], runs, need)
+    boot, seed = _bootstrap(content["bootstrap"], law, need)
+    return law, boot, seed

@@ -228,16 +228,20 @@ class LawFit:
         return table, extrapolation_errors(table)
 
     # -- files ------------------------------------------------------------------------------------------------
-    def save(self, path: "str | Path") -> Path:
+    def save(self, path: "str | Path", overwrite: bool = False) -> Path:
+        """Save to a new file (or one capscale saved a fit in; any with `overwrite`)."""
         from .fitfile import save_fit
-        return save_fit(path, self.law, self.boot, self.runs, self.seed)
+        return save_fit(path, self.law, self.boot, self.runs, self.seed, overwrite)
 
     @classmethod
-    def load(cls, path: "str | Path", runs: pd.DataFrame) -> "LawFit":
-        """A fit saved by `save` (or `capscale fit -o`), refused for other data than it fitted."""
+    def load(cls, path: "str | Path", runs: pd.DataFrame, level: float | None = None) -> "LawFit":
+        """A fit saved by `save` (or `capscale fit -o`), verified, refused for other data than it fitted; its
+        intervals at `level` (default: the level it was saved with), read from its saved replicates."""
         from .fitfile import load_fit
         law, boot, seed = load_fit(path, runs)
-        return cls(runs, law, boot, seed)
+        if boot is not None and level is not None:
+            boot.level = level
+        return cls(runs, law, boot, seed, level or 0.95)
 
     def report(self, folder: "str | Path", **options):
         """The full report into `folder` (see `analysis.report.build_report` for the options)."""

@@ -251,6 +251,21 @@ class DecoupledLaw(ScalingLaw):
         minima = set(np.flatnonzero(np.isfinite(objective) & (objective <= neighbours)))
         return [(objective.flat[g], alpha[g], beta[g], coef[g]) for g in sorted(best | minima, key=objective.flat.__getitem__)]
 
+    def restore(self, theta, runs: pd.DataFrame) -> "DecoupledLaw":
+        """This law as fitted at the optimum `theta` (log A_f, log B, log E, alpha, beta: a saved fit's), its
+        residuals and objective recomputed on `runs`."""
+        self._prepare(runs)
+        theta = np.asarray(theta, float)
+        if theta.shape != (len(self.formats_) + 4,) or not np.all(np.isfinite(theta)) or not np.all(theta[-2:] > 0):
+            raise InputError(f"a decoupled fit of {len(self.formats_)} formats has {len(self.formats_) + 4} finite "
+                             f"constants with positive exponents; got {theta.size}")
+        with np.errstate(over="ignore"):
+            self._set(runs, optimize.OptimizeResult(x=theta, fun=np.nan))
+        if not np.all(np.isfinite(self.residuals_)):
+            raise InputError("its constants do not predict a finite loss for every run")
+        self.objective_ = huber_total(self.residuals_, self.delta)
+        return self
+
     def _set(self, runs, res):
         k = len(self.formats_)
         self.theta_ = res.x

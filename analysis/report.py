@@ -13,6 +13,7 @@ import jinja2
 import pandas as pd
 
 from capscale.capacity import InputError, pair_rho
+from capscale.capacity.paths import report_folder, write_files
 
 from . import plots
 from .compose import compose_grid, read_grid
@@ -38,21 +39,6 @@ class Report:
     verdicts: list = None   # the verdict sentences: [{"topic", "text"}]
 
 
-def writable_folder(folder: "str | Path") -> Path:
-    """The output folder, created and checked writable now, before any computation that would be lost."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise InputError(f"-o {folder}: exists and is not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".capscale-write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise InputError(f"-o {folder}: cannot write there ({err.strerror})") from None
-    return folder
-
-
 def _figure_png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -67,20 +53,33 @@ def _table_html(frame: pd.DataFrame, caption: str) -> str:
     return html[:head_end] + f"<caption>{escape(caption)}</caption>" + html[head_end:]
 
 
+def markdown_text(text) -> str:
+    """Text safe inside Markdown (a table cell included): HTML escaped as the HTML report escapes it, and the
+    characters that would make a table column, a link, an image or code escaped."""
+    text = escape(str(text), quote=False)
+    for char in "\\|[]`":
+        text = text.replace(char, "\\" + char)
+    return text.replace("\n", " ")
+
+
 def _table_md(frame: pd.DataFrame) -> str:
-    return frame.fillna("").to_markdown(index=False, floatfmt=".4g") if len(frame.columns) else ""
+    if not len(frame.columns):
+        return ""
+    cells = frame.fillna("").rename(columns=markdown_text)
+    cells = cells.apply(lambda col: col.map(markdown_text) if col.dtype == object else col)
+    return cells.to_markdown(index=False, floatfmt=".4g")
 
 
 def build_report(fit, folder: "str | Path", grids: dict | None = None, title: str = "capscale report",
                  progress: bool = True, n_jobs: int | None = None, replicates: pd.DataFrame | None = None,
-                 command: str | None = None) -> Report:
+                 command: str | None = None, overwrite: bool = False) -> Report:
     """Every analysis of a decoupled LawFit into `folder`: validation, composability, paired comparisons, health,
     extrapolation and figures. `grids`: {name: path} of capacity grids to analyse too; `replicates` (optional
     seed repeats of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure
     its seed bars."""
     if not isinstance(fit.law, DecoupledLaw):
         raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.law} law")
-    folder = writable_folder(folder)
+    folder = report_folder(folder, overwrite)
     runs, law, boot, level, baseline = fit.runs, fit.law, fit.boot, fit.level, fit.baseline
     intervals = fit.intervals()
     comparison = fit.compare_laws()
@@ -121,7 +120,6 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "calibration": None if stats_["calibration"] is None else stats_["calibration"].as_json(),
                "composability_wald": None if stats_["wald"] is None else stats_["wald"].table.to_dict("records"),
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records")}
-    (folder / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
     context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
                             capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
@@ -129,25 +127,26 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                             extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates)
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
-    for key, data in images.items():
-        (folder / f"{key}.png").write_bytes(data)
-    _render(folder, title, verdict_lines, sections, figures, images, origin)
+    pages = _render(title, verdict_lines, sections, figures, images, origin)
+    write_files(folder, {"results.json": json.dumps(results, indent=1, default=str).encode(),
+                         **{f"{key}.png": data for key, data in images.items()}, **pages})
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
                   stats_["wald"], stats_["mixed"], verdict_lines)
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),
                                autoescape=jinja2.select_autoescape(["html.j2"]), keep_trailing_newline=True)
+TEMPLATES.filters["md"] = markdown_text
 
 
-def _render(folder, title, verdicts, sections, figures, images, origin):
+def _render(title, verdicts, sections, figures, images, origin) -> dict[str, bytes]:
     """report.md and report.html from their templates: the same verdicts, sections, figures, tables, provenance."""
     for section in sections:
         section["tables"] = [{"caption": caption, "html": _table_html(table, caption), "md": _table_md(table)}
                              for caption, table in section["tables"]]
         section["figures"] = [{"key": key, "caption": figures[key][0], "png_base64": base64.b64encode(images[key]).decode()}
                               for key in section["figures"]]
-    for name in ("report.md", "report.html"):
-        (folder / name).write_text(TEMPLATES.get_template(f"{name}.j2").render(
-            title=title, verdicts=verdicts, sections=sections, provenance=origin,
-            provenance_json=json.dumps(origin, indent=1)))
+    return {name: TEMPLATES.get_template(f"{name}.j2").render(
+                title=title, verdicts=verdicts, sections=sections, provenance=origin,
+                provenance_json=json.dumps(origin, indent=1)).encode()
+            for name in ("report.md", "report.html")}

@@ -9,8 +9,10 @@ of what the specs give; `gmse` and `bits` are the weights'), `status` (only `ok`
 and any other metadata.
 
 JSON lines are written by appending under an exclusive lock, flushed to disk, so concurrent writers and
-crashes neither lose nor interleave records. A crash mid-append leaves a torn last line: readers skip it
-with a warning, and the next append cuts it off (under the lock) before writing. Before training, a run
+crashes neither lose nor interleave records. Only a file recognised as a run table (new, empty, or JSON lines
+whose every record carries the required columns) is ever appended to; anything else is refused untouched. A
+crash mid-append leaves a torn last line (an unfinished JSON object): readers skip it with a warning, and the
+next append moves it aside to `<table>.torn` (under the lock) before writing. Before training, a run
 is claimed (`claim`), so that concurrent sweeps on one table, on one machine or on a shared file system,
 never train the same run twice.
 """
@@ -55,6 +57,8 @@ def split_label(label: str) -> tuple[str, str | None]:
 def _parse_line(path: Path, number: int, line: str) -> dict:
     try:
         record = json.loads(line)
+    except RecursionError:
+        raise RunTableError(f"{path}: line {number}: JSON nested too deeply to be a run") from None
     except json.JSONDecodeError as err:
         raise RunTableError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
     if not isinstance(record, dict):
@@ -62,29 +66,57 @@ def _parse_line(path: Path, number: int, line: str) -> dict:
     return record
 
 
-def read_lines(path: "str | Path") -> list[tuple[int, dict]]:
-    """(line number, record) for every record of a JSON-lines run table; [] if the file does not exist.
+def _split(path: Path, content: bytes) -> tuple[list[tuple[int, dict]], bytes]:
+    """(the complete records, a torn tail or b""). A last line without its newline is a record if it parses, torn
+    if it is an unfinished JSON object; any other line that is not a JSON object names the file and the line."""
+    try:
+        text = content.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RunTableError(f"{path}: not UTF-8 text (byte {err.start}); a run table is CSV or JSON lines") from None
+    *complete, tail = text.split("\n")
+    records = [(n, _parse_line(path, n, line)) for n, line in enumerate(complete, 1) if line.strip()]
+    if not tail.strip():
+        return records, b""
+    number = len(complete) + 1
+    try:
+        records.append((number, _parse_line(path, number, tail)))
+        return records, b""
+    except RunTableError:
+        if not tail.lstrip().startswith("{"):
+            raise
+        return records, tail.encode()
 
-    A torn last line (no final newline and not valid JSON: a write cut short) is skipped with a warning; any
-    other line that is not a JSON object is an error naming the file and the line."""
+
+def read_lines(path: "str | Path") -> list[tuple[int, dict]]:
+    """(line number, record) for every record of a JSON-lines run table; [] if the file does not exist. A torn
+    last line (a write cut short) is skipped with a warning."""
     path = Path(path)
     if not path.exists():
         return []
     if not path.is_file():
         raise RunTableError(f"{path}: not a file")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise RunTableError(f"{path}: not UTF-8 text (byte {err.start}); a run table is CSV or JSON lines") from None
-    *complete, tail = text.split("\n")
-    records = [(n, _parse_line(path, n, line)) for n, line in enumerate(complete, 1) if line.strip()]
-    if tail.strip():
-        try:
-            records.append((len(complete) + 1, _parse_line(path, len(complete) + 1, tail)))
-        except RunTableError:
-            warnings.warn(f"{path}: line {len(complete) + 1} is incomplete (a write cut short); skipped",
-                          stacklevel=2)
+    records, torn = _split(path, path.read_bytes())
+    if torn:
+        warnings.warn(f"{path}: line {len(records) + 1} is incomplete (a write cut short); skipped", stacklevel=2)
     return records
+
+
+def _require_records(path: Path, records: list[tuple[int, dict]]) -> None:
+    for number, record in records:
+        if missing := [c for c in REQUIRED if c not in record]:
+            raise RunTableError(f"{path}: line {number} is not a run record (no {missing}): capscale appends only "
+                                "to a run table it recognises; give a new file for --runs")
+
+
+def require_run_table(path: "str | Path") -> None:
+    """Refuse, before any work, a file that runs would be appended to but that is not a run table."""
+    path = Path(path)
+    if path.is_symlink() or path.exists() and not path.is_file():
+        raise RunTableError(f"{path}: not a regular file; a run table is a JSON-lines file capscale writes")
+    if path.suffix.lower() not in (".jsonl", ".ndjson"):
+        raise RunTableError(f"{path}: a run table that capscale writes is a .jsonl file")
+    if path.exists():
+        _require_records(path, _split(path, path.read_bytes())[0])
 
 
 def read_records(path: "str | Path") -> list[dict]:
@@ -97,23 +129,28 @@ def finished_keys(path: "str | Path") -> set:
 
 
 def append_record(path: "str | Path", record: dict) -> None:
-    """Append one run as a JSON line, under an exclusive lock, flushed to disk before returning. A torn last line
-    left by a crash is cut off first; a complete last record that lacks its newline gets one."""
+    """Append one run as a JSON line, under an exclusive lock, flushed to disk before returning. A file that is
+    not a run table is refused untouched; a torn last line left by a crash is moved to `<table>.torn` first; a
+    complete last record that lacks its newline gets one."""
     line = json.dumps(record, sort_keys=False, default=str) + "\n"
     path = Path(path)
+    require_run_table(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             f.seek(0)
             content = f.read()
-            if content and not content.endswith(b"\n"):
-                cut = content.rfind(b"\n") + 1
-                try:
-                    _parse_line(path, 0, content[cut:].decode("utf-8"))
-                    f.write(b"\n")
-                except (RunTableError, UnicodeDecodeError):
-                    f.truncate(cut)
+            records, torn = _split(path, content)
+            _require_records(path, records)
+            if torn:
+                with open(f"{path}.torn", "ab") as aside:
+                    aside.write(torn + b"\n")
+                    aside.flush()
+                    os.fsync(aside.fileno())
+                f.truncate(len(content) - len(torn))
+            elif content and not content.endswith(b"\n"):
+                f.write(b"\n")
             f.write(line.encode())
             f.flush()
             os.fsync(f.fileno())
@@ -126,22 +163,57 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
     return True
 
 
-def _stale(file: Path) -> bool:
+def process_start(pid: int) -> str | None:
+    """When process `pid` started (boot id and start tick, Linux): a reused pid has another. None elsewhere."""
     try:
-        age = time.time() - file.stat().st_mtime
-        owner = json.loads(file.read_text() or "{}")
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return f"{boot}:{fields[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def set_aside(path: Path, why: str) -> Path:
+    """Move a damaged file or folder capscale keeps (a claim, a meta file) out of the way, with a warning."""
+    aside = path.with_name(f"{path.name}.damaged-{int(time.time())}-{os.getpid()}")
+    os.replace(path, aside)
+    warnings.warn(f"{path}: {why}; moved aside to {aside.name}", stacklevel=3)
+    return aside
+
+
+def _stale(file: Path) -> bool:
+    """A claim whose owner is gone: its process dead or replaced by another with the same pid (same machine), or
+    not refreshed for CLAIM_STALE_S (any machine)."""
+    try:
+        age = time.time() - file.lstat().st_mtime
+        owner = json.loads(file.read_text() or "{}") if file.is_file() and not file.is_symlink() else None
     except FileNotFoundError:
         return True
-    except (OSError, ValueError):  # being written this instant, or garbage: judged by its age alone
+    except (OSError, ValueError, RecursionError):  # being written this instant, or garbage: judged by its age alone
         return age > CLAIM_STALE_S
-    if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        return not _alive(owner["pid"])
-    return age > CLAIM_STALE_S
+    if not isinstance(owner, dict):
+        return True
+    if age > CLAIM_STALE_S:
+        return True
+    pid = owner.get("pid")
+    if owner.get("host") == socket.gethostname() and isinstance(pid, int) and not isinstance(pid, bool):
+        if not _alive(pid):
+            return True
+        start = owner.get("start")
+        return start is not None and start != process_start(pid)
+    return False
+
+
+def _remove(file: Path) -> None:
+    if file.is_dir() and not file.is_symlink():
+        set_aside(file, "a claim that is a folder")
+    else:
+        file.unlink(missing_ok=True)
 
 
 class Claim:
@@ -164,15 +236,25 @@ class Claim:
         self.file.unlink(missing_ok=True)
 
 
+def held_elsewhere(path: "str | Path", key: str) -> bool:
+    """Whether run `key` of table `path` is claimed by another live process (its claim is not stale)."""
+    file = Path(f"{path}.claims") / f"{key}.claim"
+    return (file.exists() or file.is_symlink()) and not _stale(file)
+
+
 def claim(path: "str | Path", key: str) -> Claim | None:
     """Claim run `key` of table `path` for this process, atomically (a hard link in `<table>.claims/`); None if
-    another live process holds it. A claim is stale when its process is dead (same machine) or it has not been
-    refreshed for CLAIM_STALE_S (another machine sharing the file system): a stale claim is taken over."""
+    another live process holds it. A claim is stale when its process is dead or its pid now belongs to a process
+    that started later (same machine), or it has not been refreshed for CLAIM_STALE_S (any machine, so also a
+    shared file system): a stale claim is taken over; a damaged one (a folder, garbage) is moved aside."""
     folder = Path(f"{path}.claims")
+    if folder.is_symlink() or folder.exists() and not folder.is_dir():
+        set_aside(folder, "the claims folder is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.claim"
     owner = folder / f".{key}.{socket.gethostname()}.{os.getpid()}.tmp"
-    owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}))
+    owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "start": process_start(os.getpid()), "time": time.time()}))
     try:
         return _take(file, owner, folder)
     finally:
@@ -191,7 +273,7 @@ def _take(file: Path, owner: Path, folder: Path) -> Claim | None:
             with open(folder / ".lock", "a") as lock:  # breakers take turns: each re-judges what it would remove
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if _stale(file):
-                    file.unlink(missing_ok=True)
+                    _remove(file)
             continue
         return Claim(file)
     return None

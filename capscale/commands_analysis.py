@@ -21,7 +21,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
         p.add_argument("--runs", required=True, metavar="RUNS", help=help_runs)
     else:
         p.add_argument("runs", metavar="RUNS", help=help_runs)
-    p.add_argument("--baseline", default=BASELINE, help="label of the uncompressed baseline (eff = 1)")
+    p.add_argument("--baseline", default=None, help=f"label of the uncompressed baseline (eff = 1; default {BASELINE})")
     p.add_argument("--query", default=None, help="rows to keep: comparisons of columns with numbers or labels, "
                                                  "joined by and/or/not, e.g. \"params > 2e4 and format != 'int2'\"")
     p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
@@ -30,7 +30,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed")
     p.add_argument("--resample", default="formats", choices=RESAMPLING_UNITS,
                    help="bootstrap unit: runs within each format, or whole (N, D, seed) cells with all their formats")
-    p.add_argument("--delta", type=positive, default=1e-3, help="Huber delta on log-loss residuals")
+    p.add_argument("--delta", type=positive, default=None, help="Huber delta on log-loss residuals (default 1e-3)")
     p.add_argument("--level", type=level, default=0.95, help="confidence level of every interval (default 0.95)")
     p.add_argument("--jobs", type=whole(1), default=None, help="bootstrap worker processes (default: all cores)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
@@ -43,16 +43,23 @@ def _warn(messages) -> None:
 
 def runs_from_args(args):
     from capscale.analysis.runs import load_runs
-    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline)
+    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline or BASELINE)
 
 
 def fit_from_args(args, runs, law: str = "decoupled", **law_options):
-    """The LawFit the options ask for: loaded from --fit FILE (no refitting), or fitted and bootstrapped now."""
+    """The LawFit the options ask for: loaded from --fit FILE (no refitting; its intervals at --level, from its
+    saved replicates), or fitted and bootstrapped now."""
     from capscale.analysis.lawfit import LawFit, fit
     if getattr(args, "fit", None):
-        return LawFit.load(args.fit, runs)
-    return fit(runs, law=law, bootstrap=args.bootstrap, level=args.level, baseline=args.baseline,
-               resample=args.resample, seed=args.seed, delta=args.delta, n_jobs=args.jobs, **law_options)
+        result = LawFit.load(args.fit, runs, level=args.level)
+        for option, asked, saved in (("--delta", args.delta, result.law.delta),
+                                     ("--baseline", args.baseline, result.law.baseline)):
+            if asked is not None and asked != saved:
+                raise InputError(f"--fit {args.fit} was fitted with {option} {saved}; it cannot answer for "
+                                 f"{option} {asked}: refit without --fit")
+        return result
+    return fit(runs, law=law, bootstrap=args.bootstrap, level=args.level, baseline=args.baseline or BASELINE,
+               resample=args.resample, seed=args.seed, delta=args.delta or 1e-3, n_jobs=args.jobs, **law_options)
 
 
 def add_fit_file_argument(p) -> None:
@@ -67,7 +74,7 @@ def _fit_command(args) -> None:
     result = fit_from_args(args, runs, args.law, **({"fix_E": args.fix_E} if args.fix_E is not None else {}))
     _warn(result.warnings)
     if args.output:
-        result.save(args.output)
+        result.save(args.output, overwrite=args.overwrite)
         print(f"fit saved to {args.output}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.as_json(), indent=1))
@@ -90,7 +97,9 @@ def add_fit_command(sub) -> None:
                    help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
     p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
-                   help="save the fit and its bootstrap replicates (JSON) for validate/predict/compose/report --fit")
+                   help="save the fit and its bootstrap replicates (JSON) for validate/predict/compose/report --fit "
+                        "(a new file, or one capscale saved a fit in)")
+    p.add_argument("--overwrite", action="store_true", help="let -o replace a file capscale did not write")
     p.add_argument("--fix-E", type=nonnegative, default=None, metavar="E",
                    help="hold the irreducible loss E fixed (where the runs cannot identify it)")
     p.set_defaults(func=_fit_command)
@@ -173,13 +182,15 @@ def add_compose_command(sub) -> None:
 
 
 def _report_command(args) -> None:
-    from capscale.analysis.report import writable_folder
     from capscale.analysis.runs import load_runs
-    writable_folder(args.output)  # before any work that would be lost
+    from capscale.capacity.paths import report_folder
+    report_folder(args.output, args.overwrite)  # before any work that would be lost
     runs = runs_from_args(args)
     grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
-    replicates = load_runs(args.replicates, mapping=args.map, baseline=args.baseline) if args.replicates else None
-    report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates)
+    replicates = (load_runs(args.replicates, mapping=args.map, baseline=args.baseline or BASELINE)
+                  if args.replicates else None)
+    report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates,
+                                              overwrite=args.overwrite)
     print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 
@@ -188,7 +199,9 @@ def add_report_command(sub) -> None:
                        description="Fit, bootstrap, validate capacity predictions, test composability and plot "
                                    "everything into a folder.")
     add_run_arguments(p, bootstrap_default=200)
-    p.add_argument("-o", "--output", default="capscale-report", help="output folder")
+    p.add_argument("-o", "--output", default="capscale-report",
+                   help="output folder: new, empty, or holding a previous capscale report")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
     p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
     p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
                                                         "fitted): the fit-health check compares the misfit with it")
@@ -200,7 +213,9 @@ def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="the main job: capacity, fits, validation, composability and a report",
                        description="Run the whole analysis on the study shipped inside the package and write a "
                                    "report folder; --train regenerates a small study first.")
-    p.add_argument("-o", "--output", default="capscale-demo", help="report folder (default: ./capscale-demo)")
+    p.add_argument("-o", "--output", default="capscale-demo", help="report folder: new, empty, or holding a "
+                                                                   "previous capscale report (default: ./capscale-demo)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
     p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
     p.add_argument("--bootstrap", type=whole(0), default=200, help="bootstrap replicates")
     p.add_argument("--seed", type=whole(0), default=0)
@@ -210,7 +225,7 @@ def add_demo_command(sub) -> None:
 
 def _demo_command(args) -> None:
     from .demo import run_demo
-    run_demo(args.output, args.train, args.bootstrap, args.seed, args.jobs)
+    run_demo(args.output, args.train, args.bootstrap, args.seed, args.jobs, args.overwrite)
 
 
 ADDERS = (add_fit_command, add_validate_command, add_predict_command, add_compose_command, add_report_command,

@@ -56,7 +56,7 @@ def add_train_command(sub) -> None:
 
 def _sweep_command(args) -> None:
     from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
-    sweep = load_sweep(args.sweep, args.shard)
+    sweep = load_sweep(args.sweep, args.shard, args.runs)
     if args.dry_run:
         print(describe_plan(sweep, args.workers))
         return
@@ -64,6 +64,10 @@ def _sweep_command(args) -> None:
     ran = run_sweep(sweep, workers=args.workers, threads=args.threads)
     log = log_session(sweep, invoked_command(), started, time.time(), ran)
     print(f"ran {ran} run(s); run table: {sweep.runs} (sessions logged in {log.name})")
+    if left := sweep.pending():
+        print(f"{len(left)} run(s) not finished: failed, refused, or claimed by another live process that has not "
+              f"finished them (claims in {sweep.runs.name}.claims/); rerun the sweep to retry them", file=sys.stderr)
+        sys.exit(1)
 
 
 def add_sweep_command(sub) -> None:
@@ -75,6 +79,8 @@ def add_sweep_command(sub) -> None:
     p.add_argument("sweep", help="sweep TOML file")
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: cores/workers)")
+    p.add_argument("--runs", default=None, help="run table to write (default: the sweep file's `runs`, which must be "
+                                                 "inside its folder)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")
     p.add_argument("--dry-run", action="store_true",
                    help="print each pending run's memory plan (peak, micro-batch), steps, FLOPs and estimated time; "

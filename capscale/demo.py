@@ -13,8 +13,8 @@ from pathlib import Path
 import pandas as pd
 
 from capscale import capacity, data
+from capscale.capacity.paths import report_folder
 from capscale.analysis.lawfit import fit
-from capscale.analysis.report import writable_folder
 from capscale.analysis.verdicts import format_interval
 from capscale.analysis.runs import format_table, load_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
@@ -32,9 +32,9 @@ def _study(train: bool, out: Path) -> Path:
 
 
 def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
-             n_jobs: int | None = None) -> Path:
+             n_jobs: int | None = None, overwrite: bool = False) -> Path:
     started = time.time()
-    out = writable_folder(out)
+    out = report_folder(out, overwrite)
     runs_path = _study(train, out)
     runs = load_runs(runs_path)
     info = format_table(runs)

@@ -11,6 +11,7 @@ from capscale.analysis.bootstrap import bootstrap, extrapolation_check, predicti
 from capscale.analysis.compose import compose_grid, compose_runs, read_grid
 from capscale.analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
 from capscale.analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
+from capscale.analysis.report import markdown_text
 from capscale.analysis.runs import RunTableError, load_runs
 from capscale.analysis.simulate import simulate_runs
 from capscale.analysis.validate import validate
@@ -244,7 +245,7 @@ def test_report_writes_html_markdown_json_and_figures(tmp_path):
     assert topics[0] == "Does capacity predict efficiency?" and "calibration slope" in results["verdicts"][0]["text"]
     markdown = (tmp_path / "report.md").read_text()
     assert markdown.index("## Summary") < markdown.index("## 1. Capacity")
-    assert results["verdicts"][0]["text"] in markdown and str(escape(results["verdicts"][0]["text"])) in html
+    assert markdown_text(results["verdicts"][0]["text"]) in markdown and str(escape(results["verdicts"][0]["text"])) in html
     assert "| format" in markdown and "```\n|" not in markdown  # real Markdown tables, not fenced text
     # provenance: what reproduces the report
     origin = results["provenance"]

@@ -111,7 +111,7 @@ def test_a_pickle_checkpoint_carrying_code_fails_cleanly(tmp_path, capscale_cli)
     assert not (tmp_path / "PWNED").exists()
 
 
-def test_a_torn_last_line_is_skipped_on_read_and_cut_before_the_next_append(tmp_path):
+def test_a_torn_last_line_is_skipped_on_read_and_moved_aside_by_the_next_append(tmp_path):
     path = tmp_path / "runs.jsonl"
     for i in range(2):
         append_record(path, {"format": "bf16", "params": 1000 + i, "tokens": 1e5, "loss": 3.0, "status": "ok"})
@@ -122,6 +122,7 @@ def test_a_torn_last_line_is_skipped_on_read_and_cut_before_the_next_append(tmp_
     append_record(path, {"format": "int4", "params": 1000, "tokens": 1e5, "loss": 3.1, "status": "ok"})
     lines = path.read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(line) for line in lines)
+    assert (tmp_path / "runs.jsonl.torn").read_text() == '{"format": "int4", "par\n'  # kept, not cut away
     (tmp_path / "middle.jsonl").write_text('{"a": 1}\n[1, 2, 3]\n{"b": 2}\n')
     with pytest.raises(capacity.InputError, match="line 2: expected a JSON object"):
         read_lines(tmp_path / "middle.jsonl")

@@ -2,7 +2,7 @@
 
 A sweep file is TOML:
 
-    runs = "runs.jsonl"                 # the run table (JSON lines), relative to the sweep file
+    runs = "runs.jsonl"                 # the run table (JSON lines), inside the sweep file's folder
     sizes = [10_000, 20_000, 40_000]    # target non-embedding parameters, or instead explicit shapes:
     # shapes = [{n_layer = 6, n_head = 5, n_embd = 640, lr = 1.2e-3}]
     tokens_per_param = [50, 100]
@@ -24,6 +24,7 @@ import multiprocessing as mp
 import os
 import platform
 import sys
+import time
 from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +38,10 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from capscale.capacity import InputError, load_plugin
+from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
-from capscale.capacity.runtable import finished_keys, read_records
+from capscale.capacity.runtable import finished_keys, held_elsewhere, read_records, require_run_table, set_aside
 
 from .config import TrainConfig
 from .memory import GIB, device_budget
@@ -74,7 +76,9 @@ class Sweep:
         return str(self.runs.parent / f"{self.runs.name}.checkpoints" / f"{cfg.key()}.pt")
 
 
-def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
+def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path | None" = None) -> Sweep:
+    """The sweep's runs and their table: `runs` if given (the user's own choice of path), else the file's `runs`,
+    which must stay inside the sweep file's folder (a shared sweep file cannot direct writes elsewhere)."""
     path = Path(path)
     try:
         spec = tomllib.loads(path.read_text())
@@ -112,9 +116,15 @@ def load_sweep(path: "str | Path", shard: str | None = None) -> Sweep:
         except (ValueError, AssertionError):
             raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
         configs = configs[index::count]
-    runs = path.parent / spec.get("runs", "runs.jsonl")
+    if runs is None:
+        runs = path.parent / spec.get("runs", "runs.jsonl")
+        if not runs.resolve().is_relative_to(path.parent.resolve()) or runs.is_symlink():
+            raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside the sweep file's folder; a sweep file "
+                             "writes only beside itself (give another place with --runs)")
+    runs = Path(runs)
     if runs.is_dir() or not runs.name:
-        raise InputError(f"{path}: runs = {spec.get('runs')!r} names a folder; expected a run table file (.jsonl)")
+        raise InputError(f"{path}: runs = {str(runs)!r} names a folder; expected a run table file (.jsonl)")
+    require_run_table(runs)
     return Sweep(runs, configs)
 
 
@@ -170,14 +180,32 @@ def refuse_unfit(configs: list[TrainConfig], workers: int = 1) -> tuple[list[Tra
     return fitting, refused
 
 
-def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True) -> int:
+def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progress: bool = True,
+              poll_s: float = 5.0) -> int:
     """Run the pending runs of a sweep, longest first so that parallel workers finish together; returns how many
-    this process trained (runs claimed by a concurrent sweep, or finished meanwhile, are skipped; runs whose
-    memory plan does not fit are refused, each with a line on stderr)."""
+    this process trained. Runs whose memory plan does not fit are refused, each with a line on stderr. Runs
+    claimed by a concurrent sweep are skipped, then waited for: one whose owner dies (or whose claim turns out to
+    belong to another process) is taken over, so a sweep never ends with a run stranded by a claim."""
     todo, refused = refuse_unfit(sorted(sweep.pending(), key=estimated_seconds, reverse=True), workers)
     for line in refused:
         print(line, file=sys.stderr)
     threads = threads or max(1, torch.get_num_threads() // workers)
+    ran, waited = 0, False
+    while todo:
+        ran += _train_all(sweep, todo, workers, threads, progress)
+        finished = finished_keys(sweep.runs)
+        todo = [c for c in todo if c.key() not in finished and held_elsewhere(sweep.runs, c.key())]
+        while todo and all(held_elsewhere(sweep.runs, c.key()) for c in todo):
+            if not waited:
+                print(f"waiting for {len(todo)} run(s) claimed by another process", file=sys.stderr)
+                waited = True
+            time.sleep(poll_s)
+            finished = finished_keys(sweep.runs)
+            todo = [c for c in todo if c.key() not in finished]
+    return ran
+
+
+def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int, progress: bool) -> int:
     jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads, loaded_plugins()) for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
                file=sys.stderr)
@@ -223,7 +251,14 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
 def log_session(sweep: Sweep, command: str, started: float, finished: float, ran: int) -> Path:
     """Append this sitting (command, versions, machine, wall time) to `<runs>.meta.json` beside the run table."""
     path = sweep.runs.with_name(sweep.runs.name + ".meta.json")
-    meta = json.loads(path.read_text()) if path.exists() else {"run_table": sweep.runs.name, "sessions": []}
+    meta = {"run_table": sweep.runs.name, "sessions": []}
+    if path.exists():
+        try:
+            meta = json.loads(path.read_text())
+            assert isinstance(meta, dict) and isinstance(meta.get("sessions"), list)
+        except (OSError, ValueError, RecursionError, AssertionError):
+            set_aside(path, "not a sweep log capscale can read")
+            meta = {"run_table": sweep.runs.name, "sessions": []}
     iso = lambda t: datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds")  # noqa: E731
     meta["sessions"].append({"command": command, "started": iso(started), "finished": iso(finished),
                              "wall_time_s": round(finished - started, 1), "runs_ran": ran,
@@ -231,5 +266,5 @@ def log_session(sweep: Sweep, command: str, started: float, finished: float, ran
                              "python": platform.python_version(), "machine": f"{platform.machine()}, "
                              f"{os.cpu_count()} cores, {platform.system()}"})
     meta["runs_in_table"] = len(read_records(sweep.runs))
-    path.write_text(json.dumps(meta, indent=1))
+    atomic_write(path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return path

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from capscale import capacity
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
-from capscale.capacity.runtable import append_record, claim, finished_keys
+from capscale.capacity.runtable import append_record, claim, finished_keys, require_run_table
 
 from .config import TrainConfig
 from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
@@ -191,6 +191,7 @@ def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True
     there or another live process has claimed it. A crash is recorded as failed (a later sweep retries it); bad
     input raises. Under torchrun every rank trains and rank 0 writes."""
     key, distributed = cfg.key(), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    require_run_table(runs)
     if key in finished_keys(runs):
         return None
     held = None if distributed else claim(runs, key)
