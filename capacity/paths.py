@@ -14,10 +14,10 @@ from .formats import InputError
 REPORT_MARKER = ".capscale-report"  # in a folder capscale wrote a report into: it may write there again
 
 
-def _temporary(path: Path, write) -> Path:
+def _temporary(path: Path, write, mode: int = 0o644) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -27,10 +27,10 @@ def _temporary(path: Path, write) -> Path:
     return tmp
 
 
-def atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write, mode: int = 0o644) -> None:
     """Create `path` whole or not at all: `write(file)` fills a temporary binary file beside it, which is then
-    renamed over `path`."""
-    os.replace(_temporary(Path(path), write), path)
+    renamed over `path`. `mode`: its permissions (before the umask)."""
+    os.replace(_temporary(Path(path), write, mode), path)
 
 
 def write_files(folder: Path, contents: dict[str, bytes]) -> None:

@@ -179,9 +179,13 @@ def process_start(pid: int) -> str | None:
 
 
 def set_aside(path: Path, why: str) -> Path:
-    """Move a damaged file or folder capscale keeps (a claim, a meta file) out of the way, with a warning."""
+    """Move a damaged file or folder capscale keeps (a claim, a sweep log, a checkpoint) out of the way, with a
+    warning: kept for a look, never deleted."""
     aside = path.with_name(f"{path.name}.damaged-{int(time.time())}-{os.getpid()}")
-    os.replace(path, aside)
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:  # another process moved it first
+        return aside
     warnings.warn(f"{path}: {why}; moved aside to {aside.name}", stacklevel=3)
     return aside
 

@@ -90,7 +90,7 @@ def add_sweep_command(sub) -> None:
 
 def _diagnose_command(args) -> None:
     from capscale.trainers.diagnose import diagnose
-    print_table(diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens), args.json)
+    print_table(diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens, data=args.data), args.json)
 
 
 def add_diagnose_command(sub) -> None:
@@ -102,7 +102,10 @@ def add_diagnose_command(sub) -> None:
                                    "show where the Gaussian assumption behind rho(GMSE) breaks.")
     p.add_argument("checkpoint", help="checkpoint written by `capscale train --checkpoint PATH`")
     p.add_argument("--format", default=None, metavar="SPEC", help="format to diagnose (default: the run's weights')")
-    p.add_argument("--eval-tokens", type=whole(1), default=4096, help="validation tokens whose activations are recorded")
+    p.add_argument("--eval-tokens", type=whole(1, 1 << 20), default=4096,
+                   help="validation tokens whose activations are recorded (at most 2^20)")
+    p.add_argument("--data", default=None, help="text or token shards to record activations on (default: the "
+                                                "installed corpus; never the path a checkpoint names)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_diagnose_command)
 

@@ -16,12 +16,13 @@ def _number(text: str, cast):
     return value
 
 
-def whole(least: int):
-    """A whole number >= least."""
+def whole(least: int, most: int | None = None):
+    """A whole number >= least (and <= most: a bound that keeps the work finite)."""
     def check(text: str) -> int:
         value = _number(text, int)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text}")
+        if value < least or most is not None and value > most:
+            bound = f">= {least}" if most is None else f"in {least}..{most:,}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text}")
         return value
     check.__name__ = f"whole number >= {least}"
     return check

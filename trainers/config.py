@@ -95,19 +95,24 @@ class TrainConfig:
     KEYED_WHEN_CHANGED = {"schedule": "cosine", "decay": "matrices", "tie_embeddings": True, "init": "fan_in", "norm_eps": 1e-6,
                           "mlp_multiple": 0}
 
+    # Whole-number settings and their bounds: past these the work or memory would not be finite in practice.
+    BOUNDS = {"params": (1, 10 ** 12), "tokens": (1, 10 ** 14), "context": (2, 1 << 16), "eval_tokens": (1, 1 << 30),
+              "checkpoint_every": (1, 1 << 40), "seed": (0, 2 ** 63 - 1), "mlp_multiple": (0, 1 << 16),
+              "batch_size": (1, 1 << 20), "micro_batch_size": (1, 1 << 20), "n_layer": (1, 1024),
+              "n_head": (1, 1 << 16), "n_embd": (1, 1 << 16), "vocab_size": (1, 65536)}
+    REQUIRED_WHOLE = ("params", "tokens", "context", "eval_tokens", "checkpoint_every", "seed", "mlp_multiple")
+
     def __post_init__(self):
         """Every setting checked before any work: one clear error instead of a late traceback or a silent default."""
         def need(ok: bool, name: str, expected: str):
             if not ok:
                 raise capacity.InputError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-        whole = lambda v, least: isinstance(v, int) and not isinstance(v, bool) and v >= least  # noqa: E731
+        whole = lambda v, least, most: isinstance(v, int) and not isinstance(v, bool) and least <= v <= most  # noqa: E731
         real = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
-        for name, least in (("params", 1), ("tokens", 1), ("context", 2), ("eval_tokens", 1), ("checkpoint_every", 1)):
-            need(whole(getattr(self, name), least), name, f"a whole number >= {least}")
-        need(whole(self.seed, 0), "seed", "a whole number >= 0")
-        need(whole(self.mlp_multiple, 0), "mlp_multiple", "a whole number >= 0")
-        for name in ("batch_size", "micro_batch_size", "n_layer", "n_head", "n_embd", "vocab_size"):
-            need(getattr(self, name) is None or whole(getattr(self, name), 1), name, "a whole number >= 1")
+        for name, (least, most) in self.BOUNDS.items():
+            value = getattr(self, name)
+            if value is not None or name in self.REQUIRED_WHOLE:
+                need(whole(value, least, most), name, f"a whole number in {least}..{most:,}")
         need(self.lr is None or real(self.lr) and self.lr > 0, "lr", "a positive learning rate")
         need(real(self.warmup) and 0 <= self.warmup < 1, "warmup", "a fraction in [0, 1)")
         need(real(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")

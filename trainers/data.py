@@ -78,6 +78,8 @@ def load_tokens(path: "str | Path | None" = None, vocab_size: int | None = None,
     source = Path(path) if path else default_corpus()
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
+    if not (source.is_file() or source.is_dir()):
+        raise InputError(f"{source}: not a regular file or folder (a device or a pipe is not a corpus)")
     if source.suffix == ".bin" or (source / "train.bin").is_file():
         return _shards(source, vocab_size, val_fraction)
     if vocab_size not in (None, BYTE_VOCAB):
@@ -86,7 +88,7 @@ def load_tokens(path: "str | Path | None" = None, vocab_size: int | None = None,
     key = hashlib.sha1(f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     cached = cache_dir() / f"tokens-{key}.u8"
     if not cached.exists():
-        atomic_write(cached, lambda f: _write_text_tokens(source, f))
+        atomic_write(cached, lambda f: _write_text_tokens(source, f), mode=0o600)  # the corpus may be private
     tokens = np.memmap(cached, dtype=np.uint8, mode="r")
     split = int(len(tokens) * (1 - val_fraction))
     return TokenData(tokens[:split], tokens[split:], str(source), BYTE_VOCAB)

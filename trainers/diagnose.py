@@ -8,6 +8,7 @@ masks show up as ratios well above 1.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -18,17 +19,49 @@ from capscale.capacity.structure import Hadamard, fwht
 
 from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
-from .model import Decoder, ModelConfig
+from .memory import GIB, HEADROOM, device_budget
+from .model import Decoder, ModelConfig, count_non_embedding
 from .train import TrainConfig, load_state
+
+MAX_VOCAB = 65536  # uint16 token ids
 
 
 def load_checkpoint(path: "str | Path") -> tuple[Decoder, TrainConfig]:
-    """The trained model and its config, from a checkpoint written by `capscale train --checkpoint`."""
+    """The trained model and its config, from a checkpoint written by `capscale train --checkpoint`. The file is
+    data: its settings pass the same checks as the command line's, its model must be the one they build and fit
+    in memory, and its tensors must have that model's shapes; where it ran and on what data are not read."""
     state = load_state(path)
-    cfg = TrainConfig.from_flat(**{k: v for k, v in state["settings"].items() if k not in ("device", "compile")})
-    model = Decoder(ModelConfig(**state["model_config"]), cfg.compression)
-    model.load_state_dict(state["model"])
+    settings, saved_model = state["settings"], state["model_config"]
+    ignored = ("device", "compile", "data", "checkpoint", "memory")
+    try:
+        if not isinstance(settings, dict) or not isinstance(saved_model, dict):
+            raise capacity.InputError("settings and model_config must be tables")
+        cfg = TrainConfig.from_flat(**{k: v for k, v in settings.items() if k not in ignored})
+        vocab = saved_model.get("vocab_size")
+        if not isinstance(vocab, int) or not 1 <= vocab <= MAX_VOCAB:
+            raise capacity.InputError(f"vocab_size {vocab!r} is not in 1..{MAX_VOCAB}")
+        model_cfg = cfg.model_config(vocab)
+    except (capacity.InputError, TypeError) as err:
+        raise capacity.InputError(f"{path}: its settings are not valid: {err}") from None
+    if dataclasses.asdict(model_cfg) != saved_model:
+        raise capacity.InputError(f"{path}: its model_config is not the model its settings build")
+    need, (available, _) = parameter_bytes(model_cfg), device_budget("cpu")
+    if available is not None and need > HEADROOM * available:
+        raise capacity.InputError(f"{path}: its model needs {need / GIB:.1f} GiB, more than the "
+                                  f"{available / GIB:.1f} GiB available")
+    model = Decoder(model_cfg, cfg.compression)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    tensors = state["model"]
+    if not isinstance(tensors, dict) or {k: getattr(v, "shape", None) for k, v in tensors.items()} != expected:
+        raise capacity.InputError(f"{path}: its tensors are not the shapes of the model its settings build")
+    model.load_state_dict(tensors)
     return model.eval(), cfg
+
+
+def parameter_bytes(cfg: ModelConfig) -> int:
+    """fp32 bytes of a model's parameters (what building it allocates)."""
+    embeddings = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
+    return 4 * (count_non_embedding(cfg.n_layer, cfg.n_embd, cfg.mlp_multiple) + embeddings)
 
 
 def _relative_mse_by_row(fmt: capacity.Format, v: torch.Tensor) -> torch.Tensor:
@@ -38,9 +71,10 @@ def _relative_mse_by_row(fmt: capacity.Format, v: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int = 4096,
-             samples: int = 1 << 18) -> pd.DataFrame:
+             samples: int = 1 << 18, data: "str | Path | None" = None) -> pd.DataFrame:
     """One row per (layer, tensor, rotation): relative MSE of `spec` (default: the run's own weight format) on the
-    trained tensor, mean and worst row, and the Gaussian MSE at the same row length."""
+    trained tensor, mean and worst row, and the Gaussian MSE at the same row length. Activations are recorded on
+    `data` (default: the installed corpus), the caller's choice, never a path the checkpoint names."""
     model, cfg = load_checkpoint(checkpoint)
     spec = spec or (cfg.compression.w_format if cfg.compression.w_fmt is not None else None)
     if spec is None or capacity.is_uncompressed(spec):
@@ -50,8 +84,10 @@ def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0]))
              for name, m in layers.items()]
-    data = load_tokens(cfg.data, cfg.vocab_size)
-    for x, y in validation_batches(data.val, cfg.context, eval_tokens, 8):
+    tokens = load_tokens(data, model.cfg.vocab_size)
+    if int(tokens.val.max(initial=0)) >= model.cfg.vocab_size:
+        raise capacity.InputError(f"{tokens.source}: token ids beyond the model's vocabulary ({model.cfg.vocab_size})")
+    for x, y in validation_batches(tokens.val, cfg.context, eval_tokens, 8):
         model(x, y)
     for h in hooks:
         h.remove()

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from capscale import capacity
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
-from capscale.capacity.runtable import append_record, claim, finished_keys, require_run_table
+from capscale.capacity.runtable import append_record, claim, finished_keys, require_run_table, set_aside
 
 from .config import TrainConfig
 from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
@@ -116,24 +116,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
             torch.cuda.set_device(device)
-    torch.manual_seed(cfg.seed)
     data = load_tokens(cfg.data, cfg.vocab_size)
-    model = Decoder(cfg.model_config(data.vocab_size), cfg.compression).to(device)
-    n_params = model.non_embedding_params()
-    lr = cfg.resolved_lr(n_params)
     steps = cfg.steps()
-    optimizer = _optimizer(model, lr, cfg.weight_decay, cfg.decay)
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    step_fn = torch.compile(net) if cfg.compile else net
-    gen = torch.Generator().manual_seed(cfg.seed)
-
+    model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
     start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
     if ckpt and ckpt.exists():
-        state = load_state(ckpt, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"].cpu())
-        start_step = state["step"]
+        start_step = _resume(ckpt, cfg, steps, device, model, optimizer, gen)
+        if start_step is None:  # refused and moved aside: start again from scratch, untouched by it
+            model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
+            start_step = 0
+    n_params = model.non_embedding_params()
+    lr = cfg.resolved_lr(n_params)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    step_fn = torch.compile(net) if cfg.compile else net
 
     status, train_loss, started = "ok", float("nan"), time.perf_counter()
     if device.startswith("cuda"):
@@ -175,6 +170,38 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                       torch_version=torch.__version__, data=Path(data.source).name)
 
 
+def _fresh(cfg: TrainConfig, vocab_size: int, device: str):
+    """The run's model, optimizer and batch-order generator at step 0, from its seed."""
+    torch.manual_seed(cfg.seed)
+    model = Decoder(cfg.model_config(vocab_size), cfg.compression).to(device)
+    lr = cfg.resolved_lr(model.non_embedding_params())
+    return model, _optimizer(model, lr, cfg.weight_decay, cfg.decay), torch.Generator().manual_seed(cfg.seed)
+
+
+def _resume(ckpt: Path, cfg: TrainConfig, steps: int, device: str, model, optimizer, gen) -> int | None:
+    """The step to resume from, after loading the checkpoint's state into the run; None (the checkpoint moved
+    aside with a warning) when it is not this run's: unreadable, of another run's settings, a step outside the
+    run, or tensors that do not fit its model."""
+    try:
+        state = load_state(ckpt, device)
+        key = state.get("key")
+        if key != cfg.key():
+            raise capacity.InputError(f"it is of another run (key {str(key)[:16]!r}, this run's is {cfg.key()})")
+        step = state["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= steps:
+            raise capacity.InputError(f"its step {step!r} is not one of this run's 0..{steps}")
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if not isinstance(state["model"], dict) or {k: getattr(v, "shape", None) for k, v in state["model"].items()} != expected:
+            raise capacity.InputError("its tensors are not this run's model")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"].cpu())
+        return step
+    except (capacity.InputError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        set_aside(ckpt, f"not a checkpoint of this run ({err}); training from scratch")
+        return None
+
+
 def train_or_fail(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train, and record a crash as a result too: the run's `failed` record, with the error and the config to
     retry it (a later sweep does). Bad input, a run that cannot fit, and interruptions raise instead."""
@@ -213,9 +240,10 @@ def load_state(path: "str | Path", device: str = "cpu") -> dict:
     """A checkpoint's contents: tensors and plain values only (weights_only), so a file carrying code fails here."""
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise capacity.InputError(f"{path}: not a loadable capscale checkpoint ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:200]})") from None
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as err:
+        # torch's own message would suggest weights_only=False, which runs the file's code: never shown
+        raise capacity.InputError(f"{path}: not a loadable capscale checkpoint ({type(err).__name__}: a damaged "
+                                  "file, or one holding more than tensors and plain values)") from None
     if not isinstance(state, dict) or not {"model", "step", "settings", "model_config"} <= set(state):
         raise capacity.InputError(f"{path}: not a capscale checkpoint (written by an older version, or not by "
                                   "`capscale train --checkpoint`)")
@@ -226,7 +254,8 @@ def save_checkpoint(path: Path, cfg: TrainConfig, model, optimizer, gen, step: i
     """Tensors and plain values only (loadable with weights_only=True): the state to resume from, and the run's
     settings and shape to rebuild the model from (`capscale diagnose`)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-             "step": step, "settings": flat_settings(cfg), "model_config": dataclasses.asdict(model.cfg)}
+             "step": step, "key": cfg.key(), "settings": flat_settings(cfg),
+             "model_config": dataclasses.asdict(model.cfg)}
     atomic_write(path, lambda f: torch.save(state, f))
 
 
