@@ -19,6 +19,7 @@ from . import grids
 Inner = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 BASELINE_BITS = 16.0  # storage of an uncompressed value (bf16), used where a chain ends without a quantizer
 SCALE_BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "e8m0": 8, "e4m3": 8}
+EXACT_SCALE_FORMATS = ("fp32", "fp16")  # scales fine enough that the closed-form GMSE ignores their rounding
 SCALE_POLICIES = ("opt", "rms", "absmax", "absmean", "none")
 SCALE_UNITS = ("row", "tensor")  # besides a group size: one scale per row (last dim) or per whole tensor
 SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic over the kept entries, or the whole row
@@ -334,9 +335,14 @@ class GridQuantizer(ScaledQuantizer):
         return self._device_levels[device]
 
     def exact_mse(self):
-        """The population value: the grid at its Gaussian-optimal scale, as rows of unbounded length see it."""
-        if self.params.get("group") in SCALE_UNITS and self.params["scale"] == "opt":
-            return grids.optimal_scale(self.levels_np)[1]
+        """The population value: the grid at its Gaussian-optimal scale, as rows of unbounded length see it. Only
+        where the scale is kept in a float fine enough not to move it (fp32, fp16: a relative error below
+        2^-11, far under any Monte Carlo error); the rounding of an e8m0 or e4m3 scale is not modelled. A scale
+        searched on the data (`scale=opt`) fits the very values it rounds, up to 2% below the population value
+        (fp8 per tensor, int4 per row of 1024): not exact either."""
+        if self.params["scale"] != "none" and self.scale_format not in EXACT_SCALE_FORMATS:
+            raise SpecError(f"exact GMSE of '{self.spec}' does not model its {self.scale_format} scale's rounding: "
+                            "use Monte Carlo (without --exact)")
         if self.params.get("group") in SCALE_UNITS and self.params["scale"] == "rms":
             return grids.grid_mse(self.levels_np, self.gaussian_scale)
         if self.params["scale"] == "none":

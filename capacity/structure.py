@@ -74,6 +74,9 @@ class Sparse(_FractionComponent):
         return grids.sparsity_mse(self.params["fraction"])
 
 
+MAX_GROUP = 1024  # N:M groups beyond this are unstructured sparsity in practice (and their index bits explode)
+
+
 class NMSparse(Component):
     """N:M structured sparsity along the last dim: N of every M consecutive values are kept, chosen as whole
     vectors of `vector` values by L2 norm (vector=1: the N largest values, as in 2:4; QuEST's 4:8 over pairs
@@ -83,8 +86,8 @@ class NMSparse(Component):
 
     def __init__(self, n: int, m: int, vector: int = 1):
         super().__init__(vector=vector)
-        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
-            raise SpecError(f"N:M sparsity needs integers 1 <= N <= M, got {n}:{m}")
+        if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m <= MAX_GROUP):
+            raise SpecError(f"N:M sparsity needs integers 1 <= N <= M <= {MAX_GROUP}, got {n}:{m}")
         if not isinstance(vector, int) or isinstance(vector, bool) or vector < 1 or n % vector or m % vector:
             raise SpecError(f"{n}:{m}: vector must be a positive integer dividing N and M, got {vector!r}")
         self.n, self.m, self.vector = n, m, vector

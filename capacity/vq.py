@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 
 import numpy as np
 import torch
@@ -9,7 +10,7 @@ import torch
 from .formats import ScaledQuantizer, SpecError
 from .paths import atomic_write, cache_dir
 
-MAX_CODEWORDS = 4096
+MAX_CODEWORDS = 1024  # a 1024-word codebook takes ~1-2 min to build on 2 cores (once; cached), 4096 ~10 min
 TRAIN_VECTORS = 1 << 18
 CHUNK = 16384  # vectors per nearest-codeword block: memory is CHUNK x codewords, never n x codewords
 
@@ -19,8 +20,15 @@ def gaussian_codebook(dim: int, codewords: int) -> torch.Tensor:
     """k-means codebook of a standard Gaussian: deterministic (fixed sample and seed), so it is computed
     once (seconds) and cached on disk under `cache_dir()`."""
     path = cache_dir() / f"vq-gaussian-d{dim}-k{codewords}-n{TRAIN_VECTORS}.npy"
-    if path.exists():
-        return torch.tensor(np.load(path), dtype=torch.float32)
+    if path.is_file():
+        try:
+            cached = np.load(path, allow_pickle=False)
+            if cached.shape == (codewords, dim) and np.all(np.isfinite(cached)):
+                return torch.tensor(cached, dtype=torch.float32)
+        except (OSError, ValueError):
+            pass  # damaged: rebuilt below and replaced
+    print(f"building the {dim}-dimensional Gaussian codebook of {codewords} codewords (k-means, once: up to "
+          f"{max(1, codewords * dim // 256)} min on 2 cores; cached in {path.parent})", file=sys.stderr, flush=True)
     rng = np.random.default_rng(12345)
     sample = rng.standard_normal((max(TRAIN_VECTORS, 64 * codewords), dim))
     from sklearn.cluster import KMeans  # only when a codebook is built (then cached on disk)
@@ -60,9 +68,17 @@ class VectorQuantizer(ScaledQuantizer):
         group = self.params["group"]
         if isinstance(group, int) and group % dim:
             raise SpecError(f"vq: group {group} is not a multiple of dim {dim}")
-        self.codebook = gaussian_codebook(dim, int(codewords))
+        self.codewords = int(codewords)
         self.element_bits = float(bits)
-        self.top = float(self.codebook.abs().max())
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """Built on first use, not when the spec is parsed: parsing, bits and listing never wait for k-means."""
+        return gaussian_codebook(self.params["dim"], self.codewords)
+
+    @property
+    def top(self) -> float:
+        return float(self.codebook.abs().max())
 
     @property
     def spec(self):
