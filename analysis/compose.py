@@ -61,11 +61,20 @@ def read_grid(path: "str | Path") -> pd.DataFrame:
         grid = pd.read_csv(path, index_col=0)
     except (OSError, ValueError) as err:
         raise RunTableError(f"{path}: cannot read capacity grid: {err}") from None
+    if grid.shape[0] < 2 or grid.shape[1] < 2:
+        raise RunTableError(f"{path}: a capacity grid needs at least 2 rows and 2 columns of values (a header row "
+                            f"of column labels, then one row per label); got {grid.shape[0]} x {grid.shape[1]}")
+    for labels, what in ((grid.index, "row"), (grid.columns, "column")):
+        labels = pd.Index(labels.astype(str).str.replace(r"\.\d+$", "", regex=True) if what == "column" else labels)
+        if labels.duplicated().any():
+            raise RunTableError(f"{path}: {what} label {labels[labels.duplicated()][0]!r} appears twice")
     bad = grid.apply(pd.to_numeric, errors="coerce").isna()
     if bad.any().any():
         row, col = bad.stack()[bad.stack()].index[0]
         raise RunTableError(f"{path}: row '{row}', column '{col}': expected a number, got {grid.at[row, col]!r}")
     grid = grid.astype(float)
+    if not np.all(np.isfinite(grid.to_numpy())) or (grid.to_numpy() <= 0).any():
+        raise RunTableError(f"{path}: capacities must be positive finite numbers")
     grid.index, grid.columns = grid.index.astype(str), grid.columns.astype(str)  # labels as the user types them
     return grid
 

@@ -22,10 +22,10 @@ from capscale.capacity.provenance import invoked_command, package_version
 
 from .bootstrap import BootstrapResult
 from .laws import DecoupledLaw
+from .names import MAX_REPLICATES
 
 FORMAT_VERSION = 2        # 2: with a checksum; version 1 files are refused (refit)
 MAX_FILE_BYTES = 64 << 20
-MAX_REPLICATES = 100_000
 LAW_KEYS = {"name", "settings", "params", "eff", "formats", "theta", "objective"}
 BOOT_KEYS = {"samples", "n_failed", "level", "seed"}
 TOP_KEYS = {"capscale_fit", "fingerprint", "n_runs", "law", "bootstrap", "command", "versions", "created", "checksum"}

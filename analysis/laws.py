@@ -27,6 +27,7 @@ from .runs import check_identifiable, format_table, require_capacity
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
+GRID_CHUNK_BYTES = 64 << 20  # the exponent grid's designs are solved this many bytes at a time (200k runs: ~1 GB peak)
 E_SEARCH_FLOOR = 1e-6  # the fit's lower bound on E, relative to the smallest loss: changes no prediction
 E_AT_BOUND = 0.01  # a fitted E below this fraction of the smallest loss is reported as at its bound 0
 L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
@@ -84,7 +85,11 @@ def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.nda
         gram = xt @ x
         scale = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
         gram = gram / (scale[:, :, None] * scale[:, None, :])
-        return np.linalg.solve(gram, ((xt @ target) / scale)[..., None])[..., 0] / scale
+        rhs = ((xt @ target) / scale)[..., None]
+        try:
+            return np.linalg.solve(gram, rhs)[..., 0] / scale
+        except np.linalg.LinAlgError:  # a degenerate design somewhere in the stack: the least-squares solution
+            return (np.linalg.pinv(gram) @ rhs)[..., 0] / scale
 
     coef = solve(design)
     pending = np.flatnonzero(np.any(coef < 0, axis=1))
@@ -143,12 +148,19 @@ class ScalingLaw:
         self.residuals_ = np.log(pred) - np.log(loss)
         self.rmse_log_ = float(np.sqrt(np.mean(self.residuals_ ** 2)))
         self.rmse_loss_ = float(np.sqrt(np.mean((pred - loss) ** 2)))
-        self.warnings_ = self._weak_estimates(loss.min())
+        self.warnings_ = self._weak_estimates(loss.min(), runs["params"].min(), runs["tokens"].min())
         return self
 
-    def _weak_estimates(self, min_loss: float) -> list[str]:
-        """Estimates the runs do not pin down: E at its bound 0, exponents at the edge of what was searched."""
+    def _weak_estimates(self, min_loss: float, min_n: float, min_d: float) -> list[str]:
+        """Estimates the runs do not pin down: E at its bound 0, exponents at the edge of what was searched, a
+        term that vanished (losses that do not fall with N or with D: rising or flat runs)."""
         out = []
+        p = self.params_
+        for term, size, what in (("A", min_n, "model size N"), ("B", min_d, "tokens D")):
+            exponent = p.get("alpha" if term == "A" else "beta")
+            if term in p and exponent is not None and p[term] * size ** -exponent < 1e-3 * min_loss:
+                out.append(f"the {what} term vanished ({term} = {p[term]:.3g}): the losses do not fall with "
+                           f"{what.split()[-1]}, so this fit explains nothing by it")
         if "E" in self.params_ and self.params_["E"] < E_AT_BOUND * min_loss and getattr(self, "fix_E", None) is None:
             out.append(f"E = {self.params_['E']:.3g} is at its lower bound 0: the runs do not identify the irreducible "
                        "loss (more tokens per parameter, or --fix-E)")
@@ -231,16 +243,23 @@ class DecoupledLaw(ScalingLaw):
         points are kept even where they are not grid minima."""
         alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
         rows = np.arange(len(log_n))
-        design = np.zeros((len(alpha), len(log_n), k + 1 + (self.fix_E is None)))  # columns A_f, B (, E)
-        design[:, rows, fi] = np.exp(-np.outer(alpha, log_n)) / loss
-        design[:, :, k] = np.exp(-np.outer(beta, log_d)) / loss
-        if self.fix_E is None:
-            design[:, :, k + 1] = 1 / loss
-        coef = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
-        pred = (design @ coef[..., None])[..., 0] * loss + fixed_e
-        with np.errstate(invalid="ignore", divide="ignore"):
-            objective = special.huber(self.delta, np.log(pred) - log_l).sum(axis=1)
-        objective = np.where(np.all(pred > 0, axis=1), objective, np.inf).reshape(len(grid), len(grid))
+        width = k + 1 + (self.fix_E is None)  # columns A_f, B (, E)
+        chunk = max(1, GRID_CHUNK_BYTES // (8 * len(log_n) * width))  # grid points per pass: memory ~linear in runs
+        objective, coef = np.empty(len(alpha)), np.empty((len(alpha), width))
+        for lo in range(0, len(alpha), chunk):
+            a, b = alpha[lo:lo + chunk], beta[lo:lo + chunk]
+            design = np.zeros((len(a), len(log_n), width))
+            design[:, rows, fi] = np.exp(-np.outer(a, log_n)) / loss
+            design[:, :, k] = np.exp(-np.outer(b, log_d)) / loss
+            if self.fix_E is None:
+                design[:, :, k + 1] = 1 / loss
+            part = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
+            pred = (design @ part[..., None])[..., 0] * loss + fixed_e
+            with np.errstate(invalid="ignore", divide="ignore"):
+                value = special.huber(self.delta, np.log(pred) - log_l).sum(axis=1)
+            objective[lo:lo + chunk] = np.where(np.all(pred > 0, axis=1), value, np.inf)
+            coef[lo:lo + chunk] = part
+        objective = objective.reshape(len(grid), len(grid))
         if self.fix_E is not None:
             coef = np.column_stack([coef, np.full(len(coef), fixed_e)])
         padded = np.pad(objective, 1, constant_values=np.inf)

@@ -3,3 +3,4 @@ scipy or pandas, so that the command line lists them as choices before loading a
 LAW_NAMES = ("decoupled", "unified", "kumar", "frantar")
 RHO_FORMS = ("tanh", "logistic", "ratio")
 RESAMPLING_UNITS = ("formats", "cells")
+MAX_REPLICATES = 100_000  # bootstrap replicates: the most a command runs and a saved fit may hold

@@ -96,7 +96,7 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     if baseline not in set(runs["format"]):
         raise RunTableError(f"{where}: no baseline rows: format '{baseline}' not found; formats are "
                             f"{sorted(set(runs['format']))} (choose one with --baseline)")
-    _fill_gmse(runs, baseline)
+    _fill_gmse(runs, baseline, where)
     skipped = frame[frame["status"] != "ok"]
     runs.attrs.update(source=where,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
@@ -118,6 +118,16 @@ def check_identifiable(runs: pd.DataFrame, where: str = "") -> None:
     tokens-per-parameter ratios (else D = r N and the N and D terms cannot be told apart), and >= 2 distinct
     (N, D) points per format (else its efficiency is not identified)."""
     where = where or runs.attrs.get("source", "")
+    if runs["loss"].nunique() < 2:
+        raise RunTableError(f"{where}: every run has the same loss ({runs['loss'].iloc[0]:.6g}): there is no scaling "
+                            "to fit")
+    constants = runs["format"].nunique() + 4  # A per format, B, E, alpha, beta
+    if len(runs) <= constants:
+        raise RunTableError(f"{where}: {len(runs)} runs cannot identify the law's {constants} constants (one A per "
+                            f"format, B, E, alpha, beta); give more than {constants} runs")
+    if runs["tokens"].nunique() < 2:
+        raise RunTableError(f"{where}: all runs have one token budget (D = {runs['tokens'].iloc[0]:.4g}): the D term "
+                            "cannot be told from the irreducible loss E; train at least 2 token budgets")
     if runs["params"].nunique() < 2:
         raise RunTableError(f"{where}: all runs have one model size (N = {runs['params'].iloc[0]:.4g}): the law's N "
                             "term and every efficiency are unidentified; train at least 2 sizes")
@@ -141,42 +151,64 @@ def _spec_or_label(row) -> tuple:
     return (None if is_uncompressed(w) else str(w)), (None if is_uncompressed(a) else str(a))
 
 
-def _gmse_of(spec: str | None, given) -> tuple[float, str]:
-    """(GMSE, why it is unknown): a given number, else the spec's own, else NaN with the parser's reason (a label
-    capscale cannot express fits under laws that need no capacity; nothing it names is ever imported)."""
-    if pd.notna(given):
-        return _number(given), ""
+GMSE_RANGE = (0.0, 1.5)  # 0: lossless; 1: a format that returns zeros; a little above for formats worse than that
+BITS_RANGE = (0.0, 64.0)  # bits per value: above 0 (exclusive), at most 64
+
+
+def _missing(value) -> bool:
+    return value is None or isinstance(value, (float, np.floating)) and np.isnan(value)
+
+
+def _given(row, where: str, row_id, column: str, fallback: str | None, bounds: tuple, what: str):
+    """A numeric override from `column` (else `fallback`): NaN where absent; out of range is an error."""
+    for name in (column, fallback):
+        raw = row.get(name) if name else None
+        if not _missing(raw):
+            value, (lo, hi) = _number(raw), bounds
+            if not (lo <= value <= hi and (what != "bits" or value > lo)):
+                shown = f"({lo:g}, {hi:g}]" if what == "bits" else f"[{lo:g}, {hi:g}]"
+                raise RunTableError(f"{where}: row {row_id}, column '{name}': expected {what} in {shown}, got {raw!r}")
+            return value
+    return float("nan")
+
+
+def _spec_gmse(spec: str | None) -> tuple[float, str]:
+    """(GMSE, why it is unknown): the spec's own, else NaN with the parser's reason (a label capscale cannot
+    express fits under laws that need no capacity; nothing it names is ever imported)."""
     try:
         return spec_gmse(spec), ""
     except InputError as err:
         return float("nan"), str(err)
 
 
-def _bits_of(spec: str | None, given) -> float:
-    """Bits per value: a given number, else the spec's own (16 for uncompressed), else NaN."""
-    if pd.notna(given):
-        return _number(given)
+def _spec_bits(spec: str | None) -> float:
     try:
         return bits_of(spec)
     except InputError:
         return float("nan")
 
 
-def _fill_gmse(runs: pd.DataFrame, baseline: str) -> None:
-    """Each run's weight and activation specs, GMSEs and bits per value (`gmse` and `bits` are the weights')."""
-    columns = {"w_format": [], "a_format": [], "w_gmse": [], "a_gmse": [], "w_bits": [], "a_bits": [], "capacity_note": []}
-    for _, row in runs.iterrows():
+def _fill_gmse(runs: pd.DataFrame, baseline: str, where: str) -> None:
+    """Each run's weight and activation specs, GMSEs and bits per value (`gmse` and `bits` are the weights'):
+    given numbers (range-checked) over the specs' own. Computed once per distinct row of those columns."""
+    names = ["w_format", "a_format", "w_gmse", "a_gmse", "w_bits", "a_bits", "capacity_note"]
+    inputs = [c for c in ("format", "w_format", "a_format", "gmse", "w_gmse", "a_gmse", "bits", "w_bits", "a_bits")
+              if c in runs.columns]
+    keys = pd.Series([tuple(map(repr, t)) for t in runs[inputs].itertuples(index=False)], index=runs.index)
+    filled = {}
+    for row_id, key in keys.items():
+        if key in filled:
+            continue
+        row = runs.loc[row_id]
         w, a = (None, None) if row["format"] == baseline else _spec_or_label(row)  # the baseline is uncompressed
-        given_w = row.get("w_gmse", np.nan)
-        wg, w_note = _gmse_of(w, row.get("gmse", np.nan) if pd.isna(given_w) else given_w)
-        ag, a_note = _gmse_of(a, row.get("a_gmse", np.nan))
-        given_bits = row.get("w_bits", np.nan)
-        wb = _bits_of(w, row.get("bits", np.nan) if pd.isna(given_bits) else given_bits)
-        ab = _bits_of(a, row.get("a_bits", np.nan))
-        for key, value in zip(columns, (w, a, wg, ag, wb, ab, w_note or a_note)):
-            columns[key].append(value)
-    for key, values in columns.items():
-        runs[key] = values
+        wg, ag = (_given(row, where, row_id, c, f, GMSE_RANGE, "a GMSE") for c, f in (("w_gmse", "gmse"), ("a_gmse", None)))
+        wb, ab = (_given(row, where, row_id, c, f, BITS_RANGE, "bits") for c, f in (("w_bits", "bits"), ("a_bits", None)))
+        (wg, w_note), (ag, a_note) = ((g, "") if not np.isnan(g) else _spec_gmse(s) for g, s in ((wg, w), (ag, a)))
+        wb, ab = (b if not np.isnan(b) else _spec_bits(s) for b, s in ((wb, w), (ab, a)))
+        filled[key] = (w, a, wg, ag, wb, ab, w_note or a_note)
+    values = list(zip(*(filled[k] for k in keys)))
+    for name, column in zip(names, values):
+        runs[name] = list(column)
 
 
 def require_capacity(info: pd.DataFrame, what: str) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .formats import Format
+from .formats import Format, InputError
 from .law import rho as rho_law
 from .spec import is_uncompressed, parse
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 MEASURE_SHAPE = (64, 1024)
 DEFAULT_SAMPLES = 1 << 22
+MAX_SAMPLES = 1 << 30     # ~a minute for a scalar grid on 2 cores
+MAX_ROW_LENGTH = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,10 @@ def gmse(spec: "str | Format", samples: int = DEFAULT_SAMPLES, seed: int = 0, ex
 
     Per-row scales estimate each row's RMS from its own values: `row_length` measures on rows of that length
     (a model's real input width) instead of MEASURE_SHAPE's 1024, keeping 65,536 values per tensor."""
+    if not 2 <= samples <= MAX_SAMPLES:
+        raise InputError(f"samples must be in 2..{MAX_SAMPLES:,}, got {samples}")
+    if row_length is not None and not 1 <= row_length <= MAX_ROW_LENGTH:
+        raise InputError(f"row_length must be in 1..{MAX_ROW_LENGTH:,}, got {row_length}")
     fmt = parse(spec)
     if row_length is not None:
         shape = (max(1, math.prod(MEASURE_SHAPE) // row_length), row_length)

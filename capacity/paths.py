@@ -36,6 +36,9 @@ def atomic_write(path: Path, write, mode: int = 0o644) -> None:
 def write_files(folder: Path, contents: dict[str, bytes]) -> None:
     """Write every file of `contents` into `folder` or none: all are written to temporary files first, then
     renamed into place, so a failure leaves the previous files whole."""
+    for name in contents:
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            raise IsADirectoryError(21, "a folder stands where a report file goes", str(folder / name))
     staged = []
     try:
         for name, data in contents.items():

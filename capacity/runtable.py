@@ -165,7 +165,10 @@ def _alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return pid > 0
-    return True
+    try:  # an exited process its parent has not reaped yet (a zombie) is dead too
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def process_start(pid: int) -> str | None:

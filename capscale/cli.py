@@ -11,7 +11,7 @@ import os
 import sys
 
 from capscale.capacity import InputError, compare, gmse, load_plugin, registry
-from capscale.capacity.gmse import DEFAULT_SAMPLES
+from capscale.capacity.gmse import DEFAULT_SAMPLES, MAX_ROW_LENGTH, MAX_SAMPLES
 
 from . import commands_analysis, commands_train
 from .options import whole
@@ -41,10 +41,11 @@ def add_gmse_command(sub) -> None:
                                    "64x1024 by default, or exact (closed form) for scalar grids with --exact.")
     p.add_argument("specs", nargs="+", metavar="SPEC", help="format specs, e.g. int4 'int4(group=128)' 2:4+int4")
     p.add_argument("--exact", action="store_true", help="closed-form GMSE (elementwise scalar grids, sparsity)")
-    p.add_argument("--samples", type=whole(2), default=DEFAULT_SAMPLES, help="Monte Carlo sample count")
+    p.add_argument("--samples", type=whole(2, MAX_SAMPLES), default=DEFAULT_SAMPLES,
+                   help="Monte Carlo sample count (at most 2^30)")
     p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed")
-    p.add_argument("--row-length", type=whole(1), default=None, metavar="N",
-                   help="measure on rows of N values (a model's input width): per-row scales see N values")
+    p.add_argument("--row-length", type=whole(1, MAX_ROW_LENGTH), default=None, metavar="N",
+                   help="measure on rows of N values (a model's input width, at most 2^20): per-row scales see N values")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=_gmse_command)
 
@@ -60,7 +61,8 @@ def add_compare_command(sub) -> None:
                                    "included), GMSE (exact where available), rho, rho per bit, and the Shannon "
                                    "bound 2^(-2R) at the same bits.")
     p.add_argument("specs", nargs="+", metavar="SPEC")
-    p.add_argument("--samples", type=whole(2), default=DEFAULT_SAMPLES)
+    p.add_argument("--samples", type=whole(2, MAX_SAMPLES), default=DEFAULT_SAMPLES, help="Monte Carlo sample count "
+                                                                                         "(at most 2^30)")
     p.add_argument("--seed", type=whole(0), default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_compare_command)
