@@ -9,6 +9,7 @@ with the best rank-1 fit.
 """
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -64,8 +65,9 @@ def read_grid(path: "str | Path") -> pd.DataFrame:
     if grid.shape[0] < 2 or grid.shape[1] < 2:
         raise RunTableError(f"{path}: a capacity grid needs at least 2 rows and 2 columns of values (a header row "
                             f"of column labels, then one row per label); got {grid.shape[0]} x {grid.shape[1]}")
-    for labels, what in ((grid.index, "row"), (grid.columns, "column")):
-        labels = pd.Index(labels.astype(str).str.replace(r"\.\d+$", "", regex=True) if what == "column" else labels)
+    with open(path, newline="") as f:  # pandas renames a repeated column (a, a.1): the header as written
+        header = pd.Index(next(csv.reader(f))[1:])
+    for labels, what in ((grid.index, "row"), (header, "column")):
         if labels.duplicated().any():
             raise RunTableError(f"{path}: {what} label {labels[labels.duplicated()][0]!r} appears twice")
     bad = grid.apply(pd.to_numeric, errors="coerce").isna()
