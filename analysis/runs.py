@@ -167,6 +167,7 @@ def _given(row, where: str, row_id, column: str, fallback: str | None, bounds: t
             value, (lo, hi) = _number(raw), bounds
             if not (lo <= value <= hi and (what != "bits" or value > lo)):
                 shown = f"({lo:g}, {hi:g}]" if what == "bits" else f"[{lo:g}, {hi:g}]"
+                raw = raw.item() if isinstance(raw, np.generic) else raw
                 raise RunTableError(f"{where}: row {row_id}, column '{name}': expected {what} in {shown}, got {raw!r}")
             return value
     return float("nan")
