@@ -3,6 +3,7 @@
     import capscale
     capscale.gmse("int4")                                   # Gaussian MSE, bits, rho
     capscale.train(capscale.TrainConfig(capscale.Compression("int4", "int4"), params=20_000))
+    capscale.compress_(my_model, "int4/int4")               # any PyTorch model, trained by your own loop
     fit = capscale.fit("runs.jsonl", bootstrap=200)            # a LawFit: params, eff, conf_int(), summary()
     fit.predict(new_runs, interval=True); fit.validate(); fit.save("study.fit.json"); fit.report("report/")
 
@@ -22,6 +23,7 @@ _API = {
     ".analysis.report": ("build_report",),
     ".analysis.runs": ("load_runs",),
     ".analysis.validate": ("validate",),
+    ".trainers.compress": ("compress_", "decompress_"),
     ".trainers.compression": ("Compression",),
     ".trainers.diagnose": ("diagnose",),
     ".trainers.train": ("TrainConfig", "train"),

@@ -8,6 +8,7 @@ import time
 
 import torch
 
+from capscale.capacity import InputError
 from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
 
@@ -89,23 +90,40 @@ def add_sweep_command(sub) -> None:
 
 
 def _diagnose_command(args) -> None:
-    from capscale.trainers.diagnose import diagnose
-    print_table(diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens, data=args.data), args.json)
+    import pandas as pd
+    from capscale.trainers.diagnose import diagnose, is_capscale_checkpoint
+    from capscale.trainers.weights import diagnose_weights, plot_ratios
+    if is_capscale_checkpoint(args.checkpoint):  # a model capscale can run: activations too
+        table = pd.concat([diagnose(args.checkpoint, spec, eval_tokens=args.eval_tokens, data=args.data)
+                           .assign(format=spec or "(the run's)") for spec in (args.format or [None])], ignore_index=True)
+    else:
+        if not args.format:
+            raise InputError(f"{args.checkpoint}: name the format(s) to diagnose its weights with: --format SPEC")
+        table = diagnose_weights(args.checkpoint, args.format, progress=not args.json)
+    if args.figure:
+        print(f"figure written to {plot_ratios(table, args.figure)}", file=sys.stderr)
+    print_table(table, args.json)
 
 
 def add_diagnose_command(sub) -> None:
-    p = sub.add_parser("diagnose", help="a format's error on a trained model's own weights and activations",
-                       description="For each compressed layer of a checkpoint (capscale train --checkpoint): the "
-                                   "relative MSE of a format on the trained weights (per row) and on the layer's "
-                                   "inputs recorded on validation text (per token), with and without Hadamard "
-                                   "rotation, next to its Gaussian MSE at the same row length. Ratios far above 1 "
-                                   "show where the Gaussian assumption behind rho(GMSE) breaks.")
-    p.add_argument("checkpoint", help="checkpoint written by `capscale train --checkpoint PATH`")
-    p.add_argument("--format", default=None, metavar="SPEC", help="format to diagnose (default: the run's weights')")
+    p = sub.add_parser("diagnose", help="a format's error on a trained model's own weights (and activations)",
+                       description="Is the Gaussian assumption behind rho(GMSE) right for a model's real tensors? "
+                                   "For each linear weight of a checkpoint (a safetensors file, a Hugging Face "
+                                   "folder of them, a torch state dict, or a capscale checkpoint): the relative MSE "
+                                   "of each format per row, mean and worst, next to its Gaussian MSE at the same "
+                                   "row length, with and without Hadamard rotation, and the share of outliers "
+                                   "(|w| > 6 row RMS). Tensors are read one at a time. A capscale checkpoint also "
+                                   "gives the layers' input activations, recorded on validation text. Ratios far "
+                                   "above 1 show where the Gaussian assumption breaks.")
+    p.add_argument("checkpoint", help="safetensors file, Hugging Face model folder, torch state dict, or a checkpoint "
+                                      "written by `capscale train --checkpoint PATH`")
+    p.add_argument("--format", action="append", metavar="SPEC",
+                   help="format to diagnose; repeat for several (default for a capscale checkpoint: its run's weights')")
+    p.add_argument("--figure", metavar="PNG", help="also plot relative MSE / GMSE per layer, grouped by layer type")
     p.add_argument("--eval-tokens", type=whole(1, 1 << 20), default=4096,
-                   help="validation tokens whose activations are recorded (at most 2^20)")
-    p.add_argument("--data", default=None, help="text or token shards to record activations on (default: the "
-                                                "installed corpus; never the path a checkpoint names)")
+                   help="capscale checkpoints: validation tokens whose activations are recorded (at most 2^20)")
+    p.add_argument("--data", default=None, help="capscale checkpoints: text or token shards to record activations on "
+                                                "(default: the installed corpus; never the path a checkpoint names)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     p.set_defaults(func=_diagnose_command)
 

@@ -58,6 +58,18 @@ def load_checkpoint(path: "str | Path") -> tuple[Decoder, TrainConfig]:
     return model.eval(), cfg
 
 
+def is_capscale_checkpoint(path: "str | Path") -> bool:
+    """Whether `path` is a checkpoint `capscale train --checkpoint` wrote (a torch file with its settings)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix == ".safetensors":
+        return False
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001  not loadable as a capscale checkpoint: load_state says why if it is asked
+        return path.suffix == ".pt"
+    return isinstance(state, dict) and "settings" in state and "model_config" in state
+
+
 def parameter_bytes(cfg: ModelConfig) -> int:
     """fp32 bytes of a model's parameters (what building it allocates)."""
     embeddings = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)

@@ -91,20 +91,51 @@ def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
         return (v.float().reshape(-1, block) @ hadamard).reshape(v.shape)
 
 
-class CompressedLinear(nn.Module):
-    """y = A(x H) @ W(W H)^T: weights and input activations rotated by a block Hadamard H (when the formats
-    call for it) and passed through their formats (each optional)."""
+class CompressedLinear(nn.Linear):
+    """y = A(x H) @ W(W H)^T + b: weights and input activations rotated by a block Hadamard H (when the formats
+    call for it) and passed through their formats (each optional). An nn.Linear, with its `weight` (and `bias`)
+    parameters and state-dict keys: `from_linear` takes over an existing layer's own tensors, so optimizer state,
+    checkpoints, DDP and FSDP see the same parameters. `transposed`: the weight is stored (in, out), as GPT-2's
+    Conv1D keeps it."""
 
-    def __init__(self, in_features: int, out_features: int, comp: Compression):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.comp = comp
-        self.hadamard_block = comp.block_for(in_features)
+    def __init__(self, in_features: int, out_features: int, comp: Compression, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._compress_with(comp, transposed=False)
+
+    @classmethod
+    def from_linear(cls, layer: nn.Module, comp: Compression) -> "CompressedLinear":
+        """A compressed layer over `layer`'s own weight and bias (an nn.Linear, or a Conv1D storing (in, out))."""
+        transposed = not isinstance(layer, nn.Linear)
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = layer.weight.shape[::-1] if not transposed else layer.weight.shape
+        new.weight, new.bias = layer.weight, layer.bias
+        new.__dict__["_replaced"] = layer  # not a submodule: what `to_plain` gives back
+        new._compress_with(comp, transposed)
+        return new
+
+    def _compress_with(self, comp: Compression, transposed: bool):
+        self.comp, self.transposed = comp, transposed
+        self.hadamard_block = comp.block_for(self.in_features)
         if self.hadamard_block:  # a buffer: it follows the module to its device, and torch.compile sees a tensor
-            self.register_buffer("hadamard", hadamard_matrix(self.hadamard_block), persistent=False)
+            self.register_buffer("hadamard", hadamard_matrix(self.hadamard_block).to(self.weight.device),
+                                 persistent=False)
+
+    def to_plain(self) -> nn.Module:
+        """The uncompressed layer over the same (trained) weight and bias: the module `from_linear` replaced, or
+        an nn.Linear."""
+        layer = self.__dict__.get("_replaced") or nn.Linear(self.in_features, self.out_features,
+                                                            bias=self.bias is not None, device="meta")
+        layer.weight, layer.bias = self.weight, self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, w={self.comp.w_fmt}, a={self.comp.a_fmt}, hadamard={self.hadamard_block}"
+                + (", transposed" if self.transposed else ""))
 
     def forward(self, x):
-        w = self.weight
+        w = self.weight.t() if self.transposed else self.weight
         if self.hadamard_block:
             x, w = rotate(x, self.hadamard), rotate(w, self.hadamard)
-        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp))
+        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp), self.bias)

@@ -1,7 +1,8 @@
 """A Llama-style decoder, readable top to bottom: RMSNorm, rotary embeddings, SwiGLU, no biases.
 
-Every linear layer inside the blocks is a CompressedLinear, so weights and input activations pass
-through capacity formats; embeddings, norms and the output head stay in high precision. The
+The blocks are built from plain linear layers, then `compress_` makes every one of them a CompressedLinear
+(the same call that puts a format into any model), so weights and input activations pass through capacity
+formats; embeddings, norms and the output head stay in high precision. The
 non-embedding count excludes the embedding and the head.
 
 Two models in one file, chosen by ModelConfig's fields (`ModelConfig.quest()` sets all of them):
@@ -20,7 +21,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compress import compress_
 from .layers import CompressedLinear, Compression
+
+
+def _linear(in_features: int, out_features: int) -> nn.Linear:
+    """A bias-free linear whose weight Decoder._init draws: building it consumes no random numbers."""
+    return nn.Linear(in_features, out_features, bias=False, device="meta").to_empty(device="cpu")
 
 
 @dataclass
@@ -74,11 +81,11 @@ def apply_rotary(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, comp: Compression):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
-        self.qkv = CompressedLinear(cfg.n_embd, 3 * cfg.n_embd, comp)
-        self.proj = CompressedLinear(cfg.n_embd, cfg.n_embd, comp)
+        self.qkv = _linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = _linear(cfg.n_embd, cfg.n_embd)
 
     def forward(self, x, cos, sin):
         B, T, C = x.shape
@@ -89,10 +96,10 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, cfg: ModelConfig, comp: Compression):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_up = CompressedLinear(cfg.n_embd, 2 * cfg.mlp_hidden, comp)
-        self.down = CompressedLinear(cfg.mlp_hidden, cfg.n_embd, comp)
+        self.gate_up = _linear(cfg.n_embd, 2 * cfg.mlp_hidden)
+        self.down = _linear(cfg.mlp_hidden, cfg.n_embd)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -100,10 +107,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, comp: Compression):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.attn_norm, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg, comp)
-        self.mlp_norm, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), SwiGLU(cfg, comp)
+        self.attn_norm, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), SwiGLU(cfg)
 
     def forward(self, x, cos, sin):
         x = x + self.attn(self.attn_norm(x), cos, sin)
@@ -116,7 +123,7 @@ class Decoder(nn.Module):
         self.cfg = cfg
         comp = comp or Compression()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg, comp) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -127,6 +134,7 @@ class Decoder(nn.Module):
         if cfg.init not in ModelConfig.INITS:
             raise ValueError(f"init must be one of {ModelConfig.INITS}, got {cfg.init!r}")
         self.apply(self._init)
+        compress_(self.blocks, comp, filter_fn=lambda module, name: True)  # the one path any model takes
         if cfg.init == "quest":  # GPT-2's scaled init of the projections that write into the residual stream
             for block in self.blocks:
                 for layer in (block.attn.proj, block.mlp.down):
@@ -136,7 +144,7 @@ class Decoder(nn.Module):
         # capscale's default, fan-in scaled matrices and d^-1/2 embeddings: with a fixed 0.02 std, tiny models sit
         # on the unigram plateau for a random number of steps, which dominated run-to-run scatter (0.09 vs 0.006
         # nats). QuEST's 0.02 is what its published learning rates were tuned for.
-        if isinstance(module, (nn.Linear, CompressedLinear, nn.Embedding)):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
             fan_in = module.weight.shape[1] if not isinstance(module, nn.Embedding) else self.cfg.n_embd
             nn.init.normal_(module.weight, std=0.02 if self.cfg.init == "quest" else fan_in ** -0.5)
 

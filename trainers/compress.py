@@ -1,0 +1,107 @@
+"""Put a format into any PyTorch model, in place: `compress_(model, "int4/int4")`, as torchao's `quantize_`.
+
+Every matching linear layer (by default each nn.Linear, or GPT-2-style Conv1D, except the output head: the
+model's `get_output_embeddings()`, a layer tied to an embedding, or one named lm_head/head/output; the recipe
+keeps it in high precision) becomes a CompressedLinear over its
+own weight and bias tensors: optimizer state, state dicts (same keys), torch.compile, DDP and FSDP see the
+same parameters. Everything a format needs per step (its estimator's masks, sparse masks, rotations) happens
+inside the module's forward and backward, so a training loop needs no other capscale call.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn as nn
+
+from capscale.capacity import InputError
+from capscale.capacity.runtable import split_label
+
+from .compression import Compression
+from .layers import CompressedLinear
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or a Conv1D (Hugging Face's GPT-2 layer: y = x W + b with W stored (in, out))."""
+    if isinstance(module, CompressedLinear):
+        return False
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and getattr(module, "weight", None)
+                                             is not None and module.weight.dim() == 2 and hasattr(module, "nf"))
+
+
+HEAD_NAMES = ("lm_head", "head", "output", "output_layer")  # the usual names of an untied output head
+
+
+def _heads(model: nn.Module) -> set[int]:
+    """ids of the layers the recipe keeps uncompressed: the output embeddings (a Hugging Face model's
+    `get_output_embeddings()`), layers whose weight is an embedding's (a tied head), and layers named like a head."""
+    tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    heads = {id(m) for name, m in model.named_modules()
+             if _is_linear(m) and (id(m.weight) in tied or name.rpartition(".")[2] in HEAD_NAMES)}
+    output = getattr(model, "get_output_embeddings", lambda: None)()
+    return heads | ({id(output)} if isinstance(output, nn.Module) else set())
+
+
+@dataclass
+class CompressedLayer:
+    name: str
+    shape: tuple          # (out, in)
+    w_format: str | None
+    a_format: str | None
+    hadamard_block: int   # 0: not rotated
+
+
+class CompressionSummary(list):
+    """The layers `compress_` replaced (a list of CompressedLayer), printable."""
+
+    def __str__(self) -> str:
+        lines = [f"{len(self)} linear layer(s) compressed"]
+        lines += [f"  {c.name:<40} {str(c.shape):>14}  w={c.w_format}  a={c.a_format}  hadamard={c.hadamard_block}"
+                  for c in self]
+        return "\n".join(lines)
+
+
+def as_compression(compression: "Compression | str") -> Compression:
+    """A Compression from itself or a label: `int4` (weights), `int4/int4` (weights/activations), `bf16/int4`."""
+    if isinstance(compression, Compression):
+        return compression
+    if not isinstance(compression, str):
+        raise InputError(f"compression: expected a Compression or a label such as 'int4/int4', got {compression!r}")
+    w, a = split_label(compression)
+    return Compression(w_format=w, a_format=a)
+
+
+def compress_(model: nn.Module, compression: "Compression | str",
+              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Replace, in place, every linear layer of `model` that `filter_fn(module, name)` accepts (default: all but
+    the output head and embedding-tied layers) by a CompressedLinear over its own tensors. Returns the model;
+    `model.capscale_summary` lists what was compressed."""
+    comp = as_compression(compression)
+    heads = _heads(model)
+    accept = filter_fn or (lambda module, name: id(module) not in heads)
+    summary = CompressionSummary(getattr(model, "capscale_summary", []))
+    for name, module in list(model.named_modules()):
+        if not (_is_linear(module) and accept(module, name)):
+            continue
+        layer = CompressedLinear.from_linear(module, comp)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        summary.append(CompressedLayer(name, (layer.out_features, layer.in_features),
+                                       None if comp.w_fmt is None else str(comp.w_fmt),
+                                       None if comp.a_fmt is None else str(comp.a_fmt), layer.hadamard_block))
+    if not summary:
+        raise InputError("compress_: no linear layer matched (the default leaves the output head and "
+                         "embedding-tied layers alone; pass filter_fn to choose)")
+    model.capscale_summary = summary
+    return model
+
+
+def decompress_(model: nn.Module) -> nn.Module:
+    """The inverse of `compress_`: every CompressedLinear back to its plain layer over the same trained tensors."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, CompressedLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_plain())
+    if hasattr(model, "capscale_summary"):
+        del model.capscale_summary
+    return model

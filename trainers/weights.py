@@ -1,0 +1,152 @@
+"""Is the Gaussian assumption right for the real tensors of any model? Each linear weight of a checkpoint on disk
+(a safetensors file, a Hugging Face folder of them, or a torch state dict) against a format's GMSE.
+
+Tensors are read one at a time (safetensors and torch files memory-mapped) and compressed a block of rows at a
+time, so a checkpoint never needs its size in memory. Per linear weight (a 2-D `*.weight`, embeddings and the
+output head aside, as the recipe leaves them uncompressed) and format: the relative MSE per row, mean and worst,
+against the format's GMSE at that row length, with and without a Hadamard rotation of up to 128 along the row,
+and the outlier share (|w| > 6 x the row's RMS).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+
+from capscale import capacity
+from capscale.capacity.structure import fwht
+
+ROW_BLOCK = 1024          # rows compressed at once: bounds the memory of a wide layer's copies
+NOT_LINEAR = re.compile(r"(^|\.)(embed\w*|wte|wpe|lm_head|head|output|norm\w*|ln_\w+)(\.|$)")
+OUTLIER_RMS = 6.0
+TRANSPOSED_MODELS = ("gpt2",)  # Hugging Face model types whose linear weights are stored (in, out) (Conv1D)
+
+
+def _files(path: Path) -> tuple[list[Path], bool]:
+    """The tensor files of a checkpoint and whether its weights are stored (in, out)."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
+        if not files:
+            raise capacity.InputError(f"{path}: no .safetensors or pytorch_model*.bin files in this folder")
+        config = path / "config.json"
+        try:
+            model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            raise capacity.InputError(f"{config}: not a readable config.json") from None
+        return files, model_type in TRANSPOSED_MODELS
+    if not path.is_file():
+        raise capacity.InputError(f"{path}: no such file or folder")
+    return [path], False
+
+
+def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) one at a time; only plain tensors are ever unpickled (weights_only)."""
+    from safetensors import SafetensorError, safe_open
+    for file in files:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    names = list(f.keys())
+                for name in names:  # opened per tensor: the map, and the pages it touched, go with each
+                    with safe_open(str(file), framework="pt") as f:
+                        tensor = f.get_tensor(name)
+                    yield name, tensor
+            except (SafetensorError, OSError) as err:
+                raise capacity.InputError(f"{file}: not a readable safetensors file ({err})") from None
+            continue
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:  # noqa: BLE001  torch raises many types; its advice (weights_only=False) is never shown
+            raise capacity.InputError(f"{file}: not a loadable state dict ({type(err).__name__})") from None
+        state = state.get("model", state) if isinstance(state, dict) else state
+        if not isinstance(state, dict):
+            raise capacity.InputError(f"{file}: not a state dict (a mapping of names to tensors)")
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                yield str(name), tensor
+
+
+def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dim() == 2 and name.endswith("weight") and not NOT_LINEAR.search(name.removesuffix(".weight"))
+
+
+def _outlier_share(weight: torch.Tensor) -> float:
+    """The share of entries beyond OUTLIER_RMS times their row's RMS, a block of rows at a time."""
+    count = 0
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        rows = weight[start:start + ROW_BLOCK].float()
+        count += int((rows.abs() > OUTLIER_RMS * rows.pow(2).mean(-1, keepdim=True).sqrt()).sum())
+    return count / weight.numel()
+
+
+def _row_errors(fmt: capacity.Format, weight: torch.Tensor, block: int) -> torch.Tensor:
+    """Relative MSE of each row of `weight` (rotated by a `block` Hadamard first when block > 0)."""
+    out = []
+    for start in range(0, weight.shape[0], ROW_BLOCK):
+        rows = weight[start:start + ROW_BLOCK].float()
+        rows = fwht(rows, block) if block else rows
+        out.append(((fmt(rows) - rows) ** 2).sum(-1) / (rows ** 2).sum(-1).clamp_min(1e-30))
+    return torch.cat(out)
+
+
+def diagnose_weights(path: "str | Path", specs: list[str], samples: int = 1 << 18, max_block: int = 128,
+                     progress: bool = True) -> pd.DataFrame:
+    """One row per (linear weight, format, rotation): its shape, relative MSE (mean over rows and worst row),
+    the format's GMSE at the same row length, their ratio, and the weight's outlier share."""
+    from tqdm.auto import tqdm
+    files, transposed = _files(Path(path))
+    formats = {spec: capacity.parse(spec) for spec in specs}
+    gaussian: dict = {}
+    rows = []
+    for name, tensor in tqdm(_tensors(files), desc="weights", unit=" tensors", disable=not progress, leave=False):
+        if not is_linear_weight(name, tensor):
+            continue
+        weight = tensor.t() if transposed else tensor
+        width = weight.shape[1]
+        outliers = _outlier_share(weight)
+        block = min(max_block, width & -width)
+        for spec, fmt in formats.items():
+            for rotation in (0, block):
+                try:
+                    err = _row_errors(fmt, weight, rotation)
+                except capacity.InputError as problem:  # e.g. a row length the format's groups do not divide
+                    rows.append({"layer": name, "shape": tuple(weight.shape), "format": spec, "rotation": rotation,
+                                 "note": str(problem)})
+                    continue
+                if (spec, width) not in gaussian:
+                    gaussian[spec, width] = capacity.gmse(fmt, samples=samples, row_length=width).gmse
+                g = gaussian[spec, width]
+                rows.append({"layer": name, "shape": tuple(weight.shape), "format": spec, "rotation": rotation,
+                             "rel_mse": float(err.mean()), "worst_row": float(err.max()), "gaussian_gmse": g,
+                             "ratio": float(err.mean()) / g if g else float("nan"), "outlier_share": outliers})
+    if not rows:
+        raise capacity.InputError(f"{path}: no linear weights (2-D *.weight tensors outside embeddings and heads)")
+    return pd.DataFrame(rows)
+
+
+def layer_kind(name: str) -> str:
+    """A layer's type from its name, the layer index dropped: `model.layers.3.mlp.down_proj.weight` -> `mlp.down_proj`."""
+    parts = [p for p in name.removesuffix(".weight").split(".") if not p.isdigit()]
+    return ".".join(parts[-2:])
+
+
+def plot_ratios(table: pd.DataFrame, path: "str | Path") -> Path:
+    """Relative MSE over GMSE per layer, grouped by layer type, one panel per rotation: a figure file."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import seaborn as sns
+    data = table.dropna(subset=["ratio"]).assign(kind=lambda d: d["layer"].map(layer_kind),
+                                                 rotated=lambda d: d["rotation"].map(lambda b: "Hadamard-rotated" if b else "unrotated"))
+    grid = sns.catplot(data=data, x="kind", y="ratio", hue="format", col="rotated", kind="strip", height=4,
+                       aspect=1.4, dodge=True)
+    grid.set_axis_labels("layer type", "relative MSE / Gaussian MSE")
+    for ax in grid.axes.flat:
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.tick_params(axis="x", rotation=30)
+    path = Path(path)
+    grid.savefig(path, dpi=110, bbox_inches="tight")
+    return path
