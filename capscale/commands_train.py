@@ -92,7 +92,7 @@ def add_sweep_command(sub) -> None:
 def _diagnose_command(args) -> None:
     import pandas as pd
     from capscale.trainers.diagnose import diagnose, is_capscale_checkpoint
-    from capscale.trainers.weights import diagnose_weights, plot_ratios
+    from capscale.trainers.weights import diagnose_activations, diagnose_weights, plot_ratios
     if is_capscale_checkpoint(args.checkpoint):  # a model capscale can run: activations too
         table = pd.concat([diagnose(args.checkpoint, spec, eval_tokens=args.eval_tokens, data=args.data)
                            .assign(format=spec or "(the run's)") for spec in (args.format or [None])], ignore_index=True)
@@ -100,6 +100,9 @@ def _diagnose_command(args) -> None:
         if not args.format:
             raise InputError(f"{args.checkpoint}: name the format(s) to diagnose its weights with: --format SPEC")
         table = diagnose_weights(args.checkpoint, args.format, progress=not args.json)
+        if args.calibration:
+            table = pd.concat([table, diagnose_activations(args.checkpoint, args.format, args.calibration,
+                                                           tokens=args.eval_tokens)], ignore_index=True)
     if args.figure:
         print(f"figure written to {plot_ratios(table, args.figure)}", file=sys.stderr)
     print_table(table, args.json)
@@ -120,8 +123,10 @@ def add_diagnose_command(sub) -> None:
     p.add_argument("--format", action="append", metavar="SPEC",
                    help="format to diagnose; repeat for several (default for a capscale checkpoint: its run's weights')")
     p.add_argument("--figure", metavar="PNG", help="also plot relative MSE / GMSE per layer, grouped by layer type")
+    p.add_argument("--calibration", metavar="TEXTFILE", help="a Hugging Face model folder: also run the model (its "
+                   "own tokenizer, read locally; needs transformers) on this text and diagnose each linear's inputs")
     p.add_argument("--eval-tokens", type=whole(1, 1 << 20), default=4096,
-                   help="capscale checkpoints: validation tokens whose activations are recorded (at most 2^20)")
+                   help="tokens whose activations are recorded (at most 2^20)")
     p.add_argument("--data", default=None, help="capscale checkpoints: text or token shards to record activations on "
                                                 "(default: the installed corpus; never the path a checkpoint names)")
     p.add_argument("--json", action="store_true", help="print JSON records instead of a table")

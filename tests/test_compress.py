@@ -201,3 +201,19 @@ def test_diagnose_of_foreign_weights_needs_a_format_and_refuses_what_is_not_a_ch
     assert main(["diagnose", str(tmp_path / "junk.safetensors"), "--format", "int4"]) == 2
     err = capsys.readouterr().err
     assert "--format SPEC" in err and "not a readable safetensors file" in err and "Traceback" not in err
+
+
+def test_diagnose_records_a_hugging_face_models_activations_on_calibration_text(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from capscale.trainers.weights import diagnose_activations
+    vocab = {chr(i): i for i in range(256)}  # one token per character: a tokenizer built here, nothing downloaded
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=chr(0)))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    folder = tmp_path / "llama"
+    tiny_llama().save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer).save_pretrained(folder)
+    text = tmp_path / "calibration.txt"
+    text.write_text("In the beginning God created the heaven and the earth. " * 20)
+    table = diagnose_activations(folder, ["int4"], text, tokens=512, samples=1 << 16)
+    assert table["layer"].nunique() == 14 and table["shape"].map(lambda s: s[0]).eq(512).all()
+    assert (table["ratio"] > 0).all() and set(table["rotation"]) == {0, 64, 128}

@@ -150,3 +150,51 @@ def plot_ratios(table: pd.DataFrame, path: "str | Path") -> Path:
     path = Path(path)
     grid.savefig(path, dpi=110, bbox_inches="tight")
     return path
+
+
+@torch.inference_mode()
+def diagnose_activations(folder: "str | Path", specs: list[str], calibration: "str | Path", tokens: int = 4096,
+                         context: int = 256, samples: int = 1 << 18, max_block: int = 128) -> pd.DataFrame:
+    """The same table for each linear layer's input activations (per token), recorded while a Hugging Face model
+    folder (its weights and tokenizer, read locally, never downloaded) runs on the text in `calibration`."""
+    try:
+        import transformers
+    except ImportError:
+        raise capacity.InputError("--calibration runs the Hugging Face model: pip install transformers") from None
+    folder, calibration = Path(folder), Path(calibration)
+    if not calibration.is_file():
+        raise capacity.InputError(f"--calibration {calibration}: not a text file")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise capacity.InputError(f"{folder}: not a Hugging Face model folder with its tokenizer "
+                                  f"({str(err).splitlines()[0][:200]})") from None
+    ids = tokenizer(calibration.read_text(errors="replace"), return_tensors="pt")["input_ids"][0][:tokens]
+    if len(ids) < 2:
+        raise capacity.InputError(f"--calibration {calibration}: too little text")
+    recorded: dict[str, list] = {}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: recorded.setdefault(name, []).append(
+                 args[0].detach().reshape(-1, args[0].shape[-1])))
+             for name, module in model.named_modules()
+             if getattr(module, "weight", None) is not None and is_linear_weight(f"{name}.weight", module.weight)]
+    model.eval()
+    for start in range(0, len(ids), context):
+        model(input_ids=ids[start:start + context][None])
+    for hook in hooks:
+        hook.remove()
+    formats = {spec: capacity.parse(spec) for spec in specs}
+    rows = []
+    for name, chunks in recorded.items():
+        acts = torch.cat(chunks)
+        width = acts.shape[1]
+        block = min(max_block, width & -width)
+        for spec, fmt in formats.items():
+            g = capacity.gmse(fmt, samples=samples, row_length=width).gmse
+            for rotation in (0, block):
+                err = _row_errors(fmt, acts, rotation)
+                rows.append({"layer": f"{name} (input)", "shape": tuple(acts.shape), "format": spec,
+                             "rotation": rotation, "rel_mse": float(err.mean()), "worst_row": float(err.max()),
+                             "gaussian_gmse": g, "ratio": float(err.mean()) / g if g else float("nan"),
+                             "outlier_share": _outlier_share(acts)})
+    return pd.DataFrame(rows)
