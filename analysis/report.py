@@ -13,7 +13,7 @@ import jinja2
 import pandas as pd
 
 from capscale.capacity import InputError, pair_rho
-from capscale.capacity.paths import report_folder, write_files
+from capscale.capacity.paths import report_folder, strict_json, write_files
 
 from . import plots
 from .compose import compose_grid, read_grid
@@ -128,7 +128,8 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)
-    write_files(folder, {"results.json": json.dumps(results, indent=1, default=str).encode(),
+    write_files(folder, {"results.json": json.dumps(strict_json(results), indent=1, default=str,
+                                                    allow_nan=False).encode(),
                          **{f"{key}.png": data for key, data in images.items()}, **pages})
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
                   stats_["wald"], stats_["mixed"], verdict_lines)

@@ -78,7 +78,8 @@ class Component:
         return None
 
     def exact_mse(self) -> float:
-        raise SpecError(f"exact GMSE is not available for '{self.spec}': use Monte Carlo (exact=False)")
+        raise SpecError(f"exact GMSE is not available for '{self.spec}': use Monte Carlo (without --exact; "
+                        "exact=False in Python)")
 
 
 class Format:

@@ -6,6 +6,7 @@ capscale computes once (codebooks, tokenized corpora); nothing is ever downloade
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -99,6 +100,20 @@ def is_json_with(key: str):
             return False
         return isinstance(content, dict) and key in content
     return recognise
+
+
+def strict_json(value):
+    """`value` with every non-finite float as None (null) and numpy scalars as Python numbers, recursively:
+    what json.dumps writes is then valid JSON (no bare NaN or Infinity)."""
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # a numpy or torch scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def cache_dir() -> Path:

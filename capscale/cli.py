@@ -42,8 +42,8 @@ def add_gmse_command(sub) -> None:
     p.add_argument("specs", nargs="+", metavar="SPEC", help="format specs, e.g. int4 'int4(group=128)' 2:4+int4")
     p.add_argument("--exact", action="store_true", help="closed-form GMSE (elementwise scalar grids, sparsity)")
     p.add_argument("--samples", type=whole(2, MAX_SAMPLES), default=DEFAULT_SAMPLES,
-                   help="Monte Carlo sample count (at most 2^30)")
-    p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed")
+                   help="Monte Carlo sample count (default: %(default)s, at most 2^30)")
+    p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed (default: %(default)s)")
     p.add_argument("--row-length", type=whole(1, MAX_ROW_LENGTH), default=None, metavar="N",
                    help="measure on rows of N values (a model's input width, at most 2^20): per-row scales see N values")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
@@ -62,8 +62,8 @@ def add_compare_command(sub) -> None:
                                    "bound 2^(-2R) at the same bits.")
     p.add_argument("specs", nargs="+", metavar="SPEC")
     p.add_argument("--samples", type=whole(2, MAX_SAMPLES), default=DEFAULT_SAMPLES, help="Monte Carlo sample count "
-                                                                                         "(at most 2^30)")
-    p.add_argument("--seed", type=whole(0), default=0)
+                                                                                         "(default: %(default)s, at most 2^30)")
+    p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_compare_command)
 

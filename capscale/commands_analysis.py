@@ -29,8 +29,8 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--map", action="append", default=None, metavar="SCHEMA=COLUMN,...",
                    help="read other column names, e.g. --map loss=val_loss,params=n_params")
     p.add_argument("--bootstrap", type=whole(0, MAX_REPLICATES), default=bootstrap_default, metavar="B",
-                   help=f"bootstrap replicates (at most {MAX_REPLICATES:,})")
-    p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed")
+                   help=f"bootstrap replicates (default: %(default)s, at most {MAX_REPLICATES:,})")
+    p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--resample", default="formats", choices=RESAMPLING_UNITS,
                    help="bootstrap unit: runs within each format, or whole (N, D, seed) cells with all their formats")
     p.add_argument("--delta", type=positive, default=None, help="Huber delta on log-loss residuals (default 1e-3)")
@@ -221,8 +221,9 @@ def add_demo_command(sub) -> None:
                                                                    "previous capscale report (default: ./capscale-demo)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
     p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
-    p.add_argument("--bootstrap", type=whole(0, MAX_REPLICATES), default=200, help="bootstrap replicates")
-    p.add_argument("--seed", type=whole(0), default=0)
+    p.add_argument("--bootstrap", type=whole(0, MAX_REPLICATES), default=200,
+                   help="bootstrap replicates (default: %(default)s)")
+    p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed (default: %(default)s)")
     p.add_argument("--jobs", type=whole(1, MAX_JOBS), default=None, help="bootstrap worker processes")
     p.set_defaults(func=_demo_command)
 

@@ -3,18 +3,15 @@ JSON is valid). Nothing here imports pandas: `capscale gmse` prints without load
 from __future__ import annotations
 
 import json
-import math
 
 from tabulate import tabulate
 
-
-def _finite(value):
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+from capscale.capacity.paths import strict_json
 
 
 def print_records(records: list[dict], as_json: bool = False, floatfmt: str = ".4g") -> None:
     if as_json:
-        print(json.dumps([{k: _finite(v) for k, v in r.items()} for r in records], indent=1, default=str))
+        print(json.dumps(strict_json(records), indent=1, default=str, allow_nan=False))
     else:
         print(tabulate(records, headers="keys", tablefmt="plain", floatfmt=floatfmt, missingval=""))
 
