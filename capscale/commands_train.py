@@ -16,14 +16,31 @@ from .options import whole
 from .output import print_table
 
 
+def _say_shape(cfg: TrainConfig) -> None:
+    """--params picks the closest shape: say which, and how far it is from the request, before training."""
+    from capscale.trainers.model import count_non_embedding
+    if cfg.n_layer is not None or os.environ.get("RANK", "0") != "0":
+        return
+    model = cfg.model_config(cfg.vocab_size or 256)
+    trained = count_non_embedding(model.n_layer, model.n_embd, model.mlp_multiple)
+    print(f"--params {cfg.params:,}: training N = {trained:,} non-embedding parameters ({trained / cfg.params - 1:+.1%}), "
+          f"the closest shape: {model.n_layer} layers, width {model.n_embd}, {model.n_head} heads", file=sys.stderr)
+
+
 def _train_command(args) -> None:
-    from capscale.trainers.train import plan_for, train_and_record, train_or_fail
+    from capscale.capacity.runtable import require_run_table
+    from capscale.trainers.train import plan_for, require_device, train_and_record, train_or_fail
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig.from_options(args)
     if args.plan:
+        _say_shape(cfg)
         print(plan_for(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
         return
+    require_device(cfg.device)  # refusals first: the shape line below is said only for a run that starts
+    if args.runs:
+        require_run_table(args.runs)
+    _say_shape(cfg)
     if args.runs:
         record = train_and_record(cfg, args.runs, progress=not args.quiet)
         if record is None:

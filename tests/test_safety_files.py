@@ -432,3 +432,10 @@ def test_a_torn_run_table_keeps_its_tail_beside_it(tmp_path):
 def test_markdown_escapes_labels_like_the_html():
     text = markdown_text("<img src=x onerror=alert(1)> | [link](http://x)")
     assert "<img" not in text and "&lt;img" in text and "\\|" in text and "\\[link\\]" in text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu"])
+def test_a_device_this_machine_lacks_is_one_line_and_no_record(tmp_path, capsys, device):
+    assert "--device" in refused(capsys, "train", "--device", device, *TINY, "--runs", tmp_path / "runs.jsonl")
+    assert list(tmp_path.iterdir()) == []

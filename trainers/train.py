@@ -101,12 +101,26 @@ def _step(forward, ddp, x, y, micro: int, device: str) -> torch.Tensor:
     return total
 
 
+def require_device(device: str) -> None:
+    """Refuse, before any work (and so before any record), a device this machine does not have."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise capacity.InputError(f"--device {device}: no CUDA device on this machine (train on --device cpu, "
+                                      "or plan the run with --plan / sweep --dry-run)")
+        index = device.partition(":")[2] or os.environ.get("LOCAL_RANK", "0")
+        if not index.isdigit() or int(index) >= torch.cuda.device_count():
+            raise capacity.InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device != "cpu":
+        raise capacity.InputError(f"--device {device!r}: expected cpu, cuda or cuda:K")
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one model; return its run record. Raises on bad input (a run that cannot fit included); the caller
     records crashes."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = cfg.device
+    require_device(device)
     batch = cfg.resolved_batch_size()
     if batch % world:
         raise capacity.InputError(f"batch size {batch} is not divisible by the {world} processes")
@@ -218,6 +232,7 @@ def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True
     there or another live process has claimed it. A crash is recorded as failed (a later sweep retries it); bad
     input raises. Under torchrun every rank trains and rank 0 writes."""
     key, distributed = cfg.key(), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    require_device(cfg.device)
     require_run_table(runs)
     if key in finished_keys(runs):
         return None
