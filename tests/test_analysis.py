@@ -199,16 +199,22 @@ def test_cli_fit_json_contract(chinchilla, capscale_cli):
     assert result["eff"]["bf16"]["value"] == 1.0
 
 
-def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capscale_cli):
-    """The JSON contracts of fit and validate on the command line; compose and predict print what LawFit returns
-    (the slow tier runs them as commands too: test_a_saved_fit_is_reused...)."""
+def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capsys):
+    """The JSON contracts of fit and validate on the command line (parsed and printed by `capscale.cli.main`, in
+    this process); compose and predict print what LawFit returns (the slow tier runs them all as commands in
+    fresh interpreters: test_a_saved_fit_is_reused...)."""
     import capscale
+    from capscale.cli import main
     path = tmp_path / "runs.jsonl"
     frame = simulate_runs(capacity_effs(), noise=0.003, specs=SPECS)
     path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")) + "\n")
-    fit = json.loads(capscale_cli("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7").stdout)
+
+    def command_json(*argv):
+        assert main(list(argv)) in (0, None)
+        return json.loads(capsys.readouterr().out)
+    fit = command_json("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7", "--jobs", "2")
     assert fit["n_runs"] == 7 * 4 * 3 and len(fit["eff"]["int4"]["ci"]) == 2 and fit["eff"]["int4"]["se"] > 0
-    val = json.loads(capscale_cli("validate", str(path), "--bootstrap", "8", "--json").stdout)
+    val = command_json("validate", str(path), "--bootstrap", "8", "--json", "--jobs", "2")
     assert set(val["rho"]) == {"L", "F", "C"}
     row = val["formats"][0]
     assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside", "overlap"}
