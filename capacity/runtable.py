@@ -165,19 +165,24 @@ def _alive(pid: int) -> bool:
         return False
     except (PermissionError, OverflowError, ValueError):
         return pid > 0
-    try:  # an exited process its parent has not reaped yet (a zombie) is dead too
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
+    stat = _proc_stat(pid)  # an exited process its parent has not reaped yet (a zombie) is dead too
+    return stat is None or stat[0] != "Z"
 
 
 def process_start(pid: int) -> str | None:
     """When process `pid` started (boot id and start tick, Linux): a reused pid has another. None elsewhere."""
+    stat = _proc_stat(pid)
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return f"{boot}:{fields[19]}"
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}:{stat[19]}" if stat else None
     except (OSError, IndexError):
+        return None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first), or None where there are none."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split() or None
+    except OSError:
         return None
 
 

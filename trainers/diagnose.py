@@ -15,13 +15,14 @@ import pandas as pd
 import torch
 
 from capscale import capacity
-from capscale.capacity.structure import Hadamard, fwht
+from capscale.capacity.structure import Hadamard
 
 from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
 from .memory import GIB, HEADROOM, device_budget
 from .model import Decoder, ModelConfig, count_non_embedding
 from .train import TrainConfig, load_state
+from .weights import gaussian_gmse, row_relative_mse
 
 MAX_VOCAB = 65536  # uint16 token ids
 
@@ -76,11 +77,6 @@ def parameter_bytes(cfg: ModelConfig) -> int:
     return 4 * (count_non_embedding(cfg.n_layer, cfg.n_embd, cfg.mlp_multiple) + embeddings)
 
 
-def _relative_mse_by_row(fmt: capacity.Format, v: torch.Tensor) -> torch.Tensor:
-    rows = v.reshape(-1, v.shape[-1]).float()
-    return ((fmt(rows) - rows) ** 2).sum(-1) / (rows ** 2).sum(-1).clamp_min(1e-30)
-
-
 @torch.inference_mode()
 def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int = 4096,
              samples: int = 1 << 18, data: "str | Path | None" = None) -> pd.DataFrame:
@@ -103,19 +99,17 @@ def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int
         model(x, y)
     for h in hooks:
         h.remove()
-    gaussian = {}
     rows = []
     for name, layer in layers.items():
         width = layer.weight.shape[1]
-        if width not in gaussian:
-            gaussian[width] = capacity.gmse(fmt, samples=samples, row_length=width).gmse
+        gaussian = gaussian_gmse(spec, width, samples)
         block = layer.hadamard_block or Hadamard().block_for(width)
         tensors = {"weight": layer.weight.detach(), "activation": torch.cat([t.reshape(-1, width) for t in inputs[name]])}
         for tensor, v in tensors.items():
             for rotated in (False, True):
-                err = _relative_mse_by_row(fmt, fwht(v, block) if rotated else v)
+                err = row_relative_mse(fmt, v, block if rotated else 0)
                 rows.append({"layer": name, "tensor": tensor, "rows": err.numel(), "row_length": width,
                              "rotation": block if rotated else 0, "trained_with": layer.hadamard_block,
                              "rel_mse": float(err.mean()), "worst_row": float(err.max()),
-                             "gaussian_gmse": gaussian[width], "ratio": float(err.mean()) / gaussian[width]})
+                             "gaussian_gmse": gaussian, "ratio": float(err.mean()) / gaussian})
     return pd.DataFrame(rows)

@@ -9,6 +9,7 @@ and the outlier share (|w| > 6 x the row's RMS).
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -74,6 +75,12 @@ def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
     return tensor.dim() == 2 and name.endswith("weight") and not NOT_LINEAR.search(name.removesuffix(".weight"))
 
 
+@functools.lru_cache(maxsize=None)
+def gaussian_gmse(spec: str, width: int, samples: int) -> float:
+    """A format's GMSE at a row length, what a tensor's error is compared with: once per spec and width."""
+    return capacity.gmse(spec, samples=samples, row_length=width).gmse
+
+
 def _outlier_share(weight: torch.Tensor) -> float:
     """The share of entries beyond OUTLIER_RMS times their row's RMS, a block of rows at a time."""
     count = 0
@@ -83,8 +90,9 @@ def _outlier_share(weight: torch.Tensor) -> float:
     return count / weight.numel()
 
 
-def _row_errors(fmt: capacity.Format, weight: torch.Tensor, block: int) -> torch.Tensor:
-    """Relative MSE of each row of `weight` (rotated by a `block` Hadamard first when block > 0)."""
+def row_relative_mse(fmt: capacity.Format, weight: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """Relative MSE of each row of `weight` (rotated by a `block` Hadamard first when block > 0), a block of rows
+    at a time."""
     out = []
     for start in range(0, weight.shape[0], ROW_BLOCK):
         rows = weight[start:start + ROW_BLOCK].float()
@@ -100,7 +108,6 @@ def diagnose_weights(path: "str | Path", specs: list[str], samples: int = 1 << 1
     from tqdm.auto import tqdm
     files, transposed = _files(Path(path))
     formats = {spec: capacity.parse(spec) for spec in specs}
-    gaussian: dict = {}
     rows = []
     for name, tensor in tqdm(_tensors(files), desc="weights", unit=" tensors", disable=not progress, leave=False):
         if not is_linear_weight(name, tensor):
@@ -112,14 +119,12 @@ def diagnose_weights(path: "str | Path", specs: list[str], samples: int = 1 << 1
         for spec, fmt in formats.items():
             for rotation in (0, block):
                 try:
-                    err = _row_errors(fmt, weight, rotation)
+                    err = row_relative_mse(fmt, weight, rotation)
                 except capacity.InputError as problem:  # e.g. a row length the format's groups do not divide
                     rows.append({"layer": name, "shape": tuple(weight.shape), "format": spec, "rotation": rotation,
                                  "note": str(problem)})
                     continue
-                if (spec, width) not in gaussian:
-                    gaussian[spec, width] = capacity.gmse(fmt, samples=samples, row_length=width).gmse
-                g = gaussian[spec, width]
+                g = gaussian_gmse(spec, width, samples)
                 rows.append({"layer": name, "shape": tuple(weight.shape), "format": spec, "rotation": rotation,
                              "rel_mse": float(err.mean()), "worst_row": float(err.max()), "gaussian_gmse": g,
                              "ratio": float(err.mean()) / g if g else float("nan"), "outlier_share": outliers})
@@ -189,12 +194,13 @@ def diagnose_activations(folder: "str | Path", specs: list[str], calibration: "s
         acts = torch.cat(chunks)
         width = acts.shape[1]
         block = min(max_block, width & -width)
+        outliers = _outlier_share(acts)
         for spec, fmt in formats.items():
-            g = capacity.gmse(fmt, samples=samples, row_length=width).gmse
+            g = gaussian_gmse(spec, width, samples)
             for rotation in (0, block):
-                err = _row_errors(fmt, acts, rotation)
+                err = row_relative_mse(fmt, acts, rotation)
                 rows.append({"layer": f"{name} (input)", "shape": tuple(acts.shape), "format": spec,
                              "rotation": rotation, "rel_mse": float(err.mean()), "worst_row": float(err.max()),
                              "gaussian_gmse": g, "ratio": float(err.mean()) / g if g else float("nan"),
-                             "outlier_share": _outlier_share(acts)})
+                             "outlier_share": outliers})
     return pd.DataFrame(rows)
