@@ -111,8 +111,7 @@ def _diagnose_command(args) -> None:
     from capscale.trainers.diagnose import diagnose, is_capscale_checkpoint
     from capscale.trainers.weights import diagnose_activations, diagnose_weights, plot_ratios
     if is_capscale_checkpoint(args.checkpoint):  # a model capscale can run: activations too
-        table = pd.concat([diagnose(args.checkpoint, spec, eval_tokens=args.eval_tokens, data=args.data)
-                           .assign(format=spec or "(the run's)") for spec in (args.format or [None])], ignore_index=True)
+        table = diagnose(args.checkpoint, args.format, eval_tokens=args.eval_tokens, data=args.data)
     else:
         if not args.format:
             raise InputError(f"{args.checkpoint}: name the format(s) to diagnose its weights with: --format SPEC")

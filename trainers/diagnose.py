@@ -78,16 +78,18 @@ def parameter_bytes(cfg: ModelConfig) -> int:
 
 
 @torch.inference_mode()
-def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int = 4096,
+def diagnose(checkpoint: "str | Path", spec: "str | list[str] | None" = None, eval_tokens: int = 4096,
              samples: int = 1 << 18, data: "str | Path | None" = None) -> pd.DataFrame:
-    """One row per (layer, tensor, rotation): relative MSE of `spec` (default: the run's own weight format) on the
-    trained tensor, mean and worst row, and the Gaussian MSE at the same row length. Activations are recorded on
-    `data` (default: the installed corpus), the caller's choice, never a path the checkpoint names."""
+    """One row per (layer, tensor, format, rotation): relative MSE of each format of `spec` (one spec or several;
+    default: the run's own weight format) on the trained tensor, mean and worst row, and the Gaussian MSE at the
+    same row length. The model is loaded and its activations recorded once, on `data` (default: the installed
+    corpus), the caller's choice, never a path the checkpoint names."""
     model, cfg = load_checkpoint(checkpoint)
-    spec = spec or (cfg.compression.w_format if cfg.compression.w_fmt is not None else None)
-    if spec is None or capacity.is_uncompressed(spec):
+    specs = [spec] if isinstance(spec, str) else list(spec or [])
+    specs = specs or ([cfg.compression.w_format] if cfg.compression.w_fmt is not None else [])
+    if not specs or any(capacity.is_uncompressed(s) for s in specs):
         raise capacity.InputError("the run trained uncompressed: name a format to diagnose with --format SPEC")
-    fmt = capacity.parse(spec)
+    formats = {s: capacity.parse(s) for s in specs}
     inputs: dict[str, list] = {}
     layers = {name: m for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
     hooks = [m.register_forward_pre_hook(lambda m, args, name=name: inputs.setdefault(name, []).append(args[0]))
@@ -102,14 +104,16 @@ def diagnose(checkpoint: "str | Path", spec: str | None = None, eval_tokens: int
     rows = []
     for name, layer in layers.items():
         width = layer.weight.shape[1]
-        gaussian = gaussian_gmse(spec, width, samples)
         block = layer.hadamard_block or Hadamard().block_for(width)
         tensors = {"weight": layer.weight.detach(), "activation": torch.cat([t.reshape(-1, width) for t in inputs[name]])}
-        for tensor, v in tensors.items():
-            for rotated in (False, True):
-                err = row_relative_mse(fmt, v, block if rotated else 0)
-                rows.append({"layer": name, "tensor": tensor, "rows": err.numel(), "row_length": width,
-                             "rotation": block if rotated else 0, "trained_with": layer.hadamard_block,
-                             "rel_mse": float(err.mean()), "worst_row": float(err.max()),
-                             "gaussian_gmse": gaussian, "ratio": float(err.mean()) / gaussian})
+        for spec, fmt in formats.items():
+            gaussian = gaussian_gmse(spec, width, samples)
+            for tensor, v in tensors.items():
+                for rotated in (False, True):
+                    err = row_relative_mse(fmt, v, block if rotated else 0)
+                    rows.append({"layer": name, "tensor": tensor, "format": spec, "rows": err.numel(),
+                                 "row_length": width, "rotation": block if rotated else 0,
+                                 "trained_with": layer.hadamard_block, "rel_mse": float(err.mean()),
+                                 "worst_row": float(err.max()), "gaussian_gmse": gaussian,
+                                 "ratio": float(err.mean()) / gaussian})
     return pd.DataFrame(rows)
