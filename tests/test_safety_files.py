@@ -173,6 +173,7 @@ def test_diagnose_never_reads_the_data_a_checkpoint_names(tmp_path, capsys, chec
     (lambda s: s["settings"].update(w_format="5000000:10000000"), "N <= M <= 1024"),
     (lambda s: s["settings"].update(evil=1), "unknown training setting"),
     (lambda s: s.update(model_config=[1, 2]), "tables"),
+    (lambda s: s["model_config"].update(vocab_size=True), "vocab_size"),  # found by the fuzz test below
 ])
 def test_diagnose_checks_a_checkpoints_settings_like_the_command_line(tmp_path, capsys, checkpoint, edit, expected):
     path = _edited(checkpoint, tmp_path, edit)

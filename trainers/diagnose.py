@@ -39,7 +39,7 @@ def load_checkpoint(path: "str | Path") -> tuple[Decoder, TrainConfig]:
             raise capacity.InputError("settings and model_config must be tables")
         cfg = TrainConfig.from_flat(**{k: v for k, v in settings.items() if k not in ignored})
         vocab = saved_model.get("vocab_size")
-        if not isinstance(vocab, int) or not 1 <= vocab <= MAX_VOCAB:
+        if not isinstance(vocab, int) or isinstance(vocab, bool) or not 1 <= vocab <= MAX_VOCAB:
             raise capacity.InputError(f"vocab_size {vocab!r} is not in 1..{MAX_VOCAB}")
         model_cfg = cfg.model_config(vocab)
     except (capacity.InputError, TypeError) as err:
