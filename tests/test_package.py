@@ -1,4 +1,5 @@
 """The package: one namespace with its data inside, and one meaning for every uncompressed name."""
+import argparse
 import json
 import importlib
 import subprocess
@@ -80,3 +81,14 @@ def test_python_m_capscale_is_the_command(capscale_cli):
     out = capscale_cli("gmse", "bf16", "fp32", "none", "--json")
     assert out.returncode == 0, out.stderr
     assert [r["gmse"] for r in json.loads(out.stdout)] == [0.0, 0.0, 0.0]
+
+
+def test_every_subcommand_explains_itself():
+    """`--help` of each subcommand renders (a literal '%' in a help text once broke `train --help`)."""
+    from capscale.cli import build_parser
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"train", "sweep", "fit", "report", "demo", "diagnose"} <= set(commands)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "usage: capscale " + name in text, name

@@ -280,3 +280,21 @@ def test_compiled_training_matches_eager(w, a, mask):
     # between runs (eager is bit-exact). A wrong trace moves it far more: without the rotation by 0.061, without
     # activation quantization by 0.075 (measured at this size and budget).
     assert compiled["status"] == "ok" and compiled["loss"] == pytest.approx(eager["loss"], abs=5e-4)
+
+
+def test_named_corpora_are_recorded_by_name_size_and_fingerprint():
+    """torch-sources: the installed torch's Python files, whole files held out (the same kind of text on both
+    sides), the same tokens every time; every text corpus reports its size and SHA-256."""
+    import hashlib
+    from capscale.trainers.data import CORPORA
+    assert {"kjv", "torch-sources"} <= set(CORPORA)
+    code, again = load_tokens("torch-sources"), load_tokens("torch-sources")
+    assert code.name == "torch-sources" and code.vocab_size == 256
+    assert len(code.train) > 10 * 4_000_000 and 0.02 < len(code.val) / (len(code.train) + len(code.val)) < 0.08
+    assert code.sha256 == again.sha256 and len(code.sha256) == 64
+    assert code.n_bytes == len(code.train) + len(code.val) + 1  # the newline between the two parts
+    assert bytes(code.val[:2000]) != bytes(code.train[-2000:])
+    kjv = load_tokens()
+    whole = np.concatenate([np.asarray(kjv.train), np.asarray(kjv.val)]).tobytes()
+    assert kjv.name == "kjv" and kjv.sha256 == hashlib.sha256(whole).hexdigest()
+    assert kjv.passes(len(kjv.train) * 2) == pytest.approx(2.0)

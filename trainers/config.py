@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 from dataclasses import MISSING, dataclass, field, fields
 
 from capscale import capacity
@@ -175,6 +176,7 @@ class TrainConfig:
             if f.name != "compression":
                 default = f.default if f.default is not MISSING else None
                 meta = dict(f.metadata)
+                meta["help"] = re.sub(r"%(?!\()", "%%", meta["help"])  # a literal "10%" is not a format
                 if default not in (None, False) and "default" not in meta["help"]:
                     meta["help"] += " (default: %(default)s)"
                 parser.add_argument("--" + f.name.replace("_", "-"), default=default, **meta)
