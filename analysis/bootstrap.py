@@ -109,9 +109,14 @@ def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: fl
 
 
 def extrapolation_check(law, runs: pd.DataFrame) -> pd.DataFrame:
-    """Fit on all but the largest model size, predict the held-out largest: per-run relative errors."""
+    """Fit on all but the largest model size, predict the held-out largest: per-run relative errors. A format
+    left with fewer than 2 (N, D) points below the largest size cannot be fitted, so it is left out of both."""
+    from .runs import MIN_RUNS_PER_FORMAT
     largest = runs["params"].max()
-    train, held = runs[runs["params"] < largest], runs[runs["params"] == largest]
+    below = runs[runs["params"] < largest]
+    points = below[["format", "params", "tokens"]].drop_duplicates()["format"].value_counts()
+    kept = runs["format"].isin(points[points >= MIN_RUNS_PER_FORMAT].index)
+    train, held = runs[kept & (runs["params"] < largest)], runs[kept & (runs["params"] == largest)]
     fit = law.clone().fit(train)
     pred = fit.predict(held)
     return held[["format", "params", "tokens", "loss"]].assign(predicted=pred, rel_error=pred / held["loss"] - 1)

@@ -21,6 +21,7 @@ from .families import format_styles
 from .laws import DecoupledLaw
 from .report_sections import ReportContext, build_sections
 from .runs import format_table
+from .studies import published_comparison, published_sentence
 from .verdicts import provenance, verdicts
 
 
@@ -72,11 +73,12 @@ def _table_md(frame: pd.DataFrame) -> str:
 
 def build_report(fit, folder: "str | Path", grids: dict | None = None, title: str = "capscale report",
                  progress: bool = True, n_jobs: int | None = None, replicates: pd.DataFrame | None = None,
-                 command: str | None = None, overwrite: bool = False) -> Report:
+                 command: str | None = None, overwrite: bool = False, published: pd.DataFrame | None = None) -> Report:
     """Every analysis of a decoupled LawFit into `folder`: validation, composability, paired comparisons, health,
     extrapolation and figures. `grids`: {name: path} of capacity grids to analyse too; `replicates` (optional
     seed repeats of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure
-    its seed bars."""
+    its seed bars; `published` (format, published_lo, published_hi, note: a published study's efficiencies)
+    are compared with the fit and the capacity predictions, first in the summary."""
     if not isinstance(fit.law, DecoupledLaw):
         raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.law} law")
     folder = report_folder(folder, overwrite)
@@ -106,6 +108,10 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     verdict_lines = verdicts(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
                             comp, health, fit.warnings, extrap_errors,
                             pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
+    against = None if published is None else published_comparison(fit, validation, published)
+    if against is not None and len(against):
+        verdict_lines.insert(0, {"topic": "Does the fit reproduce the published efficiencies?",
+                                 "text": published_sentence(against, level)})
     origin = provenance(runs, fit.seed, law, boot, level, command)
 
     results = {"title": title, "verdicts": verdict_lines, "provenance": origin, "source": runs.attrs.get("source"),
@@ -119,12 +125,14 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted,
                "calibration": None if stats_["calibration"] is None else stats_["calibration"].as_json(),
                "composability_wald": None if stats_["wald"] is None else stats_["wald"].table.to_dict("records"),
-               "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records")}
+               "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records"),
+               "published_comparison": None if against is None else against.to_dict("records")}
 
     context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
                             capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
                             capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
-                            extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates)
+                            extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates,
+                            published=against)
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)

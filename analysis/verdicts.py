@@ -32,10 +32,21 @@ def capacity_sentence(validation, calibration, capacity_omitted) -> str:
         return f"{loo}."
     (s, slo, shi), (c, clo, chi) = calibration.slope, calibration.intercept
     rejected = calibration.joint_p < 1 - calibration.level
-    lead = ("Capacity does not predict efficiency without bias here" if rejected else
-            "Capacity predicts efficiency, with no bias detected" if slo > 0 and slo <= 1 <= shi and clo <= 0 <= chi
-            else "No bias detected, but the calibration slope's interval reaches 0: these runs cannot show that "
-                 "capacity predicts efficiency")
+    if rejected:
+        lead = "Capacity does not predict efficiency without bias here"
+    elif slo <= 0:
+        lead = ("No bias detected, but the calibration slope's interval reaches 0: these runs cannot show that "
+                "capacity predicts efficiency")
+    elif slo <= 1 <= shi and clo <= 0 <= chi:
+        lead = "Capacity predicts efficiency, with no bias detected"
+    else:  # the joint test passes while one interval alone misses its value: say which, in its direction
+        off = []
+        if not slo <= 1 <= shi:
+            off.append(f"the slope's interval lies {'below' if shi < 1 else 'above'} 1")
+        if not clo <= 0 <= chi:
+            off.append(f"the intercept's interval lies {'below' if chi < 0 else 'above'} 0")
+        lead = (f"Capacity predicts efficiency (slope above 0) and the joint test detects no bias, but "
+                f"{' and '.join(off)}: predictions are biased at the extremes")
     return (f"{lead}: calibration slope {s:.2f} {format_interval(slo, shi, '.2f')}, intercept {c:+.2f} "
             f"{format_interval(clo, chi, '+.2f')} "
             f"({calibration.level:.0%}; WLS of log fitted on log predicted efficiency), joint test of slope 1 and "

@@ -215,12 +215,18 @@ def add_report_command(sub) -> None:
 
 def add_demo_command(sub) -> None:
     p = sub.add_parser("demo", help="the main job: capacity, fits, validation, composability and a report",
-                       description="Run the whole analysis on the study shipped inside the package and write a "
-                                   "report folder; --train regenerates a small study first.")
+                       description="Run the whole analysis on a study shipped inside the package and write a "
+                                   "report folder. Studies: quest (the default: QuEST's 104 published runs, 30M-800M "
+                                   "parameters, where the papers checked the claim; the summary compares the fit with "
+                                   "the published efficiencies), t5 (the 48 published sparse T5 runs), cpu (capscale's "
+                                   "own CPU study). --train regenerates a small CPU study first.")
     p.add_argument("-o", "--output", default="capscale-demo", help="report folder: new, empty, or holding a "
                                                                    "previous capscale report (default: ./capscale-demo)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
-    p.add_argument("--train", action="store_true", help="train a small study from scratch first (~10 min on 2 cores)")
+    p.add_argument("--study", choices=("quest", "t5", "cpu"), default="quest",
+                   help="the shipped study to analyse (default: %(default)s)")
+    p.add_argument("--train", action="store_true", help="train a small CPU study from scratch first (~10 min on 2 "
+                                                        "cores; with --study cpu)")
     p.add_argument("--bootstrap", type=whole(0, MAX_REPLICATES), default=200,
                    help="bootstrap replicates (default: %(default)s)")
     p.add_argument("--seed", type=whole(0), default=0, help="bootstrap seed (default: %(default)s)")
@@ -230,7 +236,7 @@ def add_demo_command(sub) -> None:
 
 def _demo_command(args) -> None:
     from .demo import run_demo
-    run_demo(args.output, args.train, args.bootstrap, args.seed, args.jobs, args.overwrite)
+    run_demo(args.output, args.train, args.bootstrap, args.seed, args.jobs, args.overwrite, study=args.study)
 
 
 ADDERS = (add_fit_command, add_validate_command, add_predict_command, add_compose_command, add_report_command,

@@ -17,26 +17,37 @@ from capscale.capacity.paths import report_folder
 from capscale.analysis.lawfit import fit
 from capscale.analysis.verdicts import format_interval
 from capscale.analysis.runs import format_table, load_runs
+from capscale.analysis.studies import STUDIES, published_efficiencies, study_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
 
 
-def _study(train: bool, out: Path) -> Path:
-    if not train:
-        return data.path("study_runs.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
-    sweep = out / "demo_small.toml"
-    shutil.copy(data.path("demo_small.toml"), sweep)
-    small = load_sweep(sweep)
-    run_sweep(small)
-    return small.runs
+DEFAULT_STUDY = "quest"  # the claim checked where the papers checked it: real runs at 30M-200M parameters
+
+
+def _study(study: str, train: bool, out: Path):
+    """(runs, their seed repeats or None, the study's name in titles)."""
+    if train:
+        if study != "cpu":
+            raise capacity.InputError(f"--train regenerates the CPU study; the {study} study's runs are published ones")
+        out.mkdir(parents=True, exist_ok=True)
+        sweep = out / "demo_small.toml"
+        shutil.copy(data.path("demo_small.toml"), sweep)
+        small = load_sweep(sweep)
+        run_sweep(small)
+        return load_runs(small.runs), None, small.runs.name
+    if study == "cpu":
+        seeds = data.path("study_seed_runs.jsonl")
+        return load_runs(data.path("study_runs.jsonl")), load_runs(seeds), "study_runs.jsonl"
+    return load_runs(study_runs(study), name=study), None, f"the {study} study ({STUDIES[study].describe})"
 
 
 def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
-             n_jobs: int | None = None, overwrite: bool = False) -> Path:
+             n_jobs: int | None = None, overwrite: bool = False, study: str = DEFAULT_STUDY) -> Path:
     started = time.time()
+    if study not in STUDIES:
+        raise capacity.InputError(f"unknown study {study!r}; the shipped studies are {', '.join(STUDIES)}")
     out = report_folder(out, overwrite)
-    runs_path = _study(train, out)
-    runs = load_runs(runs_path)
+    runs, replicates, runs_path = _study(study, train, out)
     info = format_table(runs)
     specs = sorted({s for s in pd.concat([info["w_format"], info["a_format"]]) if s is not None})
     print("== Capacity of the study's formats (GMSE, rho with the published constants) ==")
@@ -44,11 +55,12 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                                                     "method"]].to_string(index=False, float_format="{:.4g}".format))
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
           f"({n_boot} bootstrap refits) ==")
+    if "provenance" in runs.attrs:
+        print(f"source: {runs.attrs['provenance']['source']}")
     grids = {p.stem.removeprefix("capacity_"): p for p in sorted(data.path("reference").glob("capacity_*.csv"))}
-    seeds_path = data.path("study_seed_runs.jsonl")
-    replicates = load_runs(seeds_path) if not train and seeds_path.exists() else None
     report = fit(runs, bootstrap=n_boot, seed=seed, n_jobs=n_jobs).report(
-        out, grids=grids, n_jobs=n_jobs, title=f"capscale demo: {runs_path.name}", replicates=replicates)
+        out, grids=grids, n_jobs=n_jobs, title=f"capscale demo: {runs_path}", replicates=replicates,
+        published=published_efficiencies(study) if not train else None)
     res = report.results
     print(f"\n== Summary (the same text heads {out / 'report.md'} and is in results.json) ==")
     for line in report.verdicts:
@@ -75,6 +87,14 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                         "interval": [format_interval(a, b, ".3f") for a, b in zip(t["pred_lo"], t["pred_hi"])],
                         "prediction inside CI": t["inside"], "intervals overlap": t["overlap"]}).to_string(index=False))
     print(report.validation.verdicts())
+    if report.results.get("published_comparison"):
+        p = pd.DataFrame(report.results["published_comparison"])
+        print("\n== Against the published efficiencies ==")
+        print(pd.DataFrame({"format": p["format"], "published": p["published"], "fitted": p["fitted"].round(3),
+                            "95% CI": [format_interval(a, b, ".3f") for a, b in zip(p["fitted_lo"], p["fitted_hi"])],
+                            "predicted from capacity": p["predicted"].round(3),
+                            "interval": [format_interval(a, b, ".3f") for a, b in zip(p["pred_lo"], p["pred_hi"])]})
+              .to_string(index=False))
     if report.calibration is not None:
         print(report.calibration.verdict())
     if report.wald is not None:

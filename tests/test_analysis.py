@@ -401,3 +401,18 @@ def test_the_kumar_law_reads_bits_columns_of_a_label_only_table():
     frame.loc[frame["format"] == "w3a6", "w_bits"] = np.nan  # and its label is no spec
     with pytest.raises(InputError, match="w3a6"):
         KumarLaw(baseline="dense").fit(load_runs(frame, baseline="dense"))
+
+
+@pytest.mark.parametrize("slope, intercept, p, expected", [
+    ((0.83, 0.69, 0.97), (-0.08, -0.19, 0.03), 0.051, "the slope's interval lies below 1"),
+    ((0.9, -0.1, 1.9), (0.0, -0.1, 0.1), 0.5, "slope's interval reaches 0"),
+    ((1.0, 0.8, 1.2), (0.0, -0.1, 0.1), 0.5, "Capacity predicts efficiency, with no bias detected"),
+    ((1.0, 0.8, 1.2), (0.0, -0.1, 0.1), 0.01, "does not predict efficiency without bias")])
+def test_capacity_verdict_agrees_with_the_intervals_it_shows(slope, intercept, p, expected):
+    """A slope interval of [0.69, 0.97] once read 'reaches 0'; the words must follow the numbers beside them."""
+    from types import SimpleNamespace
+    from capscale.analysis.verdicts import capacity_sentence
+    table = pd.DataFrame({"inside": [True], "overlap": [True]})
+    validation = SimpleNamespace(table=table, level=0.95)
+    cal = SimpleNamespace(slope=slope, intercept=intercept, joint_p=p, level=0.95)
+    assert expected in capacity_sentence(validation, cal, None)
