@@ -30,9 +30,10 @@ def _say_shape(cfg: TrainConfig) -> None:
 def _train_command(args) -> None:
     from capscale.capacity.runtable import require_run_table
     from capscale.trainers.train import plan_for, require_device, train_and_record, train_or_fail
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from capscale.trainers.threads import default_threads
     cfg = TrainConfig.from_options(args)
+    if args.threads or not cfg.device.startswith("cuda"):
+        torch.set_num_threads(args.threads or default_threads(cfg.params))
     if args.plan:
         _say_shape(cfg)
         print(plan_for(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
@@ -67,7 +68,8 @@ def add_train_command(sub) -> None:
     TrainConfig.add_options(p)
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
     p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
-    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads")
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads (default: 1 below 300k "
+                   "parameters, at most 2 below 5M, and never more than the cores not busy with other work)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_command)
 
@@ -96,7 +98,8 @@ def add_sweep_command(sub) -> None:
                                    "#SBATCH --array=0-7 ; capscale sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
     p.add_argument("sweep", help="sweep TOML file")
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
-    p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: cores/workers)")
+    p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: as `train` chooses, "
+                   "within the free cores shared by the workers)")
     p.add_argument("--runs", default=None, help="run table to write (default: the sweep file's `runs`, which must be "
                                                  "inside its folder)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")

@@ -298,3 +298,16 @@ def test_named_corpora_are_recorded_by_name_size_and_fingerprint():
     whole = np.concatenate([np.asarray(kjv.train), np.asarray(kjv.val)]).tobytes()
     assert kjv.name == "kjv" and kjv.sha256 == hashlib.sha256(whole).hexdigest()
     assert kjv.passes(len(kjv.train) * 2) == pytest.approx(2.0)
+
+
+def test_default_threads_follow_the_model_and_the_free_cores(monkeypatch):
+    from capscale.trainers import threads
+    assert threads.default_threads(20_000, cores=16) == 1          # tiny matmuls: one thread
+    assert threads.default_threads(1_000_000, cores=16) == 2
+    assert threads.default_threads(50_000_000, cores=16) == 16
+    assert threads.default_threads(50_000_000, cores=1) == 1
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
+    assert threads.free_cores() == 2                                 # 8 cores, 6 busy with other work
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
+    assert threads.free_cores() == 1

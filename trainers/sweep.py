@@ -46,6 +46,7 @@ from capscale.capacity.runtable import finished_keys, held_elsewhere, read_recor
 from .config import TrainConfig
 from .memory import GIB, device_budget
 from .model import count_non_embedding, flops_per_token
+from .threads import default_threads, free_cores
 from .train import plan_for, train_and_record
 
 GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
@@ -189,10 +190,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
     todo, refused = refuse_unfit(sorted(sweep.pending(), key=estimated_seconds, reverse=True), workers)
     for line in refused:
         print(line, file=sys.stderr)
-    threads = threads or max(1, torch.get_num_threads() // workers)
+    cores = max(1, free_cores() // workers)
     ran, waited = 0, False
     while todo:
-        ran += _train_all(sweep, todo, workers, threads, progress)
+        ran += _train_all(sweep, todo, workers, threads or cores, progress, chosen=threads is not None)
         finished = finished_keys(sweep.runs)
         todo = [c for c in todo if c.key() not in finished and held_elsewhere(sweep.runs, c.key())]
         while todo and all(held_elsewhere(sweep.runs, c.key()) for c in todo):
@@ -205,8 +206,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
     return ran
 
 
-def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int, progress: bool) -> int:
-    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads, loaded_plugins()) for c in todo]
+def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int, progress: bool,
+               chosen: bool = True) -> int:
+    """`threads` per worker: as given (`chosen`), else the most each run's model may take (`default_threads`)."""
+    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads if chosen else default_threads(c.params, threads),
+             loaded_plugins()) for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
                file=sys.stderr)
     statuses = []

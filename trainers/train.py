@@ -181,6 +181,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                       planned_peak_gib=round(plan.peak / 2 ** 30, 3),
                       measured_peak_gib=None if measured_peak is None else round(measured_peak / 2 ** 30, 3),
                       resumed_from_step=start_step, device=str(device), world_size=world,
+                      threads=torch.get_num_threads() if not str(device).startswith("cuda") else None,
                       torch_version=torch.__version__, data=data.name, data_bytes=data.n_bytes,
                       data_sha256=data.sha256, data_passes=round(data.passes(steps * batch * cfg.context), 3))
 
