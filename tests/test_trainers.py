@@ -311,3 +311,10 @@ def test_default_threads_follow_the_model_and_the_free_cores(monkeypatch):
     assert threads.free_cores() == 2                                 # 8 cores, 6 busy with other work
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (30.0, 0.0, 0.0))
     assert threads.free_cores() == 1
+
+
+def test_exact_params_refuses_a_shape_more_than_5_percent_off():
+    with pytest.raises(capacity.InputError, match=r"closest is 2 layers x width 32 with 26,784 \(\+33.9%\)"):
+        TrainConfig(params=20_000, exact_params=True).model_config(256)
+    assert TrainConfig(params=26_784, exact_params=True).model_config(256).n_embd == 32
+    assert TrainConfig(params=26_784, exact_params=True).key() == TrainConfig(params=26_784).key()

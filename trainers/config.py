@@ -21,6 +21,7 @@ from .compression import Compression
 from .model import ModelConfig, config_for_params
 
 DECAY_RULES = ("matrices", "linear")
+EXACT_PARAMS_TOLERANCE = 0.05
 SCHEDULES = ("cosine", "onecycle")
 
 
@@ -37,6 +38,9 @@ class TrainConfig:
     compression: Compression = field(default_factory=Compression)
     params: int = field(default=20_000, metadata=_option(
         "target non-embedding parameters (the model built and recorded is the closest shape; see `n_layer`)", type=int))
+    exact_params: bool = field(default=False, metadata=_option(
+        "refuse to train when no shape is within 5% of --params (default: train the closest shape and say so)",
+        action="store_true"))
     n_layer: int | None = field(default=None, metadata=_option(
         "an explicit shape instead of --params: give all of --n-layer, --n-head, --n-embd", type=int))
     n_head: int | None = field(default=None, metadata=_option("attention heads of an explicit shape", type=int))
@@ -135,7 +139,16 @@ class TrainConfig:
             if None in shape:
                 raise capacity.InputError("an explicit shape needs all of n_layer, n_head and n_embd")
             return ModelConfig(*shape, **model)
-        return config_for_params(self.params, **model)
+        chosen = config_for_params(self.params, **model)
+        if self.exact_params:
+            from .model import count_non_embedding
+            trained = count_non_embedding(chosen.n_layer, chosen.n_embd, chosen.mlp_multiple)
+            if abs(trained / self.params - 1) > EXACT_PARAMS_TOLERANCE:
+                raise capacity.InputError(
+                    f"--exact-params: no shape has within {EXACT_PARAMS_TOLERANCE:.0%} of {self.params:,} non-embedding "
+                    f"parameters; the closest is {chosen.n_layer} layers x width {chosen.n_embd} with {trained:,} "
+                    f"({trained / self.params - 1:+.1%}); ask for that, or give --n-layer/--n-head/--n-embd")
+        return chosen
 
     @classmethod
     def from_flat(cls, **values) -> "TrainConfig":

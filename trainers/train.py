@@ -173,7 +173,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         status = "diverged"
     trained = (steps - start_step) * batch * cfg.context
     mcfg = model.cfg
-    return run_record(cfg, status, params=n_params, tokens=steps * batch * cfg.context, loss=val_loss,
+    requested = {"requested_params": cfg.params} if cfg.n_layer is None else {}
+    return run_record(cfg, status, params=n_params, **requested, tokens=steps * batch * cfg.context, loss=val_loss,
                       train_loss=train_loss, n_layer=mcfg.n_layer, n_head=mcfg.n_head, n_embd=mcfg.n_embd,
                       mlp_hidden=mcfg.mlp_hidden, hadamard_blocks=model.hadamard_blocks(), context=cfg.context,
                       batch_size=batch, micro_batch_size=plan.micro_batch_size, lr=lr, steps=steps,
