@@ -14,6 +14,8 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import os
+import sys
 import re
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -98,10 +100,15 @@ def registry() -> list[Entry]:
 def load_plugin(module: str) -> None:
     """Import a module of the user's own formats (it registers them, or defines Component classes that specs
     then name as `module:Class`). The user's explicit act: nothing in a spec or a table loads a module."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:  # as `python -m` does: the working directory first (a console script lacks it)
+        sys.path.insert(0, cwd)
     try:
         _PLUGINS[module] = importlib.import_module(module)
     except ImportError as err:
-        raise SpecError(f"--plugin {module}: cannot import it ({err})") from None
+        raise SpecError(f"--plugin {module}: cannot import it ({err}). A plugin is imported like any module: from "
+                        f"the working directory ({cwd}) or the import path; for a module elsewhere, run with "
+                        f"PYTHONPATH=/folder/holding/it, or install its package") from None
 
 
 def loaded_plugins() -> list[str]:

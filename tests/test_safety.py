@@ -277,3 +277,23 @@ def test_bad_input_is_one_clear_line_and_exit_2(tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err and "Traceback" not in "\n".join(err)
     assert "error" in err[-1]
+
+
+def test_a_plugin_in_the_working_directory_loads_as_with_python_m(tmp_path):
+    """The `capscale` console script has no working directory on its import path (unlike `python -m`): a
+    --plugin beside the user still loads, and a missing one says where it was looked for."""
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text(
+        "from capscale import capacity\n\nclass Halve(capacity.Component):\n"
+        "    name, defaults = 'halve', {'factor': 0.5}\n\n"
+        "    def apply(self, x, keep, inner):\n        return inner(x * self.params['factor'], keep)\n")
+    script = "import sys; from capscale.cli import main; sys.argv[0] = 'capscale'; sys.exit(main())"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def run(*args):  # -I -P: no working directory on sys.path, as a console script runs
+        return subprocess.run([sys.executable, "-I", "-c", script, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True)
+    ok = run("--plugin", "mypkg", "gmse", "mypkg:Halve(factor=0.9)", "--samples", "4096", "--json")
+    assert ok.returncode == 0, ok.stderr
+    missing = run("--plugin", "capscale_no_such_plugin", "gmse", "int4")
+    assert missing.returncode == 2 and str(tmp_path) in missing.stderr and "PYTHONPATH" in missing.stderr
