@@ -175,6 +175,11 @@ class LawFit:
         return validate(self.runs, form=form, law=self.law, boot=self.boot, n_boot=0, progress=progress,
                         n_jobs=n_jobs)
 
+    def check_constants(self, constants: str = "published") -> pd.DataFrame:
+        """Fitted efficiencies against rho(GMSE) at given constants (no refit: any number of formats)."""
+        from .validate import check_constants
+        return check_constants(self, constants)
+
     def calibration(self, validation):
         """The calibration regression of a validation (None where the replicates or formats are too few)."""
         from .statistics import calibration

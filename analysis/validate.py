@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity.law import RHO_C, RHO_F, RHO_L, rho
+from capscale.capacity.law import RHO_C, RHO_F, RHO_L, pair_rho, rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 
 from .bootstrap import BootstrapResult, bootstrap
@@ -201,7 +201,8 @@ def validate(runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, form: str = "
     if len(info) <= n_constants:
         raise InputError(f"the {form} rho has {n_constants} constants, so it needs at least {n_constants + 1} compressed "
                          f"formats besides the baseline '{baseline}' (found {len(info)}: {list(info.index)}); train "
-                         "more formats, or choose a rho form with fewer constants (--form)")
+                         "more formats, choose a rho form with fewer constants (--form), or check the formats against the published "
+                         "constants without a refit (validate --constants published)")
     reg = fit_rho(info, fitted, form)
     held_out = {f: fit_rho(info[info.index != f], fitted[info.index != f], form) for f in info.index}
     samples = boot.samples[_eff_columns(info.index)] if boot is not None and len(boot.samples) else None
@@ -256,3 +257,29 @@ def predict_format(runs: pd.DataFrame, w_format: str | None, a_format: str | Non
         out["eff_interval"] = [float(x) for x in np.quantile(effs, v.boot.tails())]
         out["loss_interval"] = [float(x) for x in np.quantile(losses, v.boot.tails())]
     return out
+
+
+def check_constants(fit, constants: str = "published") -> pd.DataFrame:
+    """Each format's fitted efficiency (with its interval) against rho(GMSE) at given constants, no refit: the
+    question for a study of any number of formats, "does my format train as the published law says?".
+    `constants`: "published" (reference section 1, Llama/C4), the only set without a fit of its own."""
+    if constants != "published":
+        raise InputError(f"--constants: expected 'published', got {constants!r}")
+    info = format_table(fit.runs)
+    require_capacity(info.drop(index=fit.baseline, errors="ignore"), "checking against the published constants")
+    rows = []
+    for name, r in info.drop(index=fit.baseline, errors="ignore").iterrows():
+        lo, hi = fit.eff_interval(name) if fit.boot is not None else (np.nan, np.nan)
+        predicted = pair_rho(r["w_gmse"], r["a_gmse"])
+        rows.append({"format": name, "w_gmse": r["w_gmse"], "a_gmse": r["a_gmse"], "fitted": fit.eff[name],
+                     "fitted_lo": lo, "fitted_hi": hi, "predicted": predicted,
+                     "inside": bool(lo <= predicted <= hi) if lo == lo else None})
+    return pd.DataFrame(rows)
+
+
+def constants_verdict(table: pd.DataFrame, level: float) -> str:
+    t = table.dropna(subset=["inside"])
+    if t.empty:
+        return "no bootstrap intervals, so no verdicts (fit with --bootstrap > 0)"
+    return (f"{int(t['inside'].sum())} of {len(t)} formats' rho(GMSE) at the published constants falls inside the "
+            f"fitted {level:.0%} interval of their efficiency")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from capscale.analysis.names import LAW_NAMES, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS
 from capscale.capacity import BASELINE, InputError
+from capscale.capacity.paths import strict_json
 
 from .options import level, nonnegative, positive, whole
 
@@ -111,6 +112,17 @@ def add_fit_command(sub) -> None:
 
 def _validate_command(args) -> None:
     result = fit_from_args(args, runs_from_args(args))
+    if args.constants:
+        from capscale.analysis.validate import constants_verdict
+        table = result.check_constants(args.constants)
+        if args.json:
+            print(json.dumps(strict_json({"constants": args.constants, "formats": table.to_dict("records"),
+                                          "verdict": constants_verdict(table, result.level)}), indent=1))
+        else:
+            print(f"fitted efficiency against rho(GMSE) at the {args.constants} constants (no refit):\n"
+                  + table.to_string(index=False, float_format="{:.4g}".format)
+                  + "\n" + constants_verdict(table, result.level))
+        return
     v = result.validate(form=args.form)
     _warn(v.warnings)
     cal = result.calibration(v)
@@ -125,7 +137,10 @@ def add_validate_command(sub) -> None:
                        description="Fit rho(GMSE) to the decoupled efficiencies (weights x activations as a "
                                    "product), then leave-one-format-out: each format predicted without it.")
     add_run_arguments(p, bootstrap_default=200)
-    p.add_argument("--form", default="tanh", choices=RHO_FORMS, help="rho form")
+    p.add_argument("--form", default="tanh", choices=RHO_FORMS, help="rho form (default: %(default)s)")
+    p.add_argument("--constants", choices=("published",), default=None,
+                   help="instead of refitting rho (which needs at least 4 compressed formats), check each format's "
+                        "fitted efficiency against rho(GMSE) at the published constants: any number of formats")
     add_fit_file_argument(p)
     p.set_defaults(func=_validate_command)
 

@@ -416,3 +416,21 @@ def test_capacity_verdict_agrees_with_the_intervals_it_shows(slope, intercept, p
     validation = SimpleNamespace(table=table, level=0.95)
     cal = SimpleNamespace(slope=slope, intercept=intercept, joint_p=p, level=0.95)
     assert expected in capacity_sentence(validation, cal, None)
+
+
+def test_a_two_format_study_validates_against_the_published_constants(capscale_cli, tmp_path):
+    """Too few formats to refit rho, yet each format's efficiency is checked against rho(GMSE) at the published
+    constants (simulated runs whose efficiencies follow them, so every check must pass)."""
+    effs = capacity_effs()
+    runs = simulate_runs({f: effs[f] for f in ("bf16", "int4", "int3")}, noise=0.002, seed=5)
+    table = tmp_path / "mine.csv"
+    runs.to_csv(table, index=False)
+    refused = capscale_cli("validate", str(table), "--bootstrap", "0")
+    assert refused.returncode == 2 and "--constants published" in refused.stderr
+    out = capscale_cli("validate", str(table), "--constants", "published", "--bootstrap", "40", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    rows = {r["format"]: r for r in result["formats"]}
+    assert set(rows) == {"int4", "int3"}
+    for r in rows.values():
+        assert r["inside"] and r["fitted"] == pytest.approx(r["predicted"], abs=0.1)
