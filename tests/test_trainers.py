@@ -318,3 +318,13 @@ def test_exact_params_refuses_a_shape_more_than_5_percent_off():
         TrainConfig(params=20_000, exact_params=True).model_config(256)
     assert TrainConfig(params=26_784, exact_params=True).model_config(256).n_embd == 32
     assert TrainConfig(params=26_784, exact_params=True).key() == TrainConfig(params=26_784).key()
+
+
+def test_dry_run_time_comes_from_the_tables_own_throughput():
+    from capscale.trainers.sweep import measured_throughput
+    records = [{"status": "ok", "params": n, "tokens_per_s": 1.44e9 / n, "w_format": "int4", "a_format": "none"}
+               for n in (20_000, 40_000, 80_000)] + [{"status": "failed", "params": 5, "tokens_per_s": None}]
+    rate = measured_throughput(records)
+    assert rate(TrainConfig.from_flat(params=60_000, w_format="int4")) == pytest.approx(24_000, rel=1e-6)
+    assert rate(TrainConfig(params=60_000)) == pytest.approx(24_000, rel=1e-6)  # dense unmeasured: the other fit
+    assert measured_throughput(records[:1]) is None

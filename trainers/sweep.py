@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -228,14 +229,41 @@ def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int
     return sum(s != "skipped" for s in statuses)
 
 
+def measured_throughput(records: list[dict]):
+    """tokens/s as a power law in N, fitted to the table's own finished runs (this machine, these workers):
+    a function of a config, or None with fewer than 2 sizes measured. Compressed formats are fitted apart
+    from uncompressed ones where both were measured."""
+    ok = [r for r in records if r.get("status") == "ok" and isinstance(r.get("tokens_per_s"), (int, float))
+          and r["tokens_per_s"] > 0 and isinstance(r.get("params"), (int, float)) and r["params"] > 0]
+    fits = {}
+    for dense in (True, False):
+        group = [r for r in ok if (r.get("w_format") in (None, "bf16") and r.get("a_format") in (None, "none")) == dense]
+        if len({r["params"] for r in group}) >= 2:
+            fits[dense] = np.polyfit(np.log([r["params"] for r in group]), np.log([r["tokens_per_s"] for r in group]), 1)
+    if not fits:
+        return None
+
+    def rate(cfg: TrainConfig) -> float:
+        dense = cfg.compression.w_fmt is None and cfg.compression.a_fmt is None
+        slope, icpt = fits.get(dense, fits.get(not dense))
+        return float(np.exp(icpt + slope * np.log(cfg.params)))
+    return rate
+
+
 def describe_plan(sweep: Sweep, workers: int = 1) -> str:
-    """The dry run: per pending run, its memory plan (or why it does not fit), steps, FLOPs and time."""
+    """The dry run: per pending run, its memory plan (or why it does not fit), steps, FLOPs and time (from the
+    throughput the table's finished runs measured, where it holds runs of 2 sizes)."""
     todo = sweep.pending()
-    seconds = sum(estimated_seconds(c) for c in todo) / max(1, workers)
+    rate = measured_throughput(read_records(sweep.runs)) if sweep.runs.exists() else None
     gpu = any(c.device.startswith("cuda") for c in todo)
+
+    def seconds_of(c: TrainConfig) -> float:
+        return c.tokens / rate(c) + 2.0 if rate is not None and not c.device.startswith("cuda") else estimated_seconds(c)
+    seconds = sum(seconds_of(c) for c in todo) / max(1, workers)
     basis = (f"model FLOPs at {GPU_TFLOPS:g} TFLOP/s per GPU, compressed formats 1.3x slower (an assumption, "
              "not a measurement: benchmarks/gpu_check.sh measures it)" if gpu else
-             "the reference 2-core CPU's measured throughput")
+             "the throughput this table's finished runs measured, a power law in N" if rate is not None else
+             "the reference 2-core CPU's throughput (no runs of 2 sizes in the table to measure it from)")
     lines = [f"{len(sweep.configs)} runs in the grid, {len(sweep.configs) - len(todo)} done, {len(todo)} to run "
              f"-> {sweep.runs}", f"estimated time with {workers} worker(s): {seconds / 3600:.2f} h ({basis})",
              "memory: peak per process of the planned step (micro-batch x accumulation = sequences per step)"]
@@ -248,7 +276,7 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
         steps = c.steps()
         flops = flops_per_token(model) * steps * c.resolved_batch_size() * c.context
         lines.append(f"  {c.compression.label:>24}  N~{c.params:>11,}  D={c.tokens:>14,}  seed {c.seed}  "
-                     f"{steps:>6,} steps  {flops:.2e} FLOPs  ~{estimated_seconds(c) / 3600:.2f} h  {memory}")
+                     f"{steps:>6,} steps  {flops:.2e} FLOPs  ~{seconds_of(c) / 3600:.2f} h  {memory}")
     return "\n".join(lines)
 
 
