@@ -224,6 +224,7 @@ def test_tiny_sweep_orders_formats_and_fits(tmp_path):
     sweep_file.write_text('runs = "runs.jsonl"\nsizes = [6250, 12500, 25000]\ntokens_per_param = [20, 40]\n'
                           'formats = [{w = "bf16"}, {w = "int8"}, {w = "int4"}, {w = "int2"}]\n')
     run_sweep(load_sweep(sweep_file), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.jsonl", "sweep.toml"]  # no claims or checkpoints left
     runs = load_runs(tmp_path / "runs.jsonl")
     table = runs.pivot_table(index=["params", "tokens"], columns="format", values="loss")
     assert (table["bf16"] <= table["int8"] + 0.01).all() and (table["int8"] < table["int4"]).all()
