@@ -13,6 +13,7 @@ def rho(gmse, L: float = RHO_L, F: float = RHO_F, C: float = RHO_C):
     with np.errstate(divide="ignore"):
         log_quarter = np.where(g > 0, np.log(np.where(g > 0, g, 1.0)) / np.log(0.25), np.inf)
     value = L * np.tanh(F * np.clip(log_quarter, 0.0, None)) ** C
+    value = np.where(np.isnan(g), np.nan, value)  # an unknown GMSE has an unknown capacity, never 1
     return float(value) if value.ndim == 0 else value
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capscale import capacity
-from capscale.capacity import SpecError, gmse, parse, rho
+from capscale.capacity import SpecError, gmse, pair_rho, parse, rho
 
 EXACT_TARGETS = {  # reference README section 4 (exact values)
     "int1": 0.363380, "int2": 0.118846, "int3": 0.0374397, "int4": 0.0115429,
@@ -261,3 +261,9 @@ def test_a_user_format_trains_under_trust_through_its_tolerance(monkeypatch):
     record = train(TrainConfig(Compression("rounder(step=0.5)"), params=6000, tokens=20_000), progress=False)
     assert record["status"] == "ok" and str(capacity.parse(record["w_format"])) == "rounder"
     assert record["loss"] < math.log(256)
+
+
+def test_an_unknown_gmse_has_an_unknown_capacity_not_1():
+    """A label capscale cannot parse has no GMSE; its capacity in the report's formats table was once 1.0."""
+    assert math.isnan(rho(float("nan"))) and math.isnan(pair_rho(float("nan"), 0.0))
+    assert rho(0.0) == 1.0 and rho(1.0) == 0.0
