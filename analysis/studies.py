@@ -7,7 +7,7 @@
   did; its `w_bits`/`a_bits` fields do not always (the fp4 runs say 16).
 - `t5`: the 48 sparse T5 runs of Frantar et al. (google-research/jaxpruner, Apache-2.0): unstructured
   magnitude sparsity of the weights, `sparse(S)`, against the dense runs.
-- `cpu`: capscale's own CPU study (`data/cpu_study.toml`).
+- `cpu`: capscale's own CPU study (`data/study.toml`; its successor `data/cpu_study.toml` is being swept).
 
 Licenses and provenance are shipped beside the files (`data/published/`, its README) and recorded in each
 table's `attrs["provenance"]`.
@@ -107,7 +107,8 @@ def cpu_runs() -> pd.DataFrame:
     return table
 
 
-CPU_STUDY_RUNS = "cpu_study_runs.jsonl"
+# The shipped CPU study until the new one (data/cpu_study.toml, being swept across sittings) is complete.
+CPU_STUDY_RUNS = "study_runs.jsonl"
 
 
 def _provenance(name: str) -> dict:
@@ -123,8 +124,8 @@ STUDIES = {
     "t5": Study("t5", "the 48 sparse T5 runs of Frantar et al. (ICLR 2024)",
                 "google-research/jaxpruner jaxpruner/projects/bigsparse/t5-data.csv at "
                 "f133ee50f31a03d0152b8b272edb534065152f5d (Apache-2.0, data/published/t5/LICENSE)"),
-    "cpu": Study("cpu", "capscale's CPU study: 2-layer models of 7k-56k parameters on the Python sources of torch",
-                 "data/cpu_study.toml, trained by capscale on the project's 2-core machine"),
+    "cpu": Study("cpu", "capscale's CPU study: 96 runs of 7k-56k-parameter models on the KJV text",
+                 "data/study.toml, trained by capscale on the project's 2-core machine"),
 }
 
 
