@@ -9,6 +9,7 @@ Plotting libraries load only with `report()`.
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from capscale.capacity import BASELINE, InputError
 
 from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
 from .laws import DecoupledLaw, ScalingLaw, eff_key, exponent_at_edge, make_law
-from .names import LAW_NAMES
+from .names import LAW_NAMES, FitWarning
 
 
 def _finite(x):
@@ -267,6 +268,8 @@ def fit(runs, law: str = "decoupled", bootstrap: int = 200, level: float = 0.95,
     if law not in LAW_NAMES:
         raise InputError(f"unknown law '{law}'; choose from {', '.join(LAW_NAMES)}")
     fitted = make_law(law, baseline=baseline, delta=delta, **law_options).fit(runs)
+    for text in fitted.warnings_:  # in Python too, not only in law.warnings_ (the command line prints its own)
+        warnings.warn(text, FitWarning, stacklevel=2)
     boot = run_bootstrap(fitted, runs, bootstrap, seed, n_jobs=n_jobs, progress=progress, unit=resample,
                          level=level) if bootstrap else None
     return LawFit(runs, fitted, boot, seed, level)

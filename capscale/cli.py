@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from capscale.capacity import InputError, compare, gmse, load_plugin, registry
 from capscale.capacity.gmse import DEFAULT_SAMPLES, MAX_ROW_LENGTH, MAX_SAMPLES
@@ -84,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from capscale.analysis.names import FitWarning
+    warnings.filterwarnings("ignore", category=FitWarning)  # each command prints a fit's warnings its own way
     try:
         for module in args.plugin:
             load_plugin(module)

@@ -86,3 +86,15 @@ def test_fit_reads_a_path_and_refuses_an_unknown_law(tmp_path):
     assert result.eff["int4"] == pytest.approx(0.8, abs=0.05) and result.boot is None
     with pytest.raises(InputError, match="unknown law"):
         capscale.fit(path, law="chinchilla", bootstrap=0)
+
+
+def test_a_weak_fit_warns_in_python_too():
+    """E at its bound was only in law.warnings_; a notebook user must see it without looking there."""
+    import warnings
+    from capscale import data
+    from capscale.analysis.names import FitWarning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        law = capscale.fit(data.path("study_runs.jsonl"), bootstrap=0, progress=False)
+    texts = [str(w.message) for w in caught if issubclass(w.category, FitWarning)]
+    assert texts and texts == law.law.warnings_
