@@ -18,6 +18,8 @@ from .parallel import chunked_map
 from .laws import eff_key, law_loss
 from .names import RESAMPLING_UNITS
 
+ONE_SIGMA = 0.6826894921370859  # the probability within one sd of a normal's mean
+
 
 @dataclass
 class BootstrapResult:
@@ -31,15 +33,16 @@ class BootstrapResult:
         return (1 - level) / 2, 1 - (1 - level) / 2
 
     def intervals(self, point: dict | None = None, level: float | None = None) -> pd.DataFrame:
-        """value (the point fit, if given), standard error and percentile interval of every fitted number."""
+        """value (the point fit, if given), standard error and percentile interval of every fitted number. The
+        standard error is half the central 68.3% range of the replicates (the sd where they are normal): a few
+        replicates that run off along a ridge (A -> 1e28 with E at its bound) do not make it meaningless."""
         lo, hi = self.tails(level)
-        table = pd.DataFrame({"se": self.samples.std(ddof=1), "lo": self.samples.quantile(lo),
+        sigma = (self.samples.quantile(0.5 + ONE_SIGMA / 2) - self.samples.quantile(0.5 - ONE_SIGMA / 2)) / 2
+        table = pd.DataFrame({"se": sigma, "lo": self.samples.quantile(lo),
                               "hi": self.samples.quantile(hi)})
         if point is not None:
             table.insert(0, "value", pd.Series(point))
         return table
-
-
 
 
 def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats") -> pd.DataFrame:

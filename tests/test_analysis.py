@@ -434,3 +434,13 @@ def test_a_two_format_study_validates_against_the_published_constants(capscale_c
     assert set(rows) == {"int4", "int3"}
     for r in rows.values():
         assert r["inside"] and r["fitted"] == pytest.approx(r["predicted"], abs=0.1)
+
+
+def test_bootstrap_standard_error_survives_a_runaway_replicate():
+    """`--resample cells` once printed se 1.98e+28 beside a sane interval: one replicate ran off along a ridge."""
+    from capscale.analysis.bootstrap import BootstrapResult
+    rng = np.random.default_rng(0)
+    values = rng.normal(2.0, 0.1, 400)
+    values[7] = 1.98e30
+    se = BootstrapResult(pd.DataFrame({"A": values}), n_failed=0).intervals()["se"]["A"]
+    assert se == pytest.approx(0.1, rel=0.15)
