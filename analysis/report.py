@@ -73,7 +73,8 @@ def _table_md(frame: pd.DataFrame) -> str:
 
 def build_report(fit, folder: "str | Path", grids: dict | None = None, title: str = "capscale report",
                  progress: bool = True, n_jobs: int | None = None, replicates: pd.DataFrame | None = None,
-                 command: str | None = None, overwrite: bool = False, published: pd.DataFrame | None = None) -> Report:
+                 command: str | None = None, overwrite: bool = False, published: pd.DataFrame | None = None,
+                 form: str = "tanh") -> Report:
     """Every analysis of a decoupled LawFit into `folder`: validation, composability, paired comparisons, health,
     extrapolation and figures. `grids`: {name: path} of capacity grids to analyse too; `replicates` (optional
     seed repeats of some runs, not fitted) give the fit-health check its seed-to-seed scatter and the loss figure
@@ -86,7 +87,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     intervals = fit.intervals()
     comparison = fit.compare_laws()
     try:
-        validation, capacity_omitted = fit.validate(progress=progress, n_jobs=n_jobs), None
+        validation, capacity_omitted = fit.validate(form=form, progress=progress, n_jobs=n_jobs), None
     except InputError as err:  # labels without a GMSE, or too few formats: the capacity sections say why instead
         validation, capacity_omitted = None, str(err)
     comp, wald = fit.compose()

@@ -209,8 +209,11 @@ def _report_command(args) -> None:
     replicates = (load_runs(args.replicates, mapping=args.map, baseline=args.baseline or BASELINE)
                   if args.replicates else None)
     report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates,
-                                              overwrite=args.overwrite)
-    print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
+                                              overwrite=args.overwrite, title=args.title, form=args.form)
+    if args.json:
+        print((report.folder / "results.json").read_text())
+    else:
+        print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 
 
 def add_report_command(sub) -> None:
@@ -222,6 +225,9 @@ def add_report_command(sub) -> None:
                    help="output folder: new, empty, or holding a previous capscale report")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
     p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    p.add_argument("--title", default="capscale report", help="the report's title (default: %(default)s)")
+    p.add_argument("--form", default="tanh", choices=RHO_FORMS,
+                   help="rho form of the capacity regression (default: %(default)s)")
     p.add_argument("--replicates", metavar="RUNS", help="run table repeating some runs with other seeds (not "
                                                         "fitted): the fit-health check compares the misfit with it")
     add_fit_file_argument(p)

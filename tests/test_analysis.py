@@ -444,3 +444,13 @@ def test_bootstrap_standard_error_survives_a_runaway_replicate():
     values[7] = 1.98e30
     se = BootstrapResult(pd.DataFrame({"A": values}), n_failed=0).intervals()["se"]["A"]
     assert se == pytest.approx(0.1, rel=0.15)
+
+
+@pytest.mark.slow
+def test_report_json_title_and_form(capscale_cli, tmp_path):
+    out = capscale_cli("report", str(data.path("study_runs.jsonl")), "--bootstrap", "5", "-o", str(tmp_path / "r"),
+                       "--json", "--title", "My study", "--form", "logistic")
+    assert out.returncode == 0, out.stderr[-2000:]
+    results = json.loads(out.stdout)
+    assert results["title"] == "My study" and results["validation"]["form"] == "logistic"
+    assert "My study" in (tmp_path / "r" / "report.html").read_text()
