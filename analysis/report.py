@@ -66,7 +66,7 @@ def markdown_text(text) -> str:
 def _table_md(frame: pd.DataFrame) -> str:
     if not len(frame.columns):
         return ""
-    cells = frame.fillna("").rename(columns=markdown_text)
+    cells = frame.astype(object).where(frame.notna(), "").rename(columns=markdown_text)  # blanks in any dtype
     cells = cells.apply(lambda col: col.map(markdown_text) if col.dtype == object else col)
     return cells.to_markdown(index=False, floatfmt=".4g")
 
