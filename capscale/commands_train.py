@@ -68,8 +68,8 @@ def add_train_command(sub) -> None:
     TrainConfig.add_options(p)
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
     p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
-    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads (default: 1 below 300k "
-                   "parameters, at most 2 below 5M, and never more than the cores not busy with other work)")
+    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads (default: the cores not busy "
+                   "with other work, at most 2 below 300k parameters and 4 below 5M)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_command)
 

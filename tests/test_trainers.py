@@ -303,10 +303,10 @@ def test_named_corpora_are_recorded_by_name_size_and_fingerprint():
 
 def test_default_threads_follow_the_model_and_the_free_cores(monkeypatch):
     from capscale.trainers import threads
-    assert threads.default_threads(20_000, cores=16) == 1          # tiny matmuls: one thread
-    assert threads.default_threads(1_000_000, cores=16) == 2
+    assert threads.default_threads(20_000, cores=16) == 2          # tiny matmuls: few threads
+    assert threads.default_threads(20_000, cores=1) == 1           # a busy machine: one
+    assert threads.default_threads(1_000_000, cores=16) == 4
     assert threads.default_threads(50_000_000, cores=16) == 16
-    assert threads.default_threads(50_000_000, cores=1) == 1
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (6.2, 0.0, 0.0))
     assert threads.free_cores() == 2                                 # 8 cores, 6 busy with other work

@@ -1,16 +1,18 @@
 """How many CPU threads a run gets by default: what its matmuls can use, and no more than the cores free.
 
-torch's default (every core) is right for large matmuls on an idle machine and wrong for the small models a
-CPU study trains: their matmuls are too small to split, so extra threads only synchronise, and on a machine
-with other work the threads wait for each other (the README's 20k-parameter run took 154 s with the default
-under load and 9.6 s with one thread). `benchmarks/bench_threads.py` measures the rule against every setting.
+torch's default (every core) is wrong on a machine with other work: the threads wait for each other (the
+README's 20k-parameter run took 154 s with the default under load and 9.6 s with one thread), so the threads
+are the cores not busy; and a small model's matmuls gain nothing from many threads, so its size caps them.
+`benchmarks/bench_threads.py` measures the rule against every setting, idle and beside a busy process.
 """
 from __future__ import annotations
 
 import os
 
-ONE_THREAD_BELOW = 3e5   # non-embedding parameters: below this, one thread
-TWO_THREADS_BELOW = 5e6  # below this, at most two
+# Caps by model size (non-embedding parameters) for machines with many free cores: below 300k at most 2
+# threads, below 5M at most 4. On 2 idle cores two threads were faster at every size measured (20k: 72k vs
+# 53k tokens/s), so the free cores, not the size, decide on small machines.
+SIZE_CAPS = ((3e5, 2), (5e6, 4))
 
 
 def free_cores() -> int:
@@ -22,5 +24,5 @@ def free_cores() -> int:
 
 def default_threads(n_params: float, cores: int | None = None) -> int:
     """Threads for a model of `n_params` non-embedding parameters on `cores` free cores (default: measured)."""
-    wanted = 1 if n_params < ONE_THREAD_BELOW else 2 if n_params < TWO_THREADS_BELOW else 1 << 20
-    return max(1, min(wanted, free_cores() if cores is None else cores))
+    cap = next((most for below, most in SIZE_CAPS if n_params < below), 1 << 20)
+    return max(1, min(cap, free_cores() if cores is None else cores))
