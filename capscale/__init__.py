@@ -28,6 +28,7 @@ _API = {
     ".trainers.diagnose": ("diagnose",),
     ".trainers.train": ("TrainConfig", "train"),
 }
+_SUBPACKAGES = ("capacity", "trainers", "analysis", "data")  # `capscale.data.path("study.toml")` after `import capscale`
 _HOME = {name: module for module, names in _API.items() for name in names}
 
 try:
@@ -35,10 +36,12 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed
     __version__ = "unknown"
 
-__all__ = sorted(_HOME) + ["__version__"]
+__all__ = sorted(_HOME) + list(_SUBPACKAGES) + ["__version__"]
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     if name not in _HOME:
         raise AttributeError(f"module 'capscale' has no attribute {name!r}")
     value = getattr(importlib.import_module(_HOME[name], __name__), name)

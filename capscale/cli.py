@@ -7,6 +7,7 @@ prints what it returns.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import warnings
@@ -69,6 +70,39 @@ def add_compare_command(sub) -> None:
     p.set_defaults(func=_compare_command)
 
 
+def _shipped_files() -> list[str]:
+    from capscale import data
+    root = data.path()
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_file() and p.suffix != ".pyc" and p.name != "__init__.py" and "__pycache__" not in p.parts)
+
+
+def _data_command(args) -> None:
+    from capscale import data
+    files = _shipped_files()
+    if args.action == "list":
+        print_records([{"name": name, "bytes": data.path(*name.split("/")).stat().st_size} for name in files])
+        return
+    if not args.name:
+        raise InputError("data path: give NAME, one of the names `capscale data list` prints")
+    if args.name not in files:
+        close = difflib.get_close_matches(args.name, files, n=3) or [f for f in files if f.endswith(args.name)][:3]
+        raise InputError(f"no shipped file {args.name!r}" + (f"; did you mean {', '.join(close)}?" if close else
+                                                              "; `capscale data list` names them"))
+    print(data.path(*args.name.split("/")))
+
+
+def add_data_command(sub) -> None:
+    p = sub.add_parser("data", help="the files shipped inside the package: list them, or print one's path",
+                       description="The studies, sweep files, published runs and reference tables installed with "
+                                   "capscale, by name, from any directory: `capscale data list`; `capscale data path "
+                                   "study.toml` prints where it is, e.g. to copy it: cp \"$(capscale data path "
+                                   "study.toml)\" .")
+    p.add_argument("action", choices=("list", "path"))
+    p.add_argument("name", nargs="?", help="a name from `capscale data list` (for `path`)")
+    p.set_defaults(func=_data_command)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capscale", description="Capacity of compressed number formats: Gaussian MSE, training over formats, "
@@ -77,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import MODULE first: your own formats (it registers them, or specs name its Component "
                              "classes as MODULE:Class). Nothing else ever imports code named in a spec or a table")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_formats_command, add_gmse_command, add_compare_command, *commands_train.ADDERS,
+    for add in (add_formats_command, add_gmse_command, add_compare_command, add_data_command, *commands_train.ADDERS,
                 *commands_analysis.ADDERS):
         add(sub)
     return parser

@@ -92,3 +92,12 @@ def test_every_subcommand_explains_itself():
     for name, sub in commands.items():
         text = sub.format_help()
         assert "usage: capscale " + name in text, name
+
+
+def test_shipped_files_resolve_by_name_from_any_directory(capscale_cli, tmp_path):
+    listed = capscale_cli("data", "list", cwd=tmp_path)
+    assert listed.returncode == 0 and "published/quest/runs_for_scaling.json" in listed.stdout
+    found = capscale_cli("data", "path", "study.toml", cwd=tmp_path)
+    assert found.returncode == 0 and Path(found.stdout.strip()) == data.path("study.toml")
+    missing = capscale_cli("data", "path", "studdy.toml", cwd=tmp_path)
+    assert missing.returncode == 2 and "did you mean study.toml" in missing.stderr
