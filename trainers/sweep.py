@@ -38,7 +38,7 @@ try:
 except ImportError:  # Python 3.10
     import tomli as tomllib
 
-from capscale.capacity import InputError, load_plugin
+from capscale.capacity import InputError, is_uncompressed, load_plugin
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
@@ -194,7 +194,7 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
     cores = max(1, free_cores() // workers)
     ran, waited = 0, False
     while todo:
-        ran += _train_all(sweep, todo, workers, threads or cores, progress, chosen=threads is not None)
+        ran += _train_all(sweep, todo, workers, threads, cores, progress)
         finished = finished_keys(sweep.runs)
         todo = [c for c in todo if c.key() not in finished and held_elsewhere(sweep.runs, c.key())]
         while todo and all(held_elsewhere(sweep.runs, c.key()) for c in todo):
@@ -212,11 +212,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
     return ran
 
 
-def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int, progress: bool,
-               chosen: bool = True) -> int:
-    """`threads` per worker: as given (`chosen`), else the most each run's model may take (`default_threads`)."""
-    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads if chosen else default_threads(c.params, threads),
-             loaded_plugins()) for c in todo]
+def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int | None, cores: int,
+               progress: bool) -> int:
+    """Threads per worker: `threads` if given, else what each run's model may take of its `cores`."""
+    jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads or default_threads(c.params, cores), loaded_plugins())
+            for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
                file=sys.stderr)
     statuses = []
@@ -242,7 +242,7 @@ def measured_throughput(records: list[dict]):
           and r["tokens_per_s"] > 0 and isinstance(r.get("params"), (int, float)) and r["params"] > 0]
     fits = {}
     for dense in (True, False):
-        group = [r for r in ok if (r.get("w_format") in (None, "bf16") and r.get("a_format") in (None, "none")) == dense]
+        group = [r for r in ok if (is_uncompressed(r.get("w_format")) and is_uncompressed(r.get("a_format"))) == dense]
         if len({r["params"] for r in group}) >= 2:
             fits[dense] = np.polyfit(np.log([r["params"] for r in group]), np.log([r["tokens_per_s"] for r in group]), 1)
     if not fits:
