@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from . import plots, plots_inference
+from .studies import published_table
 from .verdicts import format_interval
 
 
@@ -36,14 +37,6 @@ class ReportContext:
     grid_results: dict
     replicates: int
     published: pd.DataFrame | None = None  # analysis.studies.published_comparison, for a published study
-
-
-def _published_table(table: pd.DataFrame, pct: str) -> pd.DataFrame:
-    return pd.DataFrame({"format": table["format"], "published": table["published"], "fitted": table["fitted"],
-                         f"{pct} interval": [format_interval(a, b, ".3f") for a, b in zip(table.fitted_lo, table.fitted_hi)],
-                         "predicted from capacity": table["predicted"],
-                         "prediction interval": [format_interval(a, b, ".3f") for a, b in zip(table.pred_lo, table.pred_hi)],
-                         "note": table["note"]})
 
 
 def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
@@ -99,7 +92,7 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
             [("Efficiencies", eff.assign(**{f"{pct} interval": [format_interval(a, b) for a, b in zip(eff.eff_lo, eff.eff_hi)]})
               [["format", "family", "eff", f"{pct} interval"]])]
             + ([("Published efficiencies: capscale's fit and its leave-one-format-out capacity prediction against the "
-                 "values the source publishes", _published_table(ctx.published, pct))] if ctx.published is not None else []))
+                 "values the source publishes", published_table(ctx.published, level))] if ctx.published is not None else []))
 
     v, cal = ctx.validation, ctx.stats["calibration"]
     if v is None:

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 
 from capscale import data
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.runtable import format_label
+
+from .names import STUDY_NAMES
+from .verdicts import format_interval
 
 # QuEST quantizer class -> (rotation, estimator, scalar format given the bits); fp4 ignores the bits.
 QUEST_CLASSES = {
@@ -43,10 +47,8 @@ QUEST_MAIN_ROTATION = "half"  # the recipe behind the published efficiencies; ot
 class Study:
     name: str
     describe: str
-    source: str       # where the runs come from, with the license
-
-    def runs(self) -> pd.DataFrame:
-        return READERS[self.name]()
+    source: str                          # where the runs come from, with the license
+    read: Callable[[], pd.DataFrame]     # its run table
 
 
 def _spec(cls: str, bits: int, where: str) -> tuple[str | None, str | None, str | None]:
@@ -116,23 +118,22 @@ def _provenance(name: str) -> dict:
             "readme": str(data.path("published", "README.md"))}
 
 
-READERS = {"quest": quest_runs, "t5": t5_runs, "cpu": cpu_runs}
-STUDIES = {
-    "quest": Study("quest", "QuEST's 104 quantization-aware Llama runs on C4, 30M-800M parameters",
-                   "IST-DASLab/QuEST for_plots/runs_for_scaling.json at c295afda142c03a89d2af04653881beccf459aa1 "
-                   "(MIT license, data/published/quest/LICENSE)"),
-    "t5": Study("t5", "the 48 sparse T5 runs of Frantar et al. (ICLR 2024)",
-                "google-research/jaxpruner jaxpruner/projects/bigsparse/t5-data.csv at "
-                "f133ee50f31a03d0152b8b272edb534065152f5d (Apache-2.0, data/published/t5/LICENSE)"),
-    "cpu": Study("cpu", "capscale's CPU study: 96 runs of 7k-56k-parameter models on the KJV text",
-                 "data/study.toml, trained by capscale on the project's 2-core machine"),
-}
+STUDIES = {study.name: study for study in (
+    Study("quest", "QuEST's 104 quantization-aware Llama runs on C4, 30M-800M parameters",
+          "IST-DASLab/QuEST for_plots/runs_for_scaling.json at c295afda142c03a89d2af04653881beccf459aa1 "
+          "(MIT license, data/published/quest/LICENSE)", quest_runs),
+    Study("t5", "the 48 sparse T5 runs of Frantar et al. (ICLR 2024)",
+          "google-research/jaxpruner jaxpruner/projects/bigsparse/t5-data.csv at "
+          "f133ee50f31a03d0152b8b272edb534065152f5d (Apache-2.0, data/published/t5/LICENSE)", t5_runs),
+    Study("cpu", "capscale's CPU study: 96 runs of 7k-56k-parameter models on the KJV text",
+          "data/study.toml, trained by capscale on the project's 2-core machine", cpu_runs))}
+assert tuple(STUDIES) == STUDY_NAMES
 
 
 def study_runs(name: str) -> pd.DataFrame:
     if name not in STUDIES:
         raise InputError(f"unknown study {name!r}; the shipped studies are {', '.join(STUDIES)}")
-    return STUDIES[name].runs()
+    return STUDIES[name].read()
 
 
 def published_efficiencies(name: str) -> pd.DataFrame | None:
@@ -161,6 +162,15 @@ def published_comparison(fit, validation, published: pd.DataFrame) -> pd.DataFra
                      "published_inside_ci": bool(lo <= r.published_hi and r.published_lo <= hi) if lo == lo else None,
                      "note": r.note})
     return pd.DataFrame(rows)
+
+
+def published_table(table: pd.DataFrame, level: float) -> pd.DataFrame:
+    """`published_comparison` as a reader sees it: values beside their intervals."""
+    return pd.DataFrame({"format": table["format"], "published": table["published"], "fitted": table["fitted"],
+                         f"{level:.0%} interval": [format_interval(a, b, ".3f") for a, b in zip(table.fitted_lo, table.fitted_hi)],
+                         "predicted from capacity": table["predicted"],
+                         "prediction interval": [format_interval(a, b, ".3f") for a, b in zip(table.pred_lo, table.pred_hi)],
+                         "note": table["note"]})
 
 
 def published_sentence(table: pd.DataFrame, level: float) -> str:

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from capscale.analysis.names import LAW_NAMES, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS
+from capscale.analysis.names import DEFAULT_STUDY, LAW_NAMES, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS, STUDY_NAMES
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.paths import strict_json
 
@@ -244,7 +244,7 @@ def add_demo_command(sub) -> None:
     p.add_argument("-o", "--output", default="capscale-demo", help="report folder: new, empty, or holding a "
                                                                    "previous capscale report (default: ./capscale-demo)")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
-    p.add_argument("--study", choices=("quest", "t5", "cpu"), default="quest",
+    p.add_argument("--study", choices=STUDY_NAMES, default=DEFAULT_STUDY,
                    help="the shipped study to analyse (default: %(default)s)")
     p.add_argument("--train", action="store_true", help="train a small CPU study from scratch first (~10 min on 2 "
                                                         "cores; with --study cpu)")

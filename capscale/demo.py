@@ -17,11 +17,9 @@ from capscale.capacity.paths import report_folder
 from capscale.analysis.lawfit import fit
 from capscale.analysis.verdicts import format_interval
 from capscale.analysis.runs import format_table, load_runs
-from capscale.analysis.studies import STUDIES, published_efficiencies, study_runs
+from capscale.analysis.names import DEFAULT_STUDY
+from capscale.analysis.studies import STUDIES, published_efficiencies, published_table, study_runs
 from capscale.trainers.sweep import load_sweep, run_sweep
-
-
-DEFAULT_STUDY = "quest"  # the claim checked where the papers checked it: real runs at 30M-200M parameters
 
 
 def _study(study: str, train: bool, out: Path):
@@ -87,13 +85,9 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                         "prediction inside CI": t["inside"], "intervals overlap": t["overlap"]}).to_string(index=False))
     print(report.validation.verdicts())
     if report.results.get("published_comparison"):
-        p = pd.DataFrame(report.results["published_comparison"])
+        table = published_table(pd.DataFrame(report.results["published_comparison"]), report.validation.level)
         print("\n== Against the published efficiencies ==")
-        print(pd.DataFrame({"format": p["format"], "published": p["published"], "fitted": p["fitted"].round(3),
-                            "95% CI": [format_interval(a, b, ".3f") for a, b in zip(p["fitted_lo"], p["fitted_hi"])],
-                            "predicted from capacity": p["predicted"].round(3),
-                            "interval": [format_interval(a, b, ".3f") for a, b in zip(p["pred_lo"], p["pred_hi"])]})
-              .to_string(index=False))
+        print(table.drop(columns="note").to_string(index=False, float_format="{:.3f}".format))
     if report.calibration is not None:
         print(report.calibration.verdict())
     if report.wald is not None:
