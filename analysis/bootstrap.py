@@ -55,7 +55,7 @@ def resample(runs: pd.DataFrame, rng: np.random.Generator, unit: str = "formats"
         codes = pd.factorize(runs["format"])[0]
         groups = [np.flatnonzero(codes == g) for g in range(codes.max() + 1)]
         out = runs.iloc[np.concatenate([idx[rng.integers(0, len(idx), len(idx))] for idx in groups])]
-    out.attrs = dict(runs.attrs)
+    out.attrs = {**runs.attrs, "bootstrap_resample": True}  # check_identifiable: the full table passed
     return out
 
 

@@ -233,6 +233,13 @@ class LawFit:
         table = extrapolation_check(self.law, self.runs)
         return table, extrapolation_errors(table)
 
+    def plan(self, memory: float | None = None, flops: float | None = None, tokens: float | None = None,
+             formats=None, speedup: dict | None = None):
+        """The loss-optimal (format, N, D) at a budget (weight bytes, training FLOPs, tokens), ranked, with
+        bootstrap intervals and win shares (`analysis.plan`)."""
+        from .plan import Budget, plan
+        return plan(self, Budget(memory, flops, tokens), formats, speedup)
+
     # -- files ------------------------------------------------------------------------------------------------
     def save(self, path: "str | Path", overwrite: bool = False) -> Path:
         """Save to a new file (or one capscale saved a fit in; any with `overwrite`)."""

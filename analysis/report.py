@@ -10,6 +10,7 @@ from html import escape
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pandas as pd
 
 from capscale.capacity import InputError, pair_rho
@@ -114,6 +115,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
         verdict_lines.insert(0, {"topic": "Does the fit reproduce the published efficiencies?",
                                  "text": published_sentence(against, level)})
     origin = provenance(runs, fit.seed, law, boot, level, command)
+    decision = decisions(fit, info, progress)
 
     results = {"title": title, "verdicts": verdict_lines, "provenance": origin, "source": runs.attrs.get("source"),
                "baseline": baseline, "decoupled": fit.as_json(),
@@ -127,13 +129,14 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "calibration": None if stats_["calibration"] is None else stats_["calibration"].as_json(),
                "composability_wald": None if stats_["wald"] is None else stats_["wald"].table.to_dict("records"),
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records"),
-               "published_comparison": None if against is None else against.to_dict("records")}
+               "published_comparison": None if against is None else against.to_dict("records"),
+               "plan": None if "plan" not in decision else decision["plan"].as_json()}
 
     context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
                             capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
                             capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
                             extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates,
-                            published=against)
+                            published=against, decision=decision)
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)
@@ -142,6 +145,24 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                          **{f"{key}.png": data for key, data in images.items()}, **pages})
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
                   stats_["wald"], stats_["mixed"], verdict_lines)
+
+
+def decisions(fit, info: pd.DataFrame, progress: bool) -> dict:
+    """"What to use": the plan at the largest fitted model's weight memory in the baseline format and the largest
+    fitted token count, its curves over a 100x range of memory, and the frontier of the built-in families (vector
+    quantization left out: its codebooks take minutes to build the first time)."""
+    from .frontier import frontier
+    from .names import FRONTIER_FAMILIES
+    from .plan import Budget, plan, plan_curves
+    known = [f for f in fit.eff if np.isfinite(info.at[f, "w_bits"])]
+    if fit.baseline not in known or len(known) < 2:
+        return {"omitted": "the formats' bits per value are unknown (labels capscale cannot parse, no w_bits "
+                           "column), so their memory cannot be counted"}
+    budget = Budget(memory=fit.runs["params"].max() * info.at[fit.baseline, "w_bits"] / 8,
+                    tokens=fit.runs["tokens"].max())
+    return {"plan": plan(fit, budget, known),
+            "curves": plan_curves(fit, budget.memory * np.logspace(-1, 1, 9), "memory", budget, known),
+            "frontier": frontier([f for f in FRONTIER_FAMILIES if f != "vq"], progress=progress)}
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),

@@ -37,6 +37,7 @@ class ReportContext:
     grid_results: dict
     replicates: int
     published: pd.DataFrame | None = None  # analysis.studies.published_comparison, for a published study
+    decision: dict | None = None  # plan, curves and frontier for "What to use" (analysis.report.decisions), or why not
 
 
 def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
@@ -166,6 +167,9 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
                   "error: points all on one side mean the law is biased when it extrapolates.",
                   plots.extrapolation(ctx.extrap, styles))], [("Held-out runs", ctx.extrap)])
 
+    if ctx.decision is not None:
+        section("what-to-use", "9. What to use", *_what_to_use(ctx.decision, styles))
+
     raw = ctx.runs[["format", "params", "tokens", "loss"] + (["seed"] if "seed" in ctx.runs else [])].assign(
         predicted=law.predict(ctx.runs), residual=law.residuals_).sort_values(["format", "params", "tokens"])
     skipped = ctx.runs.attrs.get("skipped", [])
@@ -173,3 +177,29 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
             f"Every fitted run with its prediction and log residual. {len(skipped)} run(s) not fitted (status not ok).",
             (), [("Fitted runs", raw)] + ([("Runs not fitted", pd.DataFrame(skipped))] if skipped else []))
     return sections, figures
+
+
+def _what_to_use(decision: dict, styles) -> tuple:
+    """The plan at the budget of the largest fitted model's uncompressed weights, its curves, and the frontier of
+    the built-in format families at 4 bits."""
+    from . import plots_decisions
+    if "omitted" in decision:
+        return f"Omitted: {decision['omitted']}", (), ()
+    plan, front = decision["plan"], decision["frontier"]
+    text = (f"{plan.verdict()} The budget is the largest fitted model's weights in the baseline format (each format "
+            "gets the parameters that memory holds) and the largest fitted token count; capscale plan answers for "
+            "any other budget, with speed-ups. Formats ranked by predicted loss, with the share of bootstrap "
+            "replicates in which each is the best. The capacity frontier (rho(GMSE) at the published constants "
+            f"against bits per value, {len(front.table)} designs of the built-in families) puts "
+            f"{front.at_bits(4).iloc[0]['spec']} first near 4 bits; capscale frontier explores other families.")
+    figs = [("plan_curves", "Predicted loss at each format's optimum against the weight-memory budget (the dotted line "
+             "is the budget of the table), and each format's gap to the best.",
+             plots_decisions.budget_curves(decision["curves"], styles, marked=plan.budget.memory)),
+            ("frontier", "Capacity of format designs against bits per value; the step line is the Pareto frontier, "
+             "the dashed curve Shannon's bound rho(2^-2R).",
+             plots_decisions.capacity_frontier(front.table, front.constants))]
+    shown = plan.table.reset_index()[["rank", "format", "eff", "bits", "params", "tokens", "loss", "loss_lo",
+                                      "loss_hi", "p_best", "extrapolated"]]
+    near4 = front.at_bits(4).head(10)[["family", "spec", "bits", "gmse", "capacity", "bits_over_shannon"]]
+    return text, figs, [(f"Best (N, D) per format at {plan.budget.describe()}", shown),
+                        ("Designs within half a bit of 4 bits, most capacity first", near4)]

@@ -15,7 +15,7 @@ import warnings
 from capscale.capacity import InputError, compare, gmse, load_plugin, registry
 from capscale.capacity.gmse import DEFAULT_SAMPLES, MAX_ROW_LENGTH, MAX_SAMPLES
 
-from . import commands_analysis, commands_train
+from . import commands_analysis, commands_decisions, commands_train
 from .options import whole
 from .output import print_records
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "classes as MODULE:Class). Nothing else ever imports code named in a spec or a table")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_formats_command, add_gmse_command, add_compare_command, add_data_command, *commands_train.ADDERS,
-                *commands_analysis.ADDERS):
+                *commands_analysis.ADDERS, *commands_decisions.ADDERS):
         add(sub)
     return parser
 

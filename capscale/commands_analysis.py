@@ -21,9 +21,11 @@ from .output import print_table
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
     help_runs = "run table: CSV or JSON lines (format, params, tokens, loss, ...)"
     if runs_option:
-        p.add_argument("--runs", required=True, metavar="RUNS", help=help_runs)
+        p.add_argument("--runs", metavar="RUNS", help=help_runs)
     else:
-        p.add_argument("runs", metavar="RUNS", help=help_runs)
+        p.add_argument("runs", metavar="RUNS", nargs="?", help=help_runs + " (or --study)")
+    p.add_argument("--study", choices=STUDY_NAMES, default=None,
+                   help="instead of RUNS, a study shipped inside the package (quest, t5: published runs; cpu: capscale's)")
     p.add_argument("--baseline", default=None, help=f"label of the uncompressed baseline (eff = 1; default {BASELINE})")
     p.add_argument("--query", default=None, help="rows to keep: comparisons of columns with numbers or labels, "
                                                  "joined by and/or/not, e.g. \"params > 2e4 and format != 'int2'\"")
@@ -48,7 +50,15 @@ def _warn(messages) -> None:
 
 def runs_from_args(args):
     from capscale.analysis.runs import load_runs
-    return load_runs(args.runs, mapping=args.map, query=args.query, baseline=args.baseline or BASELINE)
+    if (args.runs is None) == (args.study is None):
+        raise InputError("give a run table (RUNS) or a shipped study (--study NAME), one of the two")
+    if args.study:
+        from capscale.analysis.studies import study_runs
+        source = study_runs(args.study)
+        source.attrs["source"] = f"the shipped {args.study} study"
+    else:
+        source = args.runs
+    return load_runs(source, mapping=args.map, query=args.query, baseline=args.baseline or BASELINE)
 
 
 def fit_from_args(args, runs, law: str = "decoupled", **law_options):
@@ -173,6 +183,8 @@ def add_predict_command(sub) -> None:
 
 def _compose_command(args) -> None:
     if args.grid:
+        if args.runs is None:
+            raise InputError("--grid reads a capacity grid CSV: give its path as RUNS")
         from capscale.analysis.compose import compose_grid, grid_summary, read_grid
         result = compose_grid(read_grid(args.runs), args.edge_row, args.edge_col)
         if args.json:
