@@ -23,6 +23,7 @@ EXACT_SCALE_FORMATS = ("fp32", "fp16")  # scales fine enough that the closed-for
 SCALE_POLICIES = ("opt", "rms", "absmax", "absmean", "none")
 SCALE_UNITS = ("row", "tensor")  # besides a group size: one scale per row (last dim) or per whole tensor
 SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic over the kept entries, or the whole row
+ROUNDINGS = ("nearest", "stochastic")  # stochastic: up with probability the distance to the lower level over the gap
 
 
 class Compressed(NamedTuple):
@@ -197,8 +198,11 @@ class ScaledQuantizer(Component):
     search_iters = 12
 
     def __init__(self, **params):
-        self.defaults = {**self.defaults, "scale_from": "kept"}  # every scaled quantizer can follow a sparsity step
+        # every scaled quantizer can follow a sparsity step, and round stochastically (unbiased, for gradients)
+        self.defaults = {**self.defaults, "scale_from": "kept", "rounding": "nearest"}
         super().__init__(**params)
+        if self.params["rounding"] not in ROUNDINGS:
+            raise SpecError(f"{self.name}: rounding must be one of {', '.join(ROUNDINGS)}, got {self.params['rounding']!r}")
         group, scale = self.params.get("group"), self.params.get("scale")
         if self.params["scale_from"] not in SCALE_FROM:
             raise SpecError(f"{self.name}: scale_from must be one of {', '.join(SCALE_FROM)}, got "
@@ -266,15 +270,23 @@ class ScaledQuantizer(Component):
         return torch.where(s > 0, s, torch.ones_like(s))
 
     def _store_scale(self, s, x):
-        fmt = self.scale_format
+        """The scale as its format stores it. With stochastic rounding an 8-bit scale is rounded up, never below
+        the one asked for, so that an absmax scale clips no value and the rounding stays unbiased (OCP MX's
+        floor(log2 amax) - emax puts amax up to 8 on a grid that ends at 6)."""
+        fmt, up = self.scale_format, self.params["rounding"] == "stochastic"
         if fmt in ("fp16", "bf16"):
             return s.to(torch.float16 if fmt == "fp16" else torch.bfloat16).float()
         if fmt == "e8m0":  # OCP MX: 2^(floor(log2 amax) - emax of the element type)
+            if up:
+                return torch.exp2(torch.ceil(torch.log2(s)))
             amax = s * self.top
             return torch.exp2(torch.floor(torch.log2(amax)) - math.floor(math.log2(self.top)))
         if fmt == "e4m3":  # NVFP4: E4M3 block scales under an FP32 per-tensor scale
             tensor_scale = (x.abs().amax() / (self.top * 448.0)).clamp_min(1e-30)
-            block = (s / tensor_scale).clamp(max=448.0).to(torch.float8_e4m3fn).float()
+            wanted = (s / tensor_scale).clamp(max=448.0)
+            block = wanted.to(torch.float8_e4m3fn).float()
+            if up:  # E4M3 steps are at most 1/8 relative: 9/8 of the wanted scale rounds to one at or above it
+                block = torch.where(block >= wanted, block, (wanted * 1.125).clamp(max=448.0).to(torch.float8_e4m3fn).float())
             return block * tensor_scale
         return s
 
@@ -322,12 +334,25 @@ class GridQuantizer(ScaledQuantizer):
             self.gaussian_scale = 1.0
 
     def round(self, u):
+        if self.params["rounding"] == "stochastic":
+            return self._round_stochastic(u)
         if self.uniform:  # midrise integer grid: +-0.5, +-1.5, ...
             return (torch.floor(u) + 0.5).clamp(-self.top, self.top)
         if self.cast is not None:
             return u.clamp(-self.top, self.top).to(self.cast).float()
         levels, mids = self._levels_on(u.device)
         return levels[torch.bucketize(u, mids)]
+
+    def _round_stochastic(self, u):
+        """Up to the next level with probability (u - lower) / gap, else down: E[round(u)] = u inside the grid's
+        range (values beyond it clip to the end levels, the one bias left; an absmax scale has none). Draws from
+        torch's global generator, so torch.manual_seed makes a run reproducible."""
+        levels, _ = self._levels_on(u.device)
+        u = u.clamp(float(levels[0]), float(levels[-1]))
+        upper = torch.bucketize(u, levels).clamp(1, len(levels) - 1)  # levels[upper - 1] <= u <= levels[upper]
+        lo, hi = levels[upper - 1], levels[upper]
+        up = torch.rand_like(u) * (hi - lo) < (u - lo)
+        return torch.where(up, hi, lo)
 
     def _levels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(levels, midpoints) on a device, copied there once (not on every call)."""
@@ -341,6 +366,9 @@ class GridQuantizer(ScaledQuantizer):
         2^-11, far under any Monte Carlo error); the rounding of an e8m0 or e4m3 scale is not modelled. A scale
         searched on the data (`scale=opt`) fits the very values it rounds, up to 2% below the population value
         (fp8 per tensor, int4 per row of 1024): not exact either."""
+        if self.params["rounding"] != "nearest":
+            raise SpecError(f"exact GMSE of '{self.spec}': stochastic rounding is measured by Monte Carlo (without "
+                            "--exact)")
         if self.params["scale"] != "none" and self.scale_format not in EXACT_SCALE_FORMATS:
             raise SpecError(f"exact GMSE of '{self.spec}' does not model its {self.scale_format} scale's rounding: "
                             "use Monte Carlo (without --exact)")

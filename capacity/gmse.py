@@ -76,6 +76,48 @@ def _monte_carlo(fmt: Format, samples: int, seed: int, shape: tuple, device: str
     return float(errors.mean()), float(errors.std(ddof=1) / math.sqrt(n_tensors)), n_tensors * per_tensor
 
 
+@dataclass(frozen=True)
+class ErrorSplit:
+    """A format's Gaussian MSE split into the squared conditional bias E_x[(E[Q(x) | x] - x)^2] and the rounding
+    variance E_x[Var(Q(x) | x)]: nearest rounding is all bias, unbiased stochastic rounding all variance (what a
+    gradient format needs: its errors average out over steps). `mean_error` is E[Q(x) - x]."""
+    spec: str
+    gmse: float
+    bias_sq: float
+    variance: float
+    mean_error: float
+    stderr: float        # of gmse
+    samples: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def error_split(spec: "str | Format", samples: int = DEFAULT_SAMPLES, seed: int = 0,
+                shape: tuple = MEASURE_SHAPE) -> ErrorSplit:
+    """Bias and variance of a format on N(0, 1) data, from two independent roundings q1, q2 of each x: the variance
+    is E[(q1 - q2)^2] / 2 and the squared bias E[((q1 + q2) / 2 - x)^2] - variance / 2, both unbiased estimates.
+    Seeded: the data and the rounding draws repeat for a seed."""
+    if not 2 <= samples <= MAX_SAMPLES:
+        raise InputError(f"samples must be in 2..{MAX_SAMPLES:,}, got {samples}")
+    fmt = parse(spec)
+    n_tensors = max(2, math.ceil(samples / math.prod(shape)))
+    gen = torch.Generator().manual_seed(seed)
+    sums = np.zeros((n_tensors, 4))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        for i in range(n_tensors):
+            x = torch.randn(shape, generator=gen)
+            q1, q2 = fmt(x), fmt(x)
+            variance = float(((q1 - q2) ** 2).mean()) / 2
+            sums[i] = [float(((q1 - x) ** 2).mean()), float((((q1 + q2) / 2 - x) ** 2).mean()) - variance / 2,
+                       variance, float((q1 - x).mean())]
+    mean = sums.mean(0)
+    return ErrorSplit(str(fmt), mean[0], max(mean[1], 0.0), mean[2], mean[3],
+                      float(sums[:, 0].std(ddof=1) / math.sqrt(n_tensors)), n_tensors * math.prod(shape))
+
+
 def gmse_auto(spec: "str | Format", **kwargs) -> GMSEResult:
     """Exact where the format allows it, Monte Carlo otherwise."""
     try:

@@ -57,6 +57,8 @@ class VectorQuantizer(ScaledQuantizer):
 
     def __init__(self, **params):
         super().__init__(**params)
+        if self.params["rounding"] != "nearest":
+            raise SpecError("vq: rounding=stochastic is not defined for a codebook (scalar grids and MX/NV formats have it)")
         dim, bits = self.params["dim"], self.params["bits"]
         if not (isinstance(dim, int) and not isinstance(dim, bool) and 1 <= dim <= 16 and
                 isinstance(bits, (int, float)) and not isinstance(bits, bool) and 0 < bits <= 12):

@@ -28,6 +28,13 @@ def add_formats_command(sub) -> None:
 
 
 def _gmse_command(args) -> None:
+    if args.bias:
+        from capscale.capacity.gmse import error_split
+        if args.exact:
+            raise InputError("--bias is measured by Monte Carlo: drop --exact")
+        print_records([error_split(s, samples=args.samples, seed=args.seed).as_dict() for s in args.specs],
+                      as_json=args.json, floatfmt=".6g")
+        return
     results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact, row_length=args.row_length)
                for s in args.specs]
     if args.json:
@@ -48,6 +55,10 @@ def add_gmse_command(sub) -> None:
     p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed (default: %(default)s)")
     p.add_argument("--row-length", type=whole(1, MAX_ROW_LENGTH), default=None, metavar="N",
                    help="measure on rows of N values (a model's input width, at most 2^20): per-row scales see N values")
+    p.add_argument("--bias", action="store_true",
+                   help="split the GMSE into squared bias E[(E[Q(x)|x] - x)^2] and rounding variance (two roundings "
+                        "of each value): nearest rounding is all bias, stochastic rounding (rounding=stochastic) should "
+                        "be all variance, which is what a gradient format needs")
     p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     p.set_defaults(func=_gmse_command)
 

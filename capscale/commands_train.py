@@ -5,6 +5,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,7 +77,14 @@ def add_train_command(sub) -> None:
 
 def _sweep_command(args) -> None:
     from capscale.trainers.sweep import describe_plan, load_sweep, log_session, run_sweep
-    sweep = load_sweep(args.sweep, args.shard, args.runs)
+    path, folder = Path(args.sweep), None
+    if not path.exists() and "/" not in args.sweep:  # a sweep file shipped inside the package, by name
+        from capscale import data
+        shipped = data.path(args.sweep if args.sweep.endswith(".toml") else args.sweep + ".toml")
+        if shipped.is_file():
+            path, folder = shipped, Path.cwd()
+            print(f"the shipped sweep file {shipped} (its run table goes into this directory)", file=sys.stderr)
+    sweep = load_sweep(path, args.shard, args.runs, folder)
     if args.dry_run:
         print(describe_plan(sweep, args.workers))
         return
@@ -96,7 +104,9 @@ def add_sweep_command(sub) -> None:
                                    "formats x seeds). Finished runs are skipped by content key, interrupted "
                                    "ones resume from checkpoints. Example Slurm array: "
                                    "#SBATCH --array=0-7 ; capscale sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
-    p.add_argument("sweep", help="sweep TOML file")
+    p.add_argument("sweep", help="sweep TOML file, or the name of one shipped in the package (study, demo_small, "
+                                 "cpu_study, gpu_study: `capscale data list`), whose run table then goes into the "
+                                 "working directory")
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: as `train` chooses, "
                    "within the free cores shared by the workers)")

@@ -78,10 +78,13 @@ class Sweep:
         return str(self.runs.parent / f"{self.runs.name}.checkpoints" / f"{cfg.key()}.pt")
 
 
-def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path | None" = None) -> Sweep:
+def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path | None" = None,
+               folder: "str | Path | None" = None) -> Sweep:
     """The sweep's runs and their table: `runs` if given (the user's own choice of path), else the file's `runs`,
-    which must stay inside the sweep file's folder (a shared sweep file cannot direct writes elsewhere)."""
+    which must stay inside `folder` (default: the sweep file's own; a shared sweep file cannot direct writes
+    elsewhere). A sweep file shipped inside the package writes into the working directory instead."""
     path = Path(path)
+    folder = Path(folder) if folder is not None else path.parent
     try:
         spec = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
@@ -119,10 +122,10 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
             raise InputError(f"--shard must be i/n with 0 <= i < n, got {shard!r}") from None
         configs = configs[index::count]
     if runs is None:
-        runs = path.parent / spec.get("runs", "runs.jsonl")
-        if not runs.resolve().is_relative_to(path.parent.resolve()) or runs.is_symlink():
-            raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside the sweep file's folder; a sweep file "
-                             "writes only beside itself (give another place with --runs)")
+        runs = folder / spec.get("runs", "runs.jsonl")
+        if not runs.resolve().is_relative_to(folder.resolve()) or runs.is_symlink():
+            raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside {folder}; a sweep file writes only "
+                             "beside itself (give another place with --runs)")
     runs = Path(runs)
     if runs.is_dir() or not runs.name:
         raise InputError(f"{path}: runs = {str(runs)!r} names a folder; expected a run table file (.jsonl)")
