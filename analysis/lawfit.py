@@ -18,7 +18,7 @@ import pandas as pd
 from capscale.capacity import BASELINE, InputError
 
 from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
-from .laws import DecoupledLaw, ScalingLaw, eff_key, exponent_at_edge, make_law
+from .laws import DecoupledLaw, ScalingLaw, eff_d_key, eff_key, exponent_at_edge, make_law
 from .names import LAW_NAMES, FitWarning
 
 
@@ -116,12 +116,16 @@ class LawFit:
     def summary(self) -> Summary:
         law, table = self.law, self.intervals()
         rows = []
-        for name, value in {**law.params_, **{eff_key(k): v for k, v in self.eff.items()}}.items():
+        for name, value in law.values().items():
             lo, hi, se = (table.loc[name, ["lo", "hi", "se"]] if table is not None and name in table.index
                           else (np.nan, np.nan, np.nan))
             rows.append({"": name, "value": value, "s.e.": se, f"[{(1 - self.level) / 2:g}": lo,
                          f"{1 - (1 - self.level) / 2:g}]": hi})
-        header = [("law", f"{law.law}: {law.formula_text}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
+        formula = law.formula_text
+        if len(getattr(law, "eff_d_", {})) > 1:
+            formula = ("loss = A (N effN)^-alpha + B (D effD)^-beta + E (eff[f]: effN per forward pair; effD[g] per "
+                       "backward configuration, exact gradients 1)")
+        header = [("law", f"{law.law}: {formula}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
                   ("residual RMSE, log loss", f"{law.rmse_log_:.4g}"), ("baseline", law.baseline),
                   ("bootstrap", "none" if self.boot is None else
                    f"{len(self.boot.samples)} refits ({self.boot.n_failed} failed), seed {self.seed}, "
@@ -142,6 +146,7 @@ class LawFit:
                 "rmse_loss": law.rmse_loss_, "level": self.level,
                 "params": {k: p(k, v) for k, v in law.params_.items()},
                 "eff": {k: p(eff_key(k), v) for k, v in self.eff.items()},
+                "eff_d": {k: p(eff_d_key(k), v) for k, v in getattr(law, "eff_d_", {}).items()},
                 "bootstrap": None if boot is None else {"replicates": len(boot.samples) + boot.n_failed,
                                                          "failed": boot.n_failed, "seed": self.seed},
                 "warnings": self.warnings}

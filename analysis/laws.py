@@ -21,9 +21,10 @@ from threadpoolctl import threadpool_limits
 
 from capscale.capacity import BASELINE, InputError, is_uncompressed, parse, rho
 from capscale.capacity.law import RHO_C, RHO_F, RHO_L
+from capscale.capacity.runtable import NO_BACKWARD, RunTableError
 
 from .names import LAW_NAMES
-from .runs import check_identifiable, format_table, require_capacity
+from .runs import check_identifiable, format_table, require_capacity, run_sides
 
 EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
 POLISH_STARTS = 4
@@ -58,6 +59,11 @@ def single_threaded_blas(fit):
 def eff_key(label: str) -> str:
     """The name of a format's efficiency among a fit's values and bootstrap columns: `eff[int4]`."""
     return f"eff[{label}]"
+
+
+def eff_d_key(label: str) -> str:
+    """The name of a backward configuration's data efficiency among a fit's values: `effD[int8]`."""
+    return f"effD[{label}]"
 
 
 def law_loss(p, n, d, eff=1.0):
@@ -193,7 +199,13 @@ class ScalingLaw:
 
 class DecoupledLaw(ScalingLaw):
     """One efficiency per format ([C]'s decoupled law). `fix_E` holds the irreducible loss at a given value
-    (e.g. from a larger study) where the data cannot identify it; the profile of the objective over E shows when."""
+    (e.g. from a larger study) where the data cannot identify it; the profile of the objective over E shows when.
+
+    Runs whose backward pass takes formats (`g_format`, ...; labels `W/A | bwd G`) get the law with a data
+    efficiency per backward configuration, loss = A (N effN_f)^-alpha + B (D effD_g)^-beta + E: one effN per
+    forward pair (`eff_`), one effD per backward configuration (`eff_d_`, exact gradients 1). For fixed exponents
+    it is still linear in (A_f, B_g, E), so the same exact inner solve applies. Without backward formats it is
+    the decoupled law exactly."""
 
     law = "decoupled"
 
@@ -201,25 +213,45 @@ class DecoupledLaw(ScalingLaw):
         super().__init__(baseline, delta)
         self.fix_E = fix_E
 
+    def _prepare(self, runs: pd.DataFrame):
+        """The base arrays with the forward pair as the format; the backward configurations in `backwards_`
+        (exact gradients first) and each run's index into them in `_gi`."""
+        check_identifiable(runs)
+        forward, backward = run_sides(runs)
+        self.formats_ = [self.baseline] + sorted(set(forward) - {self.baseline})
+        self._index = {f: i for i, f in enumerate(self.formats_)}
+        self.backwards_ = sorted(set(backward), key=lambda g: (g != NO_BACKWARD, g))
+        if len(self.backwards_) > 1:
+            ratios = (runs["tokens"] / runs["params"]).round(6).groupby(backward.to_numpy()).nunique()
+            thin = sorted(ratios[ratios < 2].index)
+            if thin:  # else D = r N within the configuration: its effD trades off against the N term
+                raise RunTableError(f"{runs.attrs.get('source', '')}: backward configuration(s) {thin} were trained "
+                                    "at one token budget per parameter: their data efficiency is not identified; "
+                                    "train each at several token budgets")
+        self._gi = backward.map({g: i for i, g in enumerate(self.backwards_)}).to_numpy()
+        fi = forward.map(self._index).to_numpy()
+        return fi, np.log(runs["params"].to_numpy(float)), np.log(runs["tokens"].to_numpy(float)), \
+            np.log(runs["loss"].to_numpy(float))
+
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame, start: np.ndarray | None = None):
         """Fit by variable projection: an exact linear solve on a grid of exponents, then L-BFGS from the best
         points. `start` (a fitted law's `theta_`, for bootstrap refits next to it) replaces the grid by one
         L-BFGS from there; the grid is still searched if that does not converge or leaves the searched range."""
         fi, log_n, log_d, log_l = self._prepare(runs)
-        k = len(self.formats_)
+        k, m = len(self.formats_), len(self.backwards_)
         loss = np.exp(log_l)
         fixed_e = 0.0 if self.fix_E is None else float(self.fix_E)
         if self.fix_E is not None and not 0 < fixed_e < loss.min():
             raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
         free = (None, None)
         e_range = (log_e_floor(loss), None) if self.fix_E is None else (np.log(fixed_e),) * 2
-        bounds = [free] * (k + 1) + [e_range] + [free] * 2
-        # L-BFGS runs in centred coordinates (log A_f and log B at the mean log N and log D): uncentred, each
+        bounds = [free] * (k + m) + [e_range] + [free] * 2
+        # L-BFGS runs in centred coordinates (log A_f and log B_g at the mean log N and log D): uncentred, each
         # log A_f moves with alpha times log N ~ 20, a ridge that took L-BFGS over a thousand steps to follow.
-        centre = np.zeros(k + 4)
-        centre[:k], centre[k] = log_n.mean(), log_d.mean()
-        shift = lambda theta, sign: theta + sign * centre * np.r_[np.full(k, theta[k + 2]), theta[k + 3], 0, 0, 0]  # noqa: E731
+        centre = np.zeros(k + m + 3)
+        centre[:k], centre[k:k + m] = log_n.mean(), log_d.mean()
+        shift = lambda theta, sign: theta + sign * centre * np.r_[np.full(k, theta[-2]), np.full(m, theta[-1]), 0, 0, 0]  # noqa: E731
 
         def polish(theta0, tolerance=1e-15):
             res = optimize.minimize(self._objective, shift(theta0, -1), jac=True, method="L-BFGS-B", bounds=bounds,
@@ -227,12 +259,12 @@ class DecoupledLaw(ScalingLaw):
                                     options={"maxiter": 20000, "ftol": tolerance, "gtol": tolerance * 1e3})
             res.x = shift(res.x, +1)
             return res
-        if start is not None and len(start) == k + 4:
+        if start is not None and len(start) == k + m + 3:
             warm = polish(start)
-            if warm.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in warm.x[k + 2:]):
+            if warm.success and all(EXPONENT_GRID[0] < v < EXPONENT_GRID[-1] for v in warm.x[-2:]):
                 return self._set(runs, warm)
         # Every start is followed into its basin roughly; only the best basin is then polished to full precision.
-        rough = [polish(np.concatenate([np.log(np.maximum(coef[:k + 2], 1e-12)), [alpha, beta]]), ROUGH_TOLERANCE)
+        rough = [polish(np.concatenate([np.log(np.maximum(coef[:k + m + 1], 1e-12)), [alpha, beta]]), ROUGH_TOLERANCE)
                  for _, alpha, beta, coef in self._candidates(fi, log_n, log_d, log_l, k, loss, fixed_e, EXPONENT_GRID)]
         return self._set(runs, polish(min(rough, key=lambda r: r.fun).x))
 
@@ -242,17 +274,17 @@ class DecoupledLaw(ScalingLaw):
         often neighbours, may all miss). The grid's least-squares proxy is not the Huber objective, so the best
         points are kept even where they are not grid minima."""
         alpha, beta = (g.ravel() for g in np.meshgrid(grid, grid, indexing="ij"))
-        rows = np.arange(len(log_n))
-        width = k + 1 + (self.fix_E is None)  # columns A_f, B (, E)
+        rows, m, gi = np.arange(len(log_n)), len(self.backwards_), self._gi
+        width = k + m + (self.fix_E is None)  # columns A_f, B_g (, E)
         chunk = max(1, GRID_CHUNK_BYTES // (8 * len(log_n) * width))  # grid points per pass: memory ~linear in runs
         objective, coef = np.empty(len(alpha)), np.empty((len(alpha), width))
         for lo in range(0, len(alpha), chunk):
             a, b = alpha[lo:lo + chunk], beta[lo:lo + chunk]
             design = np.zeros((len(a), len(log_n), width))
             design[:, rows, fi] = np.exp(-np.outer(a, log_n)) / loss
-            design[:, :, k] = np.exp(-np.outer(b, log_d)) / loss
+            design[:, rows, k + gi] = np.exp(-np.outer(b, log_d)) / loss
             if self.fix_E is None:
-                design[:, :, k + 1] = 1 / loss
+                design[:, :, k + m] = 1 / loss
             part = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
             pred = (design @ part[..., None])[..., 0] * loss + fixed_e
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -271,13 +303,14 @@ class DecoupledLaw(ScalingLaw):
         return [(objective.flat[g], alpha[g], beta[g], coef[g]) for g in sorted(best | minima, key=objective.flat.__getitem__)]
 
     def restore(self, theta, runs: pd.DataFrame) -> "DecoupledLaw":
-        """This law as fitted at the optimum `theta` (log A_f, log B, log E, alpha, beta: a saved fit's), its
+        """This law as fitted at the optimum `theta` (log A_f, log B_g, log E, alpha, beta: a saved fit's), its
         residuals and objective recomputed on `runs`."""
         self._prepare(runs)
         theta = np.asarray(theta, float)
-        if theta.shape != (len(self.formats_) + 4,) or not np.all(np.isfinite(theta)) or not np.all(theta[-2:] > 0):
-            raise InputError(f"a decoupled fit of {len(self.formats_)} formats has {len(self.formats_) + 4} finite "
-                             f"constants with positive exponents; got {theta.size}")
+        size = len(self.formats_) + len(self.backwards_) + 3
+        if theta.shape != (size,) or not np.all(np.isfinite(theta)) or not np.all(theta[-2:] > 0):
+            raise InputError(f"a decoupled fit of {len(self.formats_)} formats has {size} finite constants with "
+                             f"positive exponents; got {theta.size}")
         with np.errstate(over="ignore"):
             self._set(runs, optimize.OptimizeResult(x=theta, fun=np.nan))
         if not np.all(np.isfinite(self.residuals_)):
@@ -286,23 +319,43 @@ class DecoupledLaw(ScalingLaw):
         return self
 
     def _set(self, runs, res):
-        k = len(self.formats_)
+        k, m = len(self.formats_), len(self.backwards_)
         self.theta_ = res.x
-        la, lb, le, alpha, beta = res.x[:k], res.x[k], res.x[k + 1], res.x[k + 2], res.x[k + 3]
-        self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb)), "E": float(np.exp(le)),
+        la, lb, le, alpha, beta = res.x[:k], res.x[k:k + m], res.x[k + m], res.x[-2], res.x[-1]
+        self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb[0])), "E": float(np.exp(le)),
                         "alpha": float(alpha), "beta": float(beta)}
         self.eff_ = {f: float(np.exp(-(la[i] - la[0]) / alpha)) for i, f in enumerate(self.formats_)}
+        self.eff_d_ = {g: float(np.exp(-(lb[j] - lb[0]) / beta)) for j, g in enumerate(self.backwards_)}
         return self._finish(runs, res.fun)
 
     def _objective(self, theta, fi, log_n, log_d, log_l, k):
-        la, lb, le, alpha, beta = theta[:k], theta[k], theta[k + 1], theta[k + 2], theta[k + 3]
-        t1, t2 = la[fi] - alpha * log_n, lb - beta * log_d
+        m, gi = len(self.backwards_), self._gi
+        la, lb, le, alpha, beta = theta[:k], theta[k:k + m], theta[k + m], theta[-2], theta[-1]
+        t1, t2 = la[fi] - alpha * log_n, lb[gi] - beta * log_d
         pred, (w1, w2, w3) = _logsumexp3(t1, t2, np.full_like(t1, le))
         r = pred - log_l
         g = np.clip(r, -self.delta, self.delta)
-        grad = np.concatenate([np.bincount(fi, g * w1, minlength=k), [np.sum(g * w2), np.sum(g * w3),
-                               np.sum(g * w1 * -log_n), np.sum(g * w2 * -log_d)]])
+        grad = np.concatenate([np.bincount(fi, g * w1, minlength=k), np.bincount(gi, g * w2, minlength=m),
+                               [np.sum(g * w3), np.sum(g * w1 * -log_n), np.sum(g * w2 * -log_d)]])
         return huber_total(r, self.delta), grad
+
+    def predict(self, runs: pd.DataFrame) -> np.ndarray:
+        """Predicted loss of rows with params, tokens and a format label this fit knows (forward pair, and backward
+        configuration where the fit has several)."""
+        forward, backward = run_sides(runs)
+        for label in set(forward) - set(self.eff_):
+            self.efficiency(label)  # the error naming it
+        unknown = set(backward) - set(self.eff_d_)
+        if unknown:
+            raise InputError(f"backward configuration(s) {sorted(unknown)} were not in the fitted runs")
+        eff_d = backward.map(self.eff_d_).to_numpy(float)
+        return law_loss(self.params_, runs["params"].to_numpy(float), runs["tokens"].to_numpy(float) * eff_d,
+                        forward.map(self.eff_).to_numpy(float))
+
+    def values(self) -> dict:
+        """Every fitted number, flat: parameters, eff[label] and, with backward formats, effD[label]."""
+        extra = {eff_d_key(g): v for g, v in self.eff_d_.items()} if len(self.eff_d_) > 1 else {}
+        return {**super().values(), **extra}
 
 
 def format_arrays(info: pd.DataFrame) -> dict:

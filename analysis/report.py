@@ -17,6 +17,7 @@ from capscale.capacity import InputError, pair_rho
 from capscale.capacity.paths import report_folder, strict_json, write_files
 
 from . import plots
+from .backward import backward_sentence, backward_table, effd_regression, has_backward
 from .compose import compose_grid, read_grid
 from .families import format_styles
 from .laws import DecoupledLaw
@@ -116,6 +117,11 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                                  "text": published_sentence(against, level)})
     origin = provenance(runs, fit.seed, law, boot, level, command)
     decision = decisions(fit, info, progress)
+    backward = None
+    if has_backward(law):
+        table = backward_table(fit)
+        backward = {"table": table, "regression": effd_regression(table)}
+        verdict_lines.insert(0, {"topic": "What do the backward formats cost?", "text": backward_sentence(table, level)})
 
     results = {"title": title, "verdicts": verdict_lines, "provenance": origin, "source": runs.attrs.get("source"),
                "baseline": baseline, "decoupled": fit.as_json(),
@@ -130,13 +136,17 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "composability_wald": None if stats_["wald"] is None else stats_["wald"].table.to_dict("records"),
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records"),
                "published_comparison": None if against is None else against.to_dict("records"),
-               "plan": None if "plan" not in decision else decision["plan"].as_json()}
+               "plan": None if "plan" not in decision else decision["plan"].as_json(),
+               "backward": None if backward is None else {
+                   "table": backward["table"].to_dict("records"),
+                   "regression": None if backward["regression"] is None else
+                   backward["regression"].params.to_dict()}}
 
     context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
                             capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
                             capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
                             extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates,
-                            published=against, decision=decision)
+                            published=against, decision=decision, backward=backward, fit=fit)
     sections, figures = build_sections(context)
     images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)

@@ -38,6 +38,8 @@ class ReportContext:
     replicates: int
     published: pd.DataFrame | None = None  # analysis.studies.published_comparison, for a published study
     decision: dict | None = None  # plan, curves and frontier for "What to use" (analysis.report.decisions), or why not
+    backward: dict | None = None  # {"table": analysis.backward.backward_table, "regression": OLS or None}
+    fit: object = None          # the LawFit itself
 
 
 def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
@@ -94,6 +96,9 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
               [["format", "family", "eff", f"{pct} interval"]])]
             + ([("Published efficiencies: capscale's fit and its leave-one-format-out capacity prediction against the "
                  "values the source publishes", published_table(ctx.published, level))] if ctx.published is not None else []))
+
+    if ctx.backward is not None:
+        section("backward", "3b. Data efficiency of the backward formats", *_backward_section(ctx))
 
     v, cal = ctx.validation, ctx.stats["calibration"]
     if v is None:
@@ -203,3 +208,28 @@ def _what_to_use(decision: dict, styles) -> tuple:
     near4 = front.at_bits(4).head(10)[["family", "spec", "bits", "gmse", "capacity", "bits_over_shannon"]]
     return text, figs, [(f"Best (N, D) per format at {plan.budget.describe()}", shown),
                         ("Designs within half a bit of 4 bits, most capacity first", near4)]
+
+
+def _backward_section(ctx) -> tuple:
+    """effD per backward configuration, the effN-effD plane, and the exploratory regression of effD."""
+    from .backward import efficiency_plane
+    table, reg, pct = ctx.backward["table"], ctx.backward["regression"], f"{ctx.level:.0%}"
+    text = ("The runs train some configurations with formats in the backward pass, so the law has a data efficiency "
+            "per backward configuration: loss = A (N effN)^-alpha + B (D effD)^-beta + E, exact gradients at "
+            f"effD = 1 ({pct} bootstrap intervals). Each backward format's Gaussian error is split into squared bias "
+            "and rounding variance (nearest rounding is all bias, stochastic rounding all variance). ")
+    text += ("The regression of log effD on the formats' log GMSE and bias share is exploratory: "
+             f"{len(reg.model.endog)} configurations, R^2 {reg.rsquared:.2f}." if reg is not None else
+             "Too few backward configurations with a known GMSE for the exploratory regression of effD (its "
+             "coefficients and two residual degrees of freedom).")
+    shown = table.assign(**{f"{pct} interval": [format_interval(a, b) for a, b in zip(table.effD_lo, table.effD_hi)]})
+    tables = [("Data efficiency per backward configuration", shown[["backward", "effD", f"{pct} interval", "runs",
+                                                                      "gmse", "bias_sq", "variance"]])]
+    if reg is not None:
+        coefficients = pd.DataFrame({"term": reg.params.index, "coef": reg.params.to_numpy(),
+                                     "std err": reg.bse.to_numpy(), "p": reg.pvalues.to_numpy()})
+        tables.append(("Exploratory regression of log effD (OLS)", coefficients))
+    figs = [("efficiency_plane", "Each trained configuration at its forward pair's effN and its backward formats' "
+             "effD, with both intervals: a format that costs parameters moves left, one that costs data moves down.",
+             efficiency_plane(ctx.fit, table))]
+    return text, figs, tables

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, spec_gmse
-from capscale.capacity.runtable import OPTIONAL, REQUIRED, RunTableError, STATUSES, read_lines, split_label
+from capscale.capacity.runtable import OPTIONAL, REQUIRED, RunTableError, STATUSES, read_lines, split_label, split_run_label
 
 from .query import select
 
@@ -235,3 +235,15 @@ def format_table(runs: pd.DataFrame) -> pd.DataFrame:
     for col in ("w_format", "a_format"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     return table
+
+
+def run_sides(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(forward label, backward label) of each run: the `forward` and `backward` columns where a table has them
+    (label-only tables), else read from the `format` label (`int4/int4 | bwd int8`; `none`: exact gradients)."""
+    split = runs["format"].map(split_run_label)
+    forward, backward = split.str[0], split.str[1]
+    if "forward" in runs:
+        forward = runs["forward"].where(runs["forward"].notna(), forward).astype(str)
+    if "backward" in runs:
+        backward = runs["backward"].where(runs["backward"].notna(), backward).astype(str)
+    return forward, backward

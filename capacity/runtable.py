@@ -48,9 +48,36 @@ def format_label(w_format: str | None, a_format: str | None) -> str:
     return w if is_uncompressed(a_format) else f"{w}/{a_format}"
 
 
+BACKWARD_MARK = " | bwd "  # in a label, what follows are the backward pass's formats
+NO_BACKWARD = "none"      # the backward label of exact gradients
+
+
+def backward_label(g_format: str | None = None, gw_format: str | None = None, gx_format: str | None = None) -> str:
+    """Label of the backward pass's formats (dL/dY, W re-quantized for dL/dX, X re-quantized for dL/dW): one spec
+    when all three agree, `g=..,gw=..,gx=..` otherwise, `none` for exact gradients."""
+    given = {k: v for k, v in (("g", g_format), ("gw", gw_format), ("gx", gx_format)) if not is_uncompressed(v)}
+    if not given:
+        return NO_BACKWARD
+    if len(given) == 3 and len(set(given.values())) == 1:
+        return given["g"]
+    return ",".join(f"{k}={v}" for k, v in given.items())
+
+
+def run_label(w_format, a_format, g_format=None, gw_format=None, gx_format=None) -> str:
+    """A run's format label: the forward pair (`format_label`), then ` | bwd ` and the backward label if any."""
+    backward = backward_label(g_format, gw_format, gx_format)
+    return format_label(w_format, a_format) + ("" if backward == NO_BACKWARD else BACKWARD_MARK + backward)
+
+
+def split_run_label(label: str) -> tuple[str, str]:
+    """(forward label, backward label) of a run label: the inverse of `run_label`."""
+    forward, _, backward = str(label).partition(BACKWARD_MARK)
+    return forward, backward or NO_BACKWARD
+
+
 def split_label(label: str) -> tuple[str, str | None]:
-    """(weights part, activations part or None) of a label: the inverse of `format_label`."""
-    w, _, a = str(label).partition("/")
+    """(weights part, activations part or None) of a label's forward pair: the inverse of `format_label`."""
+    w, _, a = split_run_label(label)[0].partition("/")
     return w, (a or None)
 
 
@@ -244,8 +271,14 @@ class Claim:
                 return
 
     def release(self) -> None:
+        """Drop the claim, and the claims folder with it when no other claim is left in it (a claim in the
+        making holds its owner file there, so the folder is not empty then)."""
         self._stop.set()
         self.file.unlink(missing_ok=True)
+        try:
+            self.file.parent.rmdir()
+        except OSError:
+            pass
 
 
 def held_elsewhere(path: "str | Path", key: str) -> bool:
@@ -262,11 +295,18 @@ def claim(path: "str | Path", key: str) -> Claim | None:
     folder = Path(f"{path}.claims")
     if folder.is_symlink() or folder.exists() and not folder.is_dir():
         set_aside(folder, "the claims folder is not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
     file = folder / f"{key}.claim"
     owner = folder / f".{key}.{socket.gethostname()}.{os.getpid()}.tmp"
-    owner.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "start": process_start(os.getpid()), "time": time.time()}))
+    record = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+                         "time": time.time()})
+    for attempt in range(3):  # a releasing process removes the folder when it is empty: make it again
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            owner.write_text(record)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
     try:
         return _take(file, owner, folder)
     finally:

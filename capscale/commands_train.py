@@ -1,9 +1,11 @@
 """Training commands: `capscale train`, `capscale sweep` and `capscale diagnose` (each imports what it runs)."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -98,12 +100,30 @@ def _sweep_command(args) -> None:
         sys.exit(1)
 
 
+SWEEP_FILE = """
+The sweep file (TOML):
+  runs = "runs.jsonl"                  # the run table, beside the sweep file
+  sizes = [10_000, 20_000, 40_000]     # target non-embedding parameters; or instead
+  # shapes = [{n_layer = 2, n_head = 4, n_embd = 32, lr = 3e-3}]   (each with its own settings)
+  tokens_per_param = [25, 60, 150]
+  seeds = [0, 1]
+  formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"},
+             {w = "int4", a = "int4", bwd = "int8(rounding=stochastic)"}]
+             # w, a: forward formats; g, gw, gx (or bwd for all three): backward formats
+  [train]                              # any `capscale train` setting, underscores for dashes
+  context = 128
+
+Example Slurm array: #SBATCH --array=0-7 ; capscale sweep study --shard $SLURM_ARRAY_TASK_ID/8
+"""
+
+
 def add_sweep_command(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of trainings from a TOML sweep file (resumable)",
-                       description="Run every pending run of a sweep file (sizes x tokens-per-parameter x "
-                                   "formats x seeds). Finished runs are skipped by content key, interrupted "
-                                   "ones resume from checkpoints. Example Slurm array: "
-                                   "#SBATCH --array=0-7 ; capscale sweep study.toml --shard $SLURM_ARRAY_TASK_ID/8")
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=textwrap.fill(
+                           "Run every pending run of a sweep file (sizes x tokens-per-parameter x formats x seeds). "
+                           "Finished runs are skipped by content key, interrupted ones resume from checkpoints; "
+                           "concurrent sweeps on one table never train a run twice.", 100) + "\n" + SWEEP_FILE)
     p.add_argument("sweep", help="sweep TOML file, or the name of one shipped in the package (study, demo_small, "
                                  "cpu_study, gpu_study: `capscale data list`), whose run table then goes into the "
                                  "working directory")

@@ -141,6 +141,8 @@ def test_claims_are_exclusive_and_a_dead_claimant_is_taken_over(tmp_path):
     first = claim(table, "abc")
     assert first is not None and claim(table, "abc") is None
     first.release()
+    assert not (tmp_path / "runs.jsonl.claims").exists()  # released: no folder left beside the table
+    (tmp_path / "runs.jsonl.claims").mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "runs.jsonl.claims" / "abc.claim").write_text(
         json.dumps({"host": __import__("socket").gethostname(), "pid": int(dead.stdout), "time": 0}))

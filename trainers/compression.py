@@ -15,7 +15,7 @@ from capscale import capacity
 from capscale.capacity import BASELINE, InputError, is_uncompressed
 from capscale.capacity.formats import ScaledQuantizer
 from capscale.capacity.grids import quest_fp4_trust_as_run
-from capscale.capacity.runtable import format_label
+from capscale.capacity.runtable import backward_label, format_label, run_label
 from capscale.capacity.structure import Hadamard, NMSparse, Sparse
 
 ESTIMATORS = ("ste", "clipped", "trust")
@@ -69,14 +69,33 @@ class Compression:
         "QuEST's code ran with (half the top gap of its 20-iteration Lloyd-Max levels, 0.3186 RMS), which produced "
         "the published fp4 efficiency", choices=FP4_TRUST))
 
+    g_format: str | None = field(default=None, metadata=_option(
+        "backward pass: format of the output gradient dL/dY in both backward products, quantized along each "
+        "product's contraction dimension (default: exact; rounding=stochastic makes it unbiased)"))
+    gw_format: str | None = field(default=None, metadata=_option(
+        "backward pass: format of the weights as re-quantized for dL/dX = dL/dY W (along the output dimension)"))
+    gx_format: str | None = field(default=None, metadata=_option(
+        "backward pass: format of the input activations as re-quantized for dL/dW = dL/dY^T X (along the tokens)"))
+    bwd_hadamard_block: int = field(default=0, metadata=_option(
+        "backward pass: block Hadamard rotation of both operands of each backward product along its contraction "
+        "dimension (it cancels in the product); 0 for none", type=int))
+
     # Settings added after runs were recorded, with the behaviour of those runs: they enter the run's key only
     # when they differ from it, and a record without them was trained that way.
-    RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended"}
+    RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended", "g_format": None, "gw_format": None,
+                       "gx_format": None, "bwd_hadamard_block": 0}
+    BACKWARD = ("g_format", "gw_format", "gx_format")
 
     def __post_init__(self):
         # One meaning of "uncompressed": weights default to the baseline label, activations to no spec.
         object.__setattr__(self, "w_format", BASELINE if is_uncompressed(self.w_format) else str(self.w_format))
         object.__setattr__(self, "a_format", None if is_uncompressed(self.a_format) else str(self.a_format))
+        for name in self.BACKWARD:
+            value = getattr(self, name)
+            object.__setattr__(self, name, None if is_uncompressed(value) else str(value))
+        if not isinstance(self.bwd_hadamard_block, int) or self.bwd_hadamard_block < 0 or \
+                self.bwd_hadamard_block & (self.bwd_hadamard_block - 1):
+            raise InputError(f"backward Hadamard block must be 0 or a power of two, got {self.bwd_hadamard_block}")
         if self.estimator not in ESTIMATORS:
             raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
         if self.backward_mask not in BACKWARD_MASKS:
@@ -86,7 +105,7 @@ class Compression:
                              f"got {self.sparse_quantized!r}")
         if self.fp4_trust not in FP4_TRUST:
             raise InputError(f"fp4_trust must be one of {', '.join(FP4_TRUST)}, got {self.fp4_trust!r}")
-        for spec in (self.w_format, self.a_format):
+        for spec in (self.w_format, self.a_format, *self.backward_formats):
             if spec is not None and not isinstance(spec, str):
                 raise InputError(f"a format spec is text, got {spec!r}")
         if self.trust is not None and not (isinstance(self.trust, (int, float)) and 0 < self.trust < math.inf):
@@ -99,7 +118,17 @@ class Compression:
         if self.quest_sparse_quantized(self.w_fmt):  # the weights' format as it trains: scaled from the full row
             object.__setattr__(self, "w_format", _with_row_scale(self.w_format))
             self.__dict__.pop("w_fmt", None)  # parsed again from the spec as recorded
-        self.w_fmt, self.a_fmt  # parse now: a bad spec fails before any training
+        self.w_fmt, self.a_fmt, self.bwd_fmts  # parse now: a bad spec fails before any training
+
+    @property
+    def backward_formats(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.BACKWARD)
+
+    @functools.cached_property
+    def bwd_fmts(self) -> tuple | None:
+        """(dL/dY, W, X) Formats of the backward products (None each where exact); None when all are exact."""
+        fmts = tuple(None if spec is None else capacity.parse(spec) for spec in self.backward_formats)
+        return None if all(f is None for f in fmts) else fmts
 
     @staticmethod
     def _sparsifies(fmt) -> bool:
@@ -163,7 +192,7 @@ class Compression:
 
     @property
     def label(self) -> str:
-        return format_label(self.w_format, self.a_format)
+        return run_label(self.w_format, self.a_format, *self.backward_formats)
 
     def settings(self) -> dict:
         """The settings as plain values (the run record's columns)."""
@@ -176,7 +205,7 @@ class Compression:
         acts = {"sparse_quantized": any(self._sparse_and_quantized(f) for f in formats),
                 "fp4_trust": self.estimator == "trust" and self.trust is None and any(map(self._is_fp4, formats))}
         return {k: v for k, v in self.settings().items()
-                if k not in self.RECORDED_BEFORE or acts[k] and v != self.RECORDED_BEFORE[k]}
+                if k not in self.RECORDED_BEFORE or acts.get(k, True) and v != self.RECORDED_BEFORE[k]}
 
     def trust_radius(self, fmt: capacity.Format) -> float | None:
         """The trust radius in row-RMS units for this format, or None for its own (half its largest gap)."""
@@ -189,7 +218,8 @@ class Compression:
     def to_record(self) -> dict:
         """The run-record columns of these settings (the schema's `format`, `w_format`, `a_format` and the rest)."""
         return {"format": self.label, **self.settings(), "a_format": self.a_format or "none",
-                "w_gmse": capacity.spec_gmse(self.w_format), "a_gmse": capacity.spec_gmse(self.a_format)}
+                "w_gmse": capacity.spec_gmse(self.w_format), "a_gmse": capacity.spec_gmse(self.a_format),
+                "forward": format_label(self.w_format, self.a_format), "backward": backward_label(*self.backward_formats)}
 
     @classmethod
     def from_record(cls, record: dict) -> "Compression":

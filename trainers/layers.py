@@ -21,6 +21,8 @@ and T_k the forward's own threshold: the tensor's for unstructured sparsity, eac
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,6 +85,42 @@ def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) ->
     return v if fmt is None else _Estimate.apply(v, fmt, comp)
 
 
+def _backward_product(a: torch.Tensor, b: torch.Tensor, fa, fb, block: int) -> torch.Tensor:
+    """a @ b^T with both operands through their formats along the shared (last, contraction) dimension, rotated
+    there by a block Hadamard first when `block` divides it (H H^T = I: the product is unchanged but the scales
+    see rotated rows)."""
+    a, b = a.contiguous(), b.contiguous()
+    block = math.gcd(block, a.shape[-1] & -a.shape[-1]) if block else 0
+    if block > 1 and (fa is not None or fb is not None):
+        hadamard = hadamard_matrix(block).to(a.device)
+        a, b = rotate(a, hadamard), rotate(b, hadamard)
+    return (a if fa is None else fa(a)) @ (b if fb is None else fb(b)).t()
+
+
+class _BackwardFormats(torch.autograd.Function):
+    """y = x w^T whose two backward products take their operands through the backward formats (dL/dY's, W's
+    and X's), each quantized along that product's contraction dimension, as a low-precision backward pass computes
+    them: dL/dX = Q_g(dL/dY) Q_w(W) over the outputs, dL/dW = Q_g(dL/dY)^T Q_x(X) over the tokens."""
+
+    @staticmethod
+    def forward(ctx, x, w, comp):
+        ctx.save_for_backward(x, w)
+        ctx.comp = comp
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        (g_fmt, w_fmt, x_fmt), block = ctx.comp.bwd_fmts, ctx.comp.bwd_hadamard_block
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:  # (tokens, out) @ (out, in): contraction over the outputs
+            grad_x = _backward_product(g2, w.t(), g_fmt, w_fmt, block).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # (out, tokens) @ (tokens, in): contraction over the tokens
+            grad_w = _backward_product(g2.t(), x.reshape(-1, x.shape[-1]).t(), g_fmt, x_fmt, block)
+        return grad_x, grad_w, None
+
+
 def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
     """Block Hadamard along the last dim, in float32 also under bf16 autocast (the quantizer sees exact values).
     One dense product per block (`hadamard_block` defaults to 128, where it beats the fast transform)."""
@@ -138,4 +176,8 @@ class CompressedLinear(nn.Linear):
         w = self.weight.t() if self.transposed else self.weight
         if self.hadamard_block:
             x, w = rotate(x, self.hadamard), rotate(w, self.hadamard)
-        return F.linear(compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp), self.bias)
+        x, w = compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp)
+        if self.comp.bwd_fmts is None:
+            return F.linear(x, w, self.bias)
+        y = _BackwardFormats.apply(x, w, self.comp)
+        return y if self.bias is None else y + self.bias

@@ -7,7 +7,8 @@ A sweep file is TOML:
     # shapes = [{n_layer = 6, n_head = 5, n_embd = 640, lr = 1.2e-3}]
     tokens_per_param = [50, 100]
     seeds = [0]
-    formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}]
+    formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}, {w = "int4", a = "int4", bwd = "int8"}]
+    # backward-pass formats: g (dL/dY), gw (W for dL/dX), gx (X for dL/dW), or bwd = all three
     [train]                             # any training setting (TrainConfig or Compression field), for every run
     context = 128
 
@@ -106,10 +107,11 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
             for fmt in spec["formats"]:
                 if "w" not in fmt and "a" not in fmt:
                     raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC")
+                backward = {f"{k}_format": fmt.get(k, fmt.get("bwd")) for k in ("g", "gw", "gx")}
                 for seed in spec.get("seeds", [0]):
                     try:
                         configs.append(TrainConfig.from_flat(**{**overrides, **model, "w_format": fmt.get("w"),
-                                                                "a_format": fmt.get("a"),
+                                                                "a_format": fmt.get("a"), **backward,
                                                                 "tokens": int(model["params"] * tpp),
                                                                 "seed": int(seed)}))
                     except InputError as err:
@@ -133,6 +135,9 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     return Sweep(runs, configs)
 
 
+FORMAT_KEYS = ("w", "a", "g", "gw", "gx", "bwd")  # a format entry: forward specs, backward specs (bwd: all three)
+
+
 def _check_lists(path: Path, spec: dict) -> None:
     """The sweep file's values have the types and ranges a grid needs, before any config is built."""
     def positive(v):
@@ -141,8 +146,9 @@ def _check_lists(path: Path, spec: dict) -> None:
                 "tokens_per_param": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e9,
                                      "positive numbers"),
                 "seeds": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "whole numbers >= 0"),
-                "formats": (lambda v: isinstance(v, dict) and set(v) <= {"w", "a"} and v and
-                            all(isinstance(s, str) for s in v.values()), "tables {w = SPEC, a = SPEC}"),
+                "formats": (lambda v: isinstance(v, dict) and set(v) <= set(FORMAT_KEYS) and v and
+                            all(isinstance(s, str) for s in v.values()),
+                            "tables {w = SPEC, a = SPEC} (backward pass: g, gw, gx = SPEC, or bwd = SPEC for all three)"),
                 "shapes": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] >= 1
                                                                  for k in ("n_layer", "n_head", "n_embd")),
                            "tables with n_layer, n_head, n_embd >= 1")}
