@@ -347,6 +347,9 @@ class GridQuantizer(ScaledQuantizer):
         """Up to the next level with probability (u - lower) / gap, else down: E[round(u)] = u inside the grid's
         range (values beyond it clip to the end levels, the one bias left; an absmax scale has none). Draws from
         torch's global generator, so torch.manual_seed makes a run reproducible."""
+        if self.uniform:  # midrise grid +-0.5, +-1.5, ...: floor(u - 0.5 + r) + 0.5, r ~ U[0, 1)
+            u = u.clamp(-self.top, self.top)
+            return (torch.floor(u - 0.5 + torch.rand_like(u)) + 0.5).clamp(-self.top, self.top)
         levels, _ = self._levels_on(u.device)
         u = u.clamp(float(levels[0]), float(levels[-1]))
         upper = torch.bucketize(u, levels).clamp(1, len(levels) - 1)  # levels[upper - 1] <= u <= levels[upper]
