@@ -129,7 +129,7 @@ def parity(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
 def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
     """Residuals against N and against D: structure left in them is what the law misses (a size it misfits,
     a trend with tokens)."""
-    frame = runs.assign(residual=law.residuals_)
+    frame = runs.assign(residual=-law.residuals_)  # observed - predicted, the usual sign
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 4.2), sharey=True)
     rng = np.random.default_rng(0)
     for ax, column, label in ((axes[0], "params", N_LABEL), (axes[1], "tokens", "training tokens D")):
@@ -143,7 +143,7 @@ def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure
         ax.axhline(0, color="grey", lw=1)
         ax.set(xscale="log", xlabel=label)
         ax.legend(fontsize=9, loc="lower right")
-    axes[0].set_ylabel("log(predicted / observed loss)")
+    axes[0].set_ylabel("log(observed / predicted loss)")
     fig.suptitle("Residuals of the decoupled fit against model size and tokens", fontsize=11)
     fig.tight_layout()
     return fig

@@ -10,6 +10,9 @@ from .plots import WIDTH, family_legend, label_points, plt
 from .validate import FORMS
 
 
+NAMED_POINTS = 10  # above this many formats, points are numbered and named in a key beside the plot
+
+
 def _error_bars(value, lo, hi):
     """Asymmetric error bars for matplotlib from interval ends; None where any interval is missing."""
     return np.vstack([value - lo, hi - value]).clip(0) if pd.notna(lo).all() else None
@@ -68,9 +71,18 @@ def efficiency_vs_capacity(validation, styles: pd.DataFrame) -> plt.Figure:
                             lw=0)
         err = _error_bars(np.array([r["fitted"]]), np.array([r["fitted_lo"]]), np.array([r["fitted_hi"]]))
         ax.errorbar(r["g_eq"], r["fitted"], yerr=err, fmt=marker, color=color, ms=8, capsize=3, mec="white", mew=0.6)
-    label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), list(t["format"]),
-                 [styles.at[f, "color"] for f in t["format"]], side="left")
-    ax.fill_between([], [], [], color="grey", alpha=0.3, label="leave-one-format-out prediction interval")
+    colours = [styles.at[f, "color"] for f in t["format"]]
+    if len(t) <= NAMED_POINTS:
+        label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), list(t["format"]), colours, side="left")
+    else:  # too many names to place: numbers beside the points, the key beside the plot
+        numbers = [str(i + 1) for i in range(len(t))]
+        label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), numbers, None, side="left", min_gap=9)
+        key = "\n".join(f"{n:>2}  {f}" for n, f in zip(numbers, t["format"]))
+        ax.text(1.02, 0.0, key, transform=ax.transAxes, fontsize=7.5, va="bottom", family="monospace")
+    from capscale.capacity import rho
+    ax.plot(g, rho(g), color="#777777", ls="--", lw=1.2, label="published rho (Llama/C4 constants)")
+    ax.fill_between([], [], [], color="grey", alpha=0.3,
+                    label="leave-one-format-out prediction interval (in each format's colour)")
     ax.set(xscale="log", xlabel="Gaussian MSE (a W/A pair: the GMSE with the product of its capacities)",
            ylabel="efficiency multiplier eff", title="Fitted efficiency against capacity")
     handles, labels = ax.get_legend_handles_labels()

@@ -42,11 +42,13 @@ class Report:
     verdicts: list = None   # the verdict sentences: [{"topic", "text"}]
 
 
-def _figure_png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+def _figure_files(fig) -> tuple[bytes, bytes]:
+    """(PNG at 150 dpi, embedded in the pages; SVG, for papers) of a figure, which is then closed."""
+    png, svg = io.BytesIO(), io.BytesIO()
+    fig.savefig(png, format="png", dpi=150, bbox_inches="tight")
+    fig.savefig(svg, format="svg", bbox_inches="tight")
     plots.plt.close(fig)
-    return buf.getvalue()
+    return png.getvalue(), svg.getvalue()
 
 
 def _table_html(frame: pd.DataFrame, caption: str) -> str:
@@ -148,11 +150,13 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                             extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates,
                             published=against, decision=decision, backward=backward, fit=fit)
     sections, figures = build_sections(context)
-    images = {key: _figure_png(fig) for key, (_, fig) in figures.items()}
+    files = {key: _figure_files(fig) for key, (_, fig) in figures.items()}
+    images = {key: png for key, (png, _) in files.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)
     write_files(folder, {"results.json": json.dumps(strict_json(results), indent=1, default=str,
                                                     allow_nan=False).encode(),
-                         **{f"{key}.png": data for key, data in images.items()}, **pages})
+                         **{f"{key}.png": data for key, data in images.items()},
+                         **{f"{key}.svg": svg for key, (_, svg) in files.items()}, **pages})
     return Report(folder, results, validation, comp, paired, comparison, health, stats_["calibration"],
                   stats_["wald"], stats_["mixed"], verdict_lines)
 

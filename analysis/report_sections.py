@@ -176,10 +176,10 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
         section("what-to-use", "9. What to use", *_what_to_use(ctx.decision, styles))
 
     raw = ctx.runs[["format", "params", "tokens", "loss"] + (["seed"] if "seed" in ctx.runs else [])].assign(
-        predicted=law.predict(ctx.runs), residual=law.residuals_).sort_values(["format", "params", "tokens"])
+        predicted=law.predict(ctx.runs), residual=-law.residuals_).sort_values(["format", "params", "tokens"])
     skipped = ctx.runs.attrs.get("skipped", [])
     section("appendix", "Appendix: the runs",
-            f"Every fitted run with its prediction and log residual. {len(skipped)} run(s) not fitted (status not ok).",
+            f"Every fitted run with its prediction and log residual (log observed - log predicted). {len(skipped)} run(s) not fitted (status not ok).",
             (), [("Fitted runs", raw)] + ([("Runs not fitted", pd.DataFrame(skipped))] if skipped else []))
     return sections, figures
 
