@@ -14,7 +14,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from .families import FAMILIES  # noqa: E402
 
-LOSS_LABEL = "validation loss (nats per byte)"
+LOSS_LABEL = "validation loss"  # the unit is the table's own (nats per byte here, per token in QuEST)
 N_LABEL = "non-embedding parameters N"
 WIDTH = 10.5  # inches: the page width at the report's resolution
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
@@ -74,6 +74,14 @@ def seed_means(runs: pd.DataFrame, replicates: pd.DataFrame | None) -> pd.DataFr
             .agg(loss="mean", sd="std", seeds="size"))
 
 
+def _size_text(value, _=None) -> str:
+    """A model size in three significant digits: 13.5k, 30.5M, 1.2B."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.3g}"
+
+
 def loss_vs_params(runs: pd.DataFrame, law, styles: pd.DataFrame, replicates: pd.DataFrame | None = None) -> plt.Figure:
     """Top: loss against N (seed means, bars = seed s.d. where repeated) with the fitted law, one panel per
     tokens-per-parameter ratio. Bottom: the same runs relative to the baseline at the same (N, D), where gaps of a
@@ -100,10 +108,17 @@ def loss_vs_params(runs: pd.DataFrame, law, styles: pd.DataFrame, replicates: pd
         top.set(xscale="log", ylabel=LOSS_LABEL if col == 0 else "", title=f"D = {span} tokens per parameter")
         bottom.axhline(0, color="black", lw=1)
         bottom.set(xscale="log", xlabel=N_LABEL, ylabel=f"loss vs '{law.baseline}' (%)" if col == 0 else "")
-        for ax in (top, bottom):
-            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:.0f}k"))
+        if base.reindex(list(zip(part["params"], part["tokens"]))).isna().all():
+            bottom.text(0.5, 0.75, f"no '{law.baseline}' runs at these budgets", transform=bottom.transAxes,
+                        ha="center", color="#555555")
+            bottom.set_yticks([])
+        sizes = sorted(part["params"].unique())
+        shown = sizes if len(sizes) <= 4 else sizes[::2] + ([sizes[-1]] if len(sizes) % 2 == 0 else [])
+        for ax in (top, bottom):  # the trained sizes, at most about four, in engineering notation (30.5M, 203M)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_size_text))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_xticks(sorted(part["params"].unique()))
+            ax.set_xticks(shown)
+            ax.tick_params(axis="x", labelrotation=30)
     format_legend(fig, styles, runs["format"])
     fig.tight_layout(rect=(0, 0.035 * np.ceil(len(styles) / 4) + 0.02, 1, 1))
     return fig
