@@ -172,8 +172,12 @@ def capacity_vs_bits(table: pd.DataFrame, styles: pd.DataFrame) -> plt.Figure:
     for _, r in rows.iterrows():
         ax.scatter(r["bits_per_value"], r["capacity"], color=styles.at[r["format"], "color"],
                    marker=styles.at[r["format"], "marker"], s=60, edgecolor="white", linewidth=0.5)
-    label_points(ax, rows["bits_per_value"].to_numpy(), rows["capacity"].to_numpy(), list(rows["format"]),
-                 [styles.at[f, "color"] for f in rows["format"]])
+    # formats with the same specs (variants of one recipe) share a point: one label for them
+    points = rows.groupby([rows["bits_per_value"].round(6), rows["capacity"].round(6)], sort=False)["format"].agg(list)
+    labels = [names[0] if len(names) == 1 else f"{min(names, key=len)} (+{len(names) - 1} same specs)"
+              for names in points]
+    label_points(ax, np.array([b for b, _ in points.index]), np.array([c for _, c in points.index]), labels,
+                 [styles.at[names[0], "color"] for names in points])
     ax.set(xlabel="bits per value (weights; scales and metadata included)", ylabel="capacity rho (published constants)",
            title="Capacity of the formats", ylim=(0, 1.08))
     family_legend(ax, styles.loc[rows["format"]], loc="lower right")
