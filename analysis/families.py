@@ -1,6 +1,7 @@
-"""Format families, the report's visual grammar: one colour and one marker per family (quantized, sparse,
-sparse+quantized, weights+activations, vector), shades of it per format, so the study's main split (sparse vs
-quantized) is visible at a glance and survives greyscale printing."""
+"""Format families, the report's visual grammar: one hue per family (quantized, sparse, sparse+quantized,
+weights+activations, vector), a shade of it and a marker per format (the family's own marker first), so the study's
+main split (sparse vs quantized) is visible at a glance and formats within a family are told apart, in grey too.
+Labels capscale cannot parse ("other") get distinct colours."""
 from __future__ import annotations
 
 import colorsys
@@ -21,6 +22,10 @@ FAMILIES = {  # family: (colour, marker); colour-blind-safe hues (Okabe-Ito)
     "vector": ("#009E73", "P"),
     "other": ("#777777", "X"),
 }
+
+
+MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "*"]  # told apart within a family, also in grey
+OTHER_PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00", "#56B4E9", "#F0E442", "#000000"]
 
 
 def family(w_format, a_format) -> str:
@@ -59,6 +64,10 @@ def format_styles(info: pd.DataFrame, baseline: str) -> pd.DataFrame:
     rows = []
     for name in FAMILIES:
         members = [f for f in order if fam[f] == name]
-        for f, colour in zip(members, _shades(FAMILIES[name][0], len(members))):
-            rows.append({"format": f, "family": name, "color": colour, "marker": FAMILIES[name][1]})
+        # labels capscale cannot parse have no family to share: distinct colours; within a family, shades
+        colours = (OTHER_PALETTE * (len(members) // len(OTHER_PALETTE) + 1))[:len(members)] if name == "other" \
+            else _shades(FAMILIES[name][0], len(members))
+        first = MARKERS.index(FAMILIES[name][1]) if FAMILIES[name][1] in MARKERS else 0
+        for i, (f, colour) in enumerate(zip(members, colours)):  # the family's marker first, then the others in turn
+            rows.append({"format": f, "family": name, "color": colour, "marker": MARKERS[(first + i) % len(MARKERS)]})
     return pd.DataFrame(rows).set_index("format")
