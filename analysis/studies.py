@@ -109,8 +109,8 @@ def cpu_runs() -> pd.DataFrame:
     return table
 
 
-# The shipped CPU study until the new one (data/cpu_study.toml, being swept across sittings) is complete.
-CPU_STUDY_RUNS = "study_runs.jsonl"
+# The shipped CPU study (data/cpu_study.toml): one depth family, 5 widths, 3 budgets, 2 seeds per run.
+CPU_STUDY_RUNS = "cpu_study_runs.jsonl"
 
 
 def _provenance(name: str) -> dict:
@@ -125,8 +125,8 @@ STUDIES = {study.name: study for study in (
     Study("t5", "the 48 sparse T5 runs of Frantar et al. (ICLR 2024)",
           "google-research/jaxpruner jaxpruner/projects/bigsparse/t5-data.csv at "
           "f133ee50f31a03d0152b8b272edb534065152f5d (Apache-2.0, data/published/t5/LICENSE)", t5_runs),
-    Study("cpu", "capscale's CPU study: 96 runs of 7k-56k-parameter models on the KJV text",
-          "data/study.toml, trained by capscale on the project's 2-core machine", cpu_runs))}
+    Study("cpu", "capscale's CPU study: 210 runs of 7k-56k-parameter 2-layer models on the torch sources, 2 seeds each",
+          "data/cpu_study.toml, trained by capscale on the project's 2-core machine", cpu_runs))}
 assert tuple(STUDIES) == STUDY_NAMES
 
 
