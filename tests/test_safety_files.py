@@ -387,7 +387,7 @@ def test_damaged_claims_and_sweep_logs_are_moved_aside_not_tracebacks(tmp_path):
         held = claim(table, "abc")
     assert held is not None
     held.release()
-    (tmp_path / "runs.jsonl.claims" / "abc.claim").mkdir()
+    (tmp_path / "runs.jsonl.claims" / "abc.claim").mkdir(parents=True)  # the release removed the empty folder
     old = time.time() - 3600
     os.utime(tmp_path / "runs.jsonl.claims" / "abc.claim", (old, old))
     with pytest.warns(UserWarning, match="folder"):

@@ -126,7 +126,8 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     if runs is None:
         runs = folder / spec.get("runs", "runs.jsonl")
         if not runs.resolve().is_relative_to(folder.resolve()) or runs.is_symlink():
-            raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside {folder}; a sweep file writes only "
+            where = "the sweep file's folder" if folder == path.parent else str(folder)
+            raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside {where}; a sweep file writes only "
                              "beside itself (give another place with --runs)")
     runs = Path(runs)
     if runs.is_dir() or not runs.name:
