@@ -34,6 +34,9 @@ def _train_command(args) -> None:
     from capscale.capacity.runtable import require_run_table
     from capscale.trainers.train import plan_for, require_device, train_and_record, train_or_fail
     from capscale.trainers.threads import default_threads
+    for name in ("g_format", "gw_format", "gx_format"):  # --bwd-format: all three backward operands, unless given
+        if args.bwd_format and getattr(args, name) is None:
+            setattr(args, name, args.bwd_format)
     cfg = TrainConfig.from_options(args)
     if args.threads or not cfg.device.startswith("cuda"):
         torch.set_num_threads(args.threads or default_threads(cfg.params))
@@ -69,6 +72,9 @@ def add_train_command(sub) -> None:
                                    "below (the same names, with underscores, are a sweep file's [train] keys). "
                                    "Multi-GPU: torchrun --nproc-per-node K -m capscale train ... --device cuda")
     TrainConfig.add_options(p)
+    p.add_argument("--bwd-format", metavar="SPEC", default=None,
+                   help="backward pass: one format for dL/dY and both re-quantized operands (sets --g-format, "
+                        "--gw-format and --gx-format where they are not given)")
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
     p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
     p.add_argument("--threads", type=whole(1), default=None, help="CPU threads (default: the cores not busy "
