@@ -245,7 +245,11 @@ class ScaledQuantizer(Component):
             s = self._scale(self._groups(unpruned), None, unpruned)
         else:
             s = self._scale(xg, w, x)
-        y = s * self.round(xg / s)
+        # A scale stored as 0 (an all-zero group, or one whose scale underflows its format: fp16 flushes gradient
+        # scales below 6e-8) stores zeros; rounding at a stand-in scale would make them +-0.5 on a midrise grid.
+        stored = s > 0
+        s = torch.where(stored, s, torch.ones_like(s))
+        y = torch.where(stored, s * self.round(xg / s), torch.zeros_like(xg))
         if w is not None:
             y = y * w
         tolerance = None if self.half_gap is None else (self.half_gap * s).expand_as(xg).reshape(x.shape)
@@ -266,8 +270,7 @@ class ScaledQuantizer(Component):
             s = _masked_mean(xg * xg, w).sqrt() * self.gaussian_scale
             if policy == "opt":
                 s = self._search(xg, w, s)
-        s = self._store_scale(s, x)
-        return torch.where(s > 0, s, torch.ones_like(s))
+        return self._store_scale(s, x)  # 0 for an all-zero group, or one whose scale underflows its format
 
     def _store_scale(self, s, x):
         """The scale as its format stores it. With stochastic rounding an 8-bit scale is rounded up, never below
