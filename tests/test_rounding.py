@@ -64,3 +64,15 @@ def test_error_split_tells_bias_from_variance():
     assert error_split("mxfp4(rounding=stochastic)", samples=1 << 17) == stochastic  # seeded
     clipped = error_split("int4(rounding=stochastic)", samples=1 << 17)  # the rms scale clips the tails: a bias
     assert clipped.bias_sq > 0.005 * clipped.gmse
+
+
+def test_a_group_whose_scale_is_stored_as_zero_quantizes_to_zeros():
+    """Gradient-sized values (1e-9) underflow an fp16 group scale, and an all-zero group has scale 0: both must
+    store zeros. (Rounding them at a stand-in scale 1 wrote +-0.5 into gradients and broke a backward study.)"""
+    x = torch.randn(4, 16) * 1e-9
+    x[0] = 0
+    for spec in ("int8(group=8,scale=absmax)", "int4(group=8,scale=absmax,rounding=stochastic)"):
+        assert torch.equal(parse(spec)(x), torch.zeros_like(x))
+    assert torch.equal(parse("int4")(torch.zeros(2, 8)), torch.zeros(2, 8))  # all-zero rows, fp32 row scale
+    kept = parse("int8(group=8,scale=absmax,scale_format=fp32)")(x)  # an fp32 scale keeps them: error <= half a step
+    assert ((kept - x).abs() <= x.abs().reshape(-1, 8).amax(1).repeat_interleave(8).reshape(4, 16) / 255 + 1e-15).all()
