@@ -133,6 +133,7 @@ def test_effd_needs_several_token_budgets():
         capscale.fit(one, bootstrap=0, progress=False)
 
 
+@pytest.mark.slow  # a report / two command-line runs: the slow tier
 def test_fit_command_prints_effn_and_effd(capscale_cli, tmp_path):
     path = tmp_path / "crossed.csv"
     simulate_runs(TRUE_N, specs=SPECS, eff_d=TRUE_D, noise=0.004).to_csv(path, index=False)
@@ -145,6 +146,7 @@ def test_fit_command_prints_effn_and_effd(capscale_cli, tmp_path):
     assert "effD[int8]" in text and "effN" in text
 
 
+@pytest.mark.slow  # a report / two command-line runs: the slow tier
 def test_report_has_the_effn_effd_plane_and_the_effd_table(crossed, tmp_path):
     report = crossed.report(tmp_path / "r", progress=False)
     results = report.results

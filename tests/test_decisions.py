@@ -136,6 +136,7 @@ def test_frontier_is_monotone_and_never_beats_shannon(tmp_path, monkeypatch):
     assert np.allclose(merged["gmse_x"], merged["gmse_y"])
 
 
+@pytest.mark.slow  # a report / two command-line runs: the slow tier
 def test_frontier_cli_and_plan_cli(capscale_cli, tmp_path):
     env = {**os.environ, "CAPSCALE_CACHE": str(tmp_path)}
     out = capscale_cli("frontier", "int{2..4}", "mxfp4", "not_a_format{1,2}", "--json", "--figure",
