@@ -113,3 +113,13 @@ def test_cpu_study_fit_health_is_as_the_readme_states():
     assert 1.5 < ratio < 1.8 and law.params_["E"] < 0.01 * runs["loss"].min()
     short = (runs["tokens"] / runs["params"]).round() == 25
     assert DecoupledLaw().fit(runs[~short]).rmse_log_ / seed_scatter(runs[~short]) < 1.45
+
+
+def test_backward_study_is_its_crossed_grid_and_fits_effn_and_effd():
+    sweep = load_sweep(DATA / "cpu_backward_study.toml")
+    records = read_records(sweep.runs)
+    assert sorted(r["key"] for r in records) == sorted(c.key() for c in sweep.configs) and len(records) == 84
+    assert len({r["forward"] for r in records}) == 2 and len({r["backward"] for r in records}) == 7
+    law = DecoupledLaw().fit(load_runs(sweep.runs))
+    assert set(law.eff_) == {"bf16", "int4/int4"} and len(law.eff_d_) == 7
+    assert all(0.9 < v < 1.1 for v in law.eff_d_.values())  # the README: no backward format resolved as costly
