@@ -138,12 +138,14 @@ class ScalingLaw:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
-    def _prepare(self, runs: pd.DataFrame):
+    def _prepare(self, runs: pd.DataFrame, labels: pd.Series | None = None):
+        """(format index, log N, log D, log loss) of the runs; `labels`: the format of each run (default: its
+        `format` column), the baseline first in `formats_`."""
         check_identifiable(runs)
-        labels = [self.baseline] + sorted(set(runs["format"]) - {self.baseline})
-        self.formats_ = labels
-        self._index = {f: i for i, f in enumerate(labels)}
-        fi = runs["format"].map(self._index).to_numpy()
+        labels = runs["format"] if labels is None else labels
+        self.formats_ = [self.baseline] + sorted(set(labels) - {self.baseline})
+        self._index = {f: i for i, f in enumerate(self.formats_)}
+        fi = labels.map(self._index).to_numpy()
         return fi, np.log(runs["params"].to_numpy(float)), np.log(runs["tokens"].to_numpy(float)), \
             np.log(runs["loss"].to_numpy(float))
 
@@ -216,10 +218,8 @@ class DecoupledLaw(ScalingLaw):
     def _prepare(self, runs: pd.DataFrame):
         """The base arrays with the forward pair as the format; the backward configurations in `backwards_`
         (exact gradients first) and each run's index into them in `_gi`."""
-        check_identifiable(runs)
         forward, backward = run_sides(runs)
-        self.formats_ = [self.baseline] + sorted(set(forward) - {self.baseline})
-        self._index = {f: i for i, f in enumerate(self.formats_)}
+        arrays = super()._prepare(runs, forward)
         self.backwards_ = sorted(set(backward), key=lambda g: (g != NO_BACKWARD, g))
         if len(self.backwards_) > 1:
             ratios = (runs["tokens"] / runs["params"]).round(6).groupby(backward.to_numpy()).nunique()
@@ -229,9 +229,7 @@ class DecoupledLaw(ScalingLaw):
                                     "at one token budget per parameter: their data efficiency is not identified; "
                                     "train each at several token budgets")
         self._gi = backward.map({g: i for i, g in enumerate(self.backwards_)}).to_numpy()
-        fi = forward.map(self._index).to_numpy()
-        return fi, np.log(runs["params"].to_numpy(float)), np.log(runs["tokens"].to_numpy(float)), \
-            np.log(runs["loss"].to_numpy(float))
+        return arrays
 
     @single_threaded_blas
     def fit(self, runs: pd.DataFrame, start: np.ndarray | None = None):

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from capscale.capacity import InputError, bits_of, is_uncompressed, pair_rho, spec_gmse
+from capscale.capacity import InputError, bits_of, pair_rho, spec_gmse
 from capscale.capacity.runtable import split_label
 
 from .laws import DecoupledLaw, eff_key, law_loss
@@ -95,9 +95,8 @@ def optimum(p: dict, eff, bits, speedup, budget: Budget):
 
 
 def _published_eff(label: str) -> float:
-    w, a = split_label(label)
     try:
-        return pair_rho(spec_gmse(None if is_uncompressed(w) else w), spec_gmse(None if is_uncompressed(a) else a))
+        return pair_rho(*map(spec_gmse, split_label(label)))  # an uncompressed side has GMSE 0
     except InputError as err:
         raise InputError(f"format {label!r} is not in the fit, and capscale cannot compute its capacity: {err}") from None
 

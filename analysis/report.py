@@ -168,7 +168,7 @@ def decisions(fit, info: pd.DataFrame, progress: bool) -> dict:
     from .frontier import frontier
     from .names import FRONTIER_FAMILIES
     from .plan import Budget, plan, plan_curves
-    known = [f for f in fit.eff if np.isfinite(info.at[f, "w_bits"])]
+    known = [f for f in fit.eff if np.isfinite(info["w_bits"].get(f, np.nan))]
     if fit.baseline not in known or len(known) < 2:
         return {"omitted": "the formats' bits per value are unknown (labels capscale cannot parse, no w_bits "
                            "column), so their memory cannot be counted"}

@@ -131,7 +131,7 @@ def add_sweep_command(sub) -> None:
                            "Finished runs are skipped by content key, interrupted ones resume from checkpoints; "
                            "concurrent sweeps on one table never train a run twice.", 100) + "\n" + SWEEP_FILE)
     p.add_argument("sweep", help="sweep TOML file, or the name of one shipped in the package (study, demo_small, "
-                                 "cpu_study, gpu_study: `capscale data list`), whose run table then goes into the "
+                                 "cpu_study, cpu_backward_study, gpu_study: `capscale data list`), whose run table then goes into the "
                                  "working directory")
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: as `train` chooses, "

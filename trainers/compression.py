@@ -28,6 +28,11 @@ def _option(help: str, **argparse_kwargs) -> dict:
     return {"help": help, **argparse_kwargs}
 
 
+def block_dividing(block: int, width: int) -> int:
+    """The largest Hadamard block of at most `block` that divides `width` (both powers of two): 0 for none."""
+    return math.gcd(block, width & -width) if block else 0
+
+
 def _with_row_scale(spec: str) -> str:
     """The spec with its quantizers scaling from the whole row before pruning (`scale_from=row`)."""
     fmt = capacity.parse(spec)
@@ -182,7 +187,7 @@ class Compression:
 
     def block_for(self, width: int) -> int:
         """The Hadamard block of a layer with this input width: 0 (none) or a power of two dividing it."""
-        return math.gcd(self.rotation_block, width & -width) if self.rotation_block else 0
+        return block_dividing(self.rotation_block, width)
 
     @functools.cached_property
     def rbbm_z(self) -> float:

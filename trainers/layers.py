@@ -21,8 +21,6 @@ and T_k the forward's own threshold: the tensor's for unstructured sparsity, eac
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,7 +28,7 @@ import torch.nn.functional as F
 from capscale import capacity
 from capscale.capacity.structure import NMSparse, Sparse, hadamard_matrix
 
-from .compression import Compression
+from .compression import Compression, block_dividing
 
 
 def _row_rms(v: torch.Tensor) -> torch.Tensor:
@@ -90,7 +88,7 @@ def _backward_product(a: torch.Tensor, b: torch.Tensor, fa, fb, block: int) -> t
     there by a block Hadamard first when `block` divides it (H H^T = I: the product is unchanged but the scales
     see rotated rows)."""
     a, b = a.contiguous(), b.contiguous()
-    block = math.gcd(block, a.shape[-1] & -a.shape[-1]) if block else 0
+    block = block_dividing(block, a.shape[-1])
     if block > 1 and (fa is not None or fb is not None):
         hadamard = hadamard_matrix(block).to(a.device)
         a, b = rotate(a, hadamard), rotate(b, hadamard)

@@ -214,11 +214,10 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
             time.sleep(poll_s)
             finished = finished_keys(sweep.runs)
             todo = [c for c in todo if c.key() not in finished]
-    for folder in (f"{sweep.runs}.claims", f"{sweep.runs}.checkpoints"):  # tidy: left only while they hold something
-        try:
-            os.rmdir(folder)
-        except OSError:
-            pass
+    try:  # tidy: left only while it holds something (a claim's release removes an empty claims folder)
+        os.rmdir(f"{sweep.runs}.checkpoints")
+    except OSError:
+        pass
     return ran
 
 
