@@ -1,8 +1,9 @@
 """Cost of a format inside a third-party model: a training step of a Hugging Face Llama (built from a config,
 nothing downloaded) after `capscale.compress_`, against the same model's dense step in the same run.
 
-Run: python benchmarks/bench_compress.py [--hidden 256] [--layers 4] [--steps 20] [--device cpu]
-The issue's target is W4A4 at most 1.3x the dense step.
+Run: python benchmarks/bench_compress.py [--hidden 256] [--layers 4] [--steps 20] [--device cpu] [--compile]
+The issue's target is W4A4 at most 1.3x the dense step. `--compile` compiles every model (dense too) with
+torch.compile first: the format's elementwise steps then fuse into a few loops (compilation is not timed).
 """
 import argparse
 import time
@@ -47,16 +48,19 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model, the dense one too")
     args = p.parse_args()
     runs = {"dense": None, "int4 (weights)": "int4", "int4/int4 (W4A4)": "int4/int4", "2:4+int4": "2:4+int4",
             "nvfp4": "nvfp4"}
     base = None
     print(f"Llama hidden {args.hidden}, {args.layers} layers, batch {args.batch} x {args.context}, {args.device}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads{', compiled' if args.compile else ', eager'}")
     for name, label in runs.items():
         model = llama(args.hidden, args.layers)
         if label:
             capscale.compress_(model, label)
+        if args.compile:
+            model = torch.compile(model)
         t = seconds_per_step(model, args.steps, args.batch, args.context, args.device)
         base = base or t
         print(f"  {name:<18} {t * 1e3:8.1f} ms/step   x{t / base:.2f} of dense")

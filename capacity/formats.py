@@ -216,7 +216,8 @@ class ScaledQuantizer(Component):
             raise SpecError(f"{self.name}: scale_format must be one of {', '.join(SCALE_BITS)}")
 
     def round(self, u: torch.Tensor) -> torch.Tensor:
-        """Nearest point to each unit-scale value, u of shape (groups, group_size)."""
+        """Nearest point to each unit-scale value, u of shape (groups, group_size): a fresh tensor, which the
+        rounding may overwrite (and return)."""
         raise NotImplementedError
 
     def bits(self, inner_bits):
@@ -247,9 +248,11 @@ class ScaledQuantizer(Component):
             s = self._scale(xg, w, x)
         # A scale stored as 0 (an all-zero group, or one whose scale underflows its format: fp16 flushes gradient
         # scales below 6e-8) stores zeros; rounding at a stand-in scale would make them +-0.5 on a midrise grid.
+        # The stand-in scale 1 divides and the stored scale (0 there) multiplies, in place on the one fresh tensor:
+        # a large new tensor costs more to allocate on the CPU than the arithmetic on it.
         stored = s > 0
-        s = torch.where(stored, s, torch.ones_like(s))
-        y = torch.where(stored, s * self.round(xg / s), torch.zeros_like(xg))
+        y = self.round(xg / torch.where(stored, s, 1.0)).mul_(torch.where(stored, s, 0.0))
+        s = torch.where(stored, s, 1.0)
         if w is not None:
             y = y * w
         tolerance = None if self.half_gap is None else (self.half_gap * s).expand_as(xg).reshape(x.shape)
@@ -267,7 +270,9 @@ class ScaledQuantizer(Component):
         elif policy == "absmean":
             s = _masked_mean(xg.abs(), w)
         else:
-            s = _masked_mean(xg * xg, w).sqrt() * self.gaussian_scale
+            rms = (torch.linalg.vector_norm(xg, dim=-1, keepdim=True) * xg.shape[-1] ** -0.5 if w is None
+                   else _masked_mean(xg * xg, w).sqrt())  # the unmasked RMS in one pass, without a squared copy
+            s = rms * self.gaussian_scale
             if policy == "opt":
                 s = self._search(xg, w, s)
         return self._store_scale(s, x)  # 0 for an all-zero group, or one whose scale underflows its format
@@ -340,7 +345,7 @@ class GridQuantizer(ScaledQuantizer):
         if self.params["rounding"] == "stochastic":
             return self._round_stochastic(u)
         if self.uniform:  # midrise integer grid: +-0.5, +-1.5, ...
-            return (torch.floor(u) + 0.5).clamp(-self.top, self.top)
+            return u.floor_().add_(0.5).clamp_(-self.top, self.top)
         if self.cast is not None:
             return u.clamp(-self.top, self.top).to(self.cast).float()
         levels, mids = self._levels_on(u.device)

@@ -88,6 +88,36 @@ def test_state_dicts_keep_their_keys_and_reload_to_the_same_outputs():
         assert torch.equal(model(input_ids=x).logits, other(input_ids=x).logits)
 
 
+def test_siblings_reading_one_input_compress_it_once_with_the_same_outputs_and_gradients(monkeypatch):
+    from capscale.trainers.layers import SharedInput
+    x = torch.randint(0, 256, (2, 16))
+
+    def step(model):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    shared = capscale.compress_(tiny_llama(), "int4/int4")
+    made = []
+    original = CompressedLinear._compress_input
+    monkeypatch.setattr(CompressedLinear, "_compress_input", lambda self, t: made.append(self) or original(self, t))
+    loss, grads = step(shared)
+    assert len(made) == 2 * 4  # per layer: q/k/v's input, o's, gate/up's and down's, not one per linear (7)
+    alone = capscale.compress_(tiny_llama(), "int4/int4")
+    for layer in alone.modules():
+        if isinstance(layer, CompressedLinear):
+            layer.__dict__["shared_input"] = SharedInput()
+    loss_alone, grads_alone = step(alone)
+    assert torch.equal(loss, loss_alone)
+    assert all(torch.allclose(grads[n], grads_alone[n], rtol=1e-5, atol=1e-7) for n in grads)
+    layer = shared.model.layers[0].self_attn.q_proj
+    h = torch.randn(2, 16, 64)
+    first = layer(h)
+    h.mul_(2)  # the same tensor changed in place: compressed again, not served from the last call
+    assert not torch.equal(layer(h), first) and torch.equal(layer(h), by_hand(layer, h))
+    torch.save(shared, io.BytesIO())  # a pickled model carries no cached tensors
+
+
 def test_decompress_gives_back_plain_layers_over_the_trained_tensors():
     for build in (tiny_llama, tiny_gpt2):
         model = build()

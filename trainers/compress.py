@@ -18,7 +18,7 @@ from capscale.capacity import InputError
 from capscale.capacity.runtable import split_label
 
 from .compression import Compression
-from .layers import CompressedLinear
+from .layers import CompressedLinear, SharedInput
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -80,11 +80,13 @@ def compress_(model: nn.Module, compression: "Compression | str",
     heads = _heads(model)
     accept = filter_fn or (lambda module, name: id(module) not in heads)
     summary = CompressionSummary(getattr(model, "capscale_summary", []))
+    siblings: dict[tuple, SharedInput] = {}  # layers of one parent with one input width may read one input
     for name, module in list(model.named_modules()):
         if not (_is_linear(module) and accept(module, name)):
             continue
         layer = CompressedLinear.from_linear(module, comp)
         parent_name, _, child = name.rpartition(".")
+        layer.__dict__["shared_input"] = siblings.setdefault((parent_name, layer.in_features), layer.shared_input)
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         summary.append(CompressedLayer(name, (layer.out_features, layer.in_features),
                                        None if comp.w_fmt is None else str(comp.w_fmt),

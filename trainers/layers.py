@@ -21,6 +21,8 @@ and T_k the forward's own threshold: the tensor's for unstructured sparsity, eac
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,7 +34,7 @@ from .compression import Compression, block_dividing
 
 
 def _row_rms(v: torch.Tensor) -> torch.Tensor:
-    return v.pow(2).mean(-1, keepdim=True).sqrt()
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True) * v.shape[-1] ** -0.5  # one pass, no squared copy
 
 
 def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression):
@@ -45,7 +47,7 @@ def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression)
     elif comp.estimator == "clipped":
         mask = v.abs() <= q.abs().amax(-1, keepdim=True)
     elif radius is not None:
-        mask = (q - v).abs() <= radius * _row_rms(v)
+        mask = torch.sub(q, v).abs_() <= radius * _row_rms(v)
     else:
         mask = None if out.tolerance is None else (q - v).abs() <= out.tolerance
     if keep is None:
@@ -127,6 +129,38 @@ def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
         return (v.float().reshape(-1, block) @ hadamard).reshape(v.shape)
 
 
+class SharedInput:
+    """Sibling layers that read the same input (q, k and v; gate and up) rotate and compress it once, as one
+    low-precision activation feeding several products. A hit needs the very tensor of the last call, unmodified
+    (`_version`), in the same grad mode. The input is held weakly and the result only while the input lives, so
+    nothing outlives the forward pass that made it. Under torch.compile the graph's own common-subexpression
+    elimination does this instead."""
+
+    def __init__(self):
+        self._last = None  # (weak reference to the input, its version and grad mode, the result): one object, so
+                           # a collection that runs the callback mid-update cannot pair one call's input with none
+
+    def __call__(self, x: torch.Tensor, make) -> torch.Tensor:
+        if torch.compiler.is_compiling() or x.is_inference():  # inference tensors keep no version counter
+            return make(x)
+        key, last = (x._version, torch.is_grad_enabled()), self._last
+        if last is not None and last[0]() is x and last[1] == key:
+            return last[2]
+        result = make(x)
+        self._last = (weakref.ref(x, self._forget), key, result)
+        return result
+
+    def _forget(self, source) -> None:
+        if self._last is not None and self._last[0] is source:
+            self._last = None
+
+    def __getstate__(self):  # pickling a model (torch.save) keeps the sharing, not the last call's tensors
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
 class CompressedLinear(nn.Linear):
     """y = A(x H) @ W(W H)^T + b: weights and input activations rotated by a block Hadamard H (when the formats
     call for it) and passed through their formats (each optional). An nn.Linear, with its `weight` (and `bias`)
@@ -154,6 +188,7 @@ class CompressedLinear(nn.Linear):
     def _compress_with(self, comp: Compression, transposed: bool):
         self.comp, self.transposed = comp, transposed
         self.hadamard_block = comp.block_for(self.in_features)
+        self.__dict__["shared_input"] = SharedInput()  # not a submodule; `compress_` hands siblings one
         if self.hadamard_block:  # a buffer: it follows the module to its device, and torch.compile sees a tensor
             self.register_buffer("hadamard", hadamard_matrix(self.hadamard_block).to(self.weight.device),
                                  persistent=False)
@@ -170,11 +205,15 @@ class CompressedLinear(nn.Linear):
         return (f"{super().extra_repr()}, w={self.comp.w_fmt}, a={self.comp.a_fmt}, hadamard={self.hadamard_block}"
                 + (", transposed" if self.transposed else ""))
 
+    def _compress_input(self, x):
+        return compress(rotate(x, self.hadamard) if self.hadamard_block else x, self.comp.a_fmt, self.comp)
+
     def forward(self, x):
         w = self.weight.t() if self.transposed else self.weight
         if self.hadamard_block:
-            x, w = rotate(x, self.hadamard), rotate(w, self.hadamard)
-        x, w = compress(x, self.comp.a_fmt, self.comp), compress(w, self.comp.w_fmt, self.comp)
+            w = rotate(w, self.hadamard)
+        x = self.shared_input(x, self._compress_input) if self.hadamard_block or self.comp.a_fmt else x
+        w = compress(w, self.comp.w_fmt, self.comp)
         if self.comp.bwd_fmts is None:
             return F.linear(x, w, self.bias)
         y = _BackwardFormats.apply(x, w, self.comp)
