@@ -107,7 +107,7 @@ def _law(law_data, runs: pd.DataFrame, need: _Refuse) -> DecoupledLaw:
     settings = law_data["settings"]
     need(isinstance(settings, dict) and set(settings) == set(DecoupledLaw().get_params()), "bad law settings")
     need(isinstance(settings["baseline"], str) and _real(settings["delta"]) and settings["delta"] > 0
-         and (settings["fix_E"] is None or _real(settings["fix_E"]) and settings["fix_E"] > 0), "bad law settings")
+         and (settings["fix_E"] is None or _real(settings["fix_E"]) and settings["fix_E"] >= 0), "bad law settings")
     theta = law_data["theta"]
     need(isinstance(theta, list) and all(_real(v) for v in theta), "its constants are not a list of numbers")
     try:

@@ -29,6 +29,33 @@ def seed_scatter(runs: pd.DataFrame) -> float:
     return float(np.sqrt(np.sum(deviation ** 2) / dof))
 
 
+E_PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4)  # E held at these shares of the smallest loss, for the profile
+
+
+def e_profile(law, runs: pd.DataFrame, shares=E_PROFILE_SHARES) -> pd.DataFrame:
+    """The decoupled law refitted with E held at each share of the smallest loss: E, the residual RMSE, the
+    exponents, and how far the efficiencies moved from the fit at the first share (`max_eff_shift`). Flat where
+    the runs cannot identify E; what a held E (`fix_E`) rests on."""
+    from .laws import DecoupledLaw
+    rows, first = [], None
+    for share in shares:
+        fitted = DecoupledLaw(law.baseline, law.delta, fix_E=share * float(runs["loss"].min())).fit(runs)
+        first = first or fitted.eff_
+        rows.append({"E": share * float(runs["loss"].min()), "rmse_log": fitted.rmse_log_,
+                     "alpha": fitted.params_["alpha"], "beta": fitted.params_["beta"],
+                     "max_eff_shift": max(abs(fitted.eff_[f] - first[f]) for f in first)})
+    return pd.DataFrame(rows)
+
+
+def _held_e_detail(law, runs: pd.DataFrame) -> str:
+    """Why a held E may stand: what the runs say about E around it."""
+    profile = e_profile(law, runs)
+    best = profile.loc[profile["rmse_log"].idxmin()]
+    return (f"held at {law.fix_E:.4g} (fix_E), not fitted; refitted with E from 0 to {profile['E'].iloc[-1]:.3g} the "
+            f"residual RMSE goes {profile['rmse_log'].iloc[0]:.4f} to {profile['rmse_log'].iloc[-1]:.4f} (least at "
+            f"E = {best['E']:.3g}) and no efficiency moves more than {profile['max_eff_shift'].max():.3f}")
+
+
 def efficiency_interval(intervals: pd.DataFrame, fmt: str) -> tuple:
     """(lo, hi) of a format's efficiency (the baseline's, fixed at 1, is the point (1, 1))."""
     return tuple(intervals.loc[eff_key(fmt), ["lo", "hi"]])
@@ -68,13 +95,20 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
         detail += f"; at its bound in {at_bound:.0%} of bootstrap refits"
     verdict = "ok" if e > floor and at_bound < 0.5 else "weak"
     if getattr(law, "fix_E", None) is not None:
-        verdict, detail = "reported", "held fixed (fix_E), not fitted"
+        value, verdict, detail = f"{law.fix_E:g}", "reported", _held_e_detail(law, runs)
     rows = [("irreducible loss E", value, verdict, detail)]
     scatter = seed_scatter(runs if replicates is None else pd.concat([runs, replicates]))
     rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
                  "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ <= MISFIT_OVER_SCATTER * scatter else "weak"),
                  "no repeated seeds to compare with" if np.isnan(scatter) else
                  f"{law.rmse_log_ / scatter:.2f}x the seed-to-seed scatter {scatter:.4f} (ok up to {MISFIT_OVER_SCATTER}x)"))
+    by_size = pd.Series(-law.residuals_, index=runs.index).groupby(runs["params"]).mean()  # observed - predicted
+    worst = by_size.abs().idxmax()
+    rows.append(("largest mean residual of one model size", f"{by_size[worst]:+.4f} at N = {worst:,.0f}",
+                 "reported" if np.isnan(scatter) else ("ok" if abs(by_size[worst]) <= scatter else "weak"),
+                 "no repeated seeds to compare with" if np.isnan(scatter) else
+                 f"observed - predicted log loss, mean over the size's runs, of {len(by_size)} sizes (ok up to the "
+                 f"seed scatter {scatter:.4f}): a shape the law misses trains off it at every format"))
     if intervals is not None:
         others = [f for f in law.formats_ if f != law.baseline]
         apart = [f for f in others if disjoint(intervals, f, law.baseline)]

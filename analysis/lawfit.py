@@ -119,6 +119,8 @@ class LawFit:
         for name, value in law.values().items():
             lo, hi, se = (table.loc[name, ["lo", "hi", "se"]] if table is not None and name in table.index
                           else (np.nan, np.nan, np.nan))
+            if name == "E" and getattr(law, "fix_E", None) is not None:  # held, not estimated (0: the search floor)
+                value, lo, hi, se = law.fix_E, np.nan, np.nan, np.nan
             rows.append({"": name, "value": value, "s.e.": se, f"[{(1 - self.level) / 2:g}": lo,
                          f"{1 - (1 - self.level) / 2:g}]": hi})
         formula = law.formula_text
@@ -127,6 +129,8 @@ class LawFit:
                        "backward configuration, exact gradients 1)")
         header = [("law", f"{law.law}: {formula}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
                   ("residual RMSE, log loss", f"{law.rmse_log_:.4g}"), ("baseline", law.baseline),
+                  *([("irreducible loss E", f"held at {law.fix_E:g} (fix_E), not fitted")]
+                    if getattr(law, "fix_E", None) is not None else []),
                   ("bootstrap", "none" if self.boot is None else
                    f"{len(self.boot.samples)} refits ({self.boot.n_failed} failed), seed {self.seed}, "
                    f"{self.level:.0%} percentile intervals")]

@@ -202,6 +202,7 @@ class ScalingLaw:
 class DecoupledLaw(ScalingLaw):
     """One efficiency per format ([C]'s decoupled law). `fix_E` holds the irreducible loss at a given value
     (e.g. from a larger study) where the data cannot identify it; the profile of the objective over E shows when.
+    `fix_E=0` fits a pure power law (E held at the search floor), for runs whose profile is flat down to 0.
 
     Runs whose backward pass takes formats (`g_format`, ...; labels `W/A | bwd G`) get the law with a data
     efficiency per backward configuration, loss = A (N effN_f)^-alpha + B (D effD_g)^-beta + E: one effN per
@@ -240,8 +241,10 @@ class DecoupledLaw(ScalingLaw):
         k, m = len(self.formats_), len(self.backwards_)
         loss = np.exp(log_l)
         fixed_e = 0.0 if self.fix_E is None else float(self.fix_E)
-        if self.fix_E is not None and not 0 < fixed_e < loss.min():
-            raise InputError(f"fix_E = {self.fix_E} must be positive and below every loss (min {loss.min():.4g})")
+        if self.fix_E is not None and not 0 <= fixed_e < loss.min():
+            raise InputError(f"fix_E = {self.fix_E} must be at least 0 and below every loss (min {loss.min():.4g})")
+        if self.fix_E is not None and fixed_e == 0:  # a pure power law: E held at the search floor (no prediction moves)
+            fixed_e = float(np.exp(log_e_floor(loss)))
         free = (None, None)
         e_range = (log_e_floor(loss), None) if self.fix_E is None else (np.log(fixed_e),) * 2
         bounds = [free] * (k + m) + [e_range] + [free] * 2

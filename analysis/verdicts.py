@@ -82,7 +82,7 @@ def health_sentence(health: pd.DataFrame) -> str:
     checks = health.set_index("check")
     parts = []
     for name, row in checks.iterrows():
-        if row["verdict"] in ("ok", "weak"):
+        if row["verdict"] in ("ok", "weak") or row["detail"].startswith("held at"):  # a held E says why
             parts.append(f"{name} {row['value']} ({row['verdict']}: {row['detail']})")
     weak = int((checks["verdict"] == "weak").sum())
     return (f"{weak} of {len(parts)} checks weak: " if weak else "All checks pass: ") + "; ".join(parts) + "."

@@ -73,6 +73,9 @@ def fit_from_args(args, runs, law: str = "decoupled", **law_options):
                 raise InputError(f"--fit {args.fit} was fitted with {option} {saved}; it cannot answer for "
                                  f"{option} {asked}: refit without --fit")
         return result
+    if getattr(args, "study", None) and law == "decoupled":  # the settings a shipped study states (its fix_E)
+        from capscale.analysis.studies import STUDIES
+        law_options = {**STUDIES[args.study].fit_options, **law_options}
     return fit(runs, law=law, bootstrap=args.bootstrap, level=args.level, baseline=args.baseline or BASELINE,
                resample=args.resample, seed=args.seed, delta=args.delta or 1e-3, n_jobs=args.jobs, **law_options)
 
@@ -116,7 +119,7 @@ def add_fit_command(sub) -> None:
                         "(a new file, or one capscale saved a fit in)")
     p.add_argument("--overwrite", action="store_true", help="let -o replace a file capscale did not write")
     p.add_argument("--fix-E", type=nonnegative, default=None, metavar="E",
-                   help="hold the irreducible loss E fixed (where the runs cannot identify it)")
+                   help="hold the irreducible loss E fixed where the runs cannot identify it (0: a pure power law)")
     p.set_defaults(func=_fit_command)
 
 

@@ -52,10 +52,15 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                                                     "method"]].to_string(index=False, float_format="{:.4g}".format))
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
           f"({n_boot} bootstrap refits) ==")
+    options = {} if train else STUDIES[study].fit_options  # a shipped study's stated settings (the CPU study's E)
     if "provenance" in runs.attrs:
         print(f"source: {runs.attrs['provenance']['source']}")
+    if "selection" in runs.attrs:
+        print(f"fitted: {runs.attrs['selection']}")
+    for option, value in options.items():
+        print(f"law setting: {option} = {value} (the study's, stated in capscale.analysis.studies)")
     grids = {p.stem.removeprefix("capacity_"): p for p in sorted(data.path("reference").glob("capacity_*.csv"))}
-    report = fit(runs, bootstrap=n_boot, seed=seed, n_jobs=n_jobs).report(
+    report = fit(runs, bootstrap=n_boot, seed=seed, n_jobs=n_jobs, **options).report(
         out, grids=grids, n_jobs=n_jobs, title=f"capscale demo: {runs_path}", replicates=replicates,
         published=published_efficiencies(study) if not train else None)
     res = report.results

@@ -91,28 +91,40 @@ def test_cpu_study_is_its_grid_on_one_fingerprinted_text_read_at_most_twice():
     one depth family, the training text named and fingerprinted in every record and read at most ~2 times."""
     sweep = load_sweep(DATA / "cpu_study.toml")
     records = read_records(sweep.runs)
-    assert sorted(r["key"] for r in records) == sorted(c.key() for c in sweep.configs) and len(records) == 210
+    assert sorted(r["key"] for r in records) == sorted(c.key() for c in sweep.configs) and len(records) == 280
     assert all(r["status"] == "ok" for r in records)
     assert {r["n_layer"] for r in records} == {2} and len({r["params"] for r in records}) == 5
-    assert {r["seed"] for r in records} == {0, 1} and len({(r["tokens"] / r["params"]) for r in records}) >= 3
+    assert {r["seed"] for r in records} == {0, 1} and len({round(r["tokens"] / r["params"]) for r in records}) == 4
     assert len({(r["data"], r["data_bytes"], r["data_sha256"]) for r in records}) == 1
     assert max(r["data_passes"] for r in records) <= 2
-    # the first sitting's 26 runs predate the session record; the log beside the table has both sittings
+    # the first sitting's 26 runs predate the session record; the log beside the table has all three sittings
     meta = json.loads(sweep.runs.with_name(sweep.runs.name + ".meta.json").read_text())
-    assert sum(s["runs_ran"] for s in meta["sessions"]) == 184
-    assert "sitting 2026-12-02" in sweep.runs.with_suffix(".log").read_text()
+    assert sum(s["runs_ran"] for s in meta["sessions"]) == 280 - 26
+    assert sweep.runs.with_suffix(".log").read_text().count("# sitting 2026-12-02") == 2
 
 
-def test_cpu_study_fit_health_is_as_the_readme_states():
-    """The README says the CPU study's fit is not healthy: E at its bound, misfit 1.63x the seed scatter, the
-    25-tokens-per-parameter budget carrying the structure. This holds the numbers to it."""
-    from capscale.analysis.health import seed_scatter
-    runs = load_runs(load_sweep(DATA / "cpu_study.toml").runs)
-    law = DecoupledLaw().fit(runs)
-    ratio = law.rmse_log_ / seed_scatter(runs)
-    assert 1.5 < ratio < 1.8 and law.params_["E"] < 0.01 * runs["loss"].min()
-    short = (runs["tokens"] / runs["params"]).round() == 25
-    assert DecoupledLaw().fit(runs[~short]).rmse_log_ / seed_scatter(runs[~short]) < 1.45
+def test_cpu_study_fit_is_healthy_as_the_readme_states():
+    """The study as `--study cpu` fits it (the 60-150 budgets, E held at 0) passes every fit-health check, the
+    profile over E that holding it rests on is flat, the cell bootstrap works, and the excluded 25 budget is what
+    broke the misfit check (README, "The shipped study")."""
+    from capscale.analysis.health import e_profile, seed_scatter
+    from capscale.analysis.studies import STUDIES, study_runs
+    runs = load_runs(study_runs("cpu"), name="cpu")
+    assert len(runs) == 210 and (runs["tokens"] >= 60 * runs["params"]).all()
+    law = DecoupledLaw(**STUDIES["cpu"].fit_options).fit(runs)
+    boot = bootstrap(law, runs, 50, seed=0, progress=False, unit="cells")
+    assert boot.n_failed == 0
+    health = fit_health(law, runs, boot).set_index("check")
+    assert (health["verdict"] != "weak").all(), health
+    assert law.rmse_log_ / seed_scatter(runs) < 1.5
+    profile = e_profile(law, runs)
+    assert profile["rmse_log"].idxmin() == 0 and profile["rmse_log"].iloc[-1] < 1.1 * profile["rmse_log"].iloc[0]
+    assert profile["max_eff_shift"].max() < 0.06
+    intervals = boot.intervals(law.values())
+    assert disjoint(intervals, "int2", "bf16") and disjoint(intervals, "int2", "int4")
+    everything = load_runs(load_sweep(DATA / "cpu_study.toml").runs)
+    assert len(everything) == 280
+    assert DecoupledLaw().fit(everything).rmse_log_ / seed_scatter(everything) > 1.5
 
 
 def test_backward_study_is_its_crossed_grid_and_fits_effn_and_effd():
