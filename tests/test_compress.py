@@ -116,6 +116,9 @@ def test_siblings_reading_one_input_compress_it_once_with_the_same_outputs_and_g
     h.mul_(2)  # the same tensor changed in place: compressed again, not served from the last call
     assert not torch.equal(layer(h), first) and torch.equal(layer(h), by_hand(layer, h))
     torch.save(shared, io.BytesIO())  # a pickled model carries no cached tensors
+    leaf = torch.randn(2, 16, 64, requires_grad=True)  # one input tensor fed to two forward passes
+    for _ in range(2):
+        layer(leaf).sum().backward()  # the second pass builds its own graph, not the first one's (freed)
 
 
 def test_decompress_gives_back_plain_layers_over_the_trained_tensors():

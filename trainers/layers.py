@@ -132,22 +132,24 @@ def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
 class SharedInput:
     """Sibling layers that read the same input (q, k and v; gate and up) rotate and compress it once, as one
     low-precision activation feeding several products. A hit needs the very tensor of the last call, unmodified
-    (`_version`), in the same grad mode. The input is held weakly and the result only while the input lives, so
-    nothing outlives the forward pass that made it. Under torch.compile the graph's own common-subexpression
-    elimination does this instead."""
+    (`_version`), in the same grad mode, asked for by a layer that has not used that result yet: a layer asking
+    again is a new forward pass (the same input tensor fed twice), whose graph must not be the last one's. The
+    input is held weakly and the result only while the input lives. Under torch.compile the graph's own
+    common-subexpression elimination does this instead."""
 
     def __init__(self):
-        self._last = None  # (weak reference to the input, its version and grad mode, the result): one object, so
-                           # a collection that runs the callback mid-update cannot pair one call's input with none
+        self._last = None  # (weak reference to the input, its version and grad mode, the result, the layers that
+                           # used it): one object, so a collection running the callback mid-update loses nothing
 
-    def __call__(self, x: torch.Tensor, make) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, make, user: nn.Module) -> torch.Tensor:
         if torch.compiler.is_compiling() or x.is_inference():  # inference tensors keep no version counter
             return make(x)
         key, last = (x._version, torch.is_grad_enabled()), self._last
-        if last is not None and last[0]() is x and last[1] == key:
+        if last is not None and last[0]() is x and last[1] == key and id(user) not in last[3]:
+            last[3].add(id(user))
             return last[2]
         result = make(x)
-        self._last = (weakref.ref(x, self._forget), key, result)
+        self._last = (weakref.ref(x, self._forget), key, result, {id(user)})
         return result
 
     def _forget(self, source) -> None:
@@ -212,7 +214,7 @@ class CompressedLinear(nn.Linear):
         w = self.weight.t() if self.transposed else self.weight
         if self.hadamard_block:
             w = rotate(w, self.hadamard)
-        x = self.shared_input(x, self._compress_input) if self.hadamard_block or self.comp.a_fmt else x
+        x = self.shared_input(x, self._compress_input, self) if self.hadamard_block or self.comp.a_fmt else x
         w = compress(w, self.comp.w_fmt, self.comp)
         if self.comp.bwd_fmts is None:
             return F.linear(x, w, self.bias)
