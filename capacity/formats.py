@@ -169,6 +169,11 @@ class Identity(Component):
         return 0.0
 
 
+def row_rms(v: torch.Tensor) -> torch.Tensor:
+    """RMS along the last dimension in one pass, without a squared copy (the trainer's trust radius uses it too)."""
+    return torch.linalg.vector_norm(v, dim=-1, keepdim=True) * v.shape[-1] ** -0.5
+
+
 def _masked_mean(v: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
     if w is None:
         return v.mean(-1, keepdim=True)
@@ -270,8 +275,7 @@ class ScaledQuantizer(Component):
         elif policy == "absmean":
             s = _masked_mean(xg.abs(), w)
         else:
-            rms = (torch.linalg.vector_norm(xg, dim=-1, keepdim=True) * xg.shape[-1] ** -0.5 if w is None
-                   else _masked_mean(xg * xg, w).sqrt())  # the unmasked RMS in one pass, without a squared copy
+            rms = row_rms(xg) if w is None else _masked_mean(xg * xg, w).sqrt()
             s = rms * self.gaussian_scale
             if policy == "opt":
                 s = self._search(xg, w, s)

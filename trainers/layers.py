@@ -28,13 +28,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capscale import capacity
+from capscale.capacity.formats import row_rms
 from capscale.capacity.structure import NMSparse, Sparse, hadamard_matrix
 
 from .compression import Compression, block_dividing
-
-
-def _row_rms(v: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(v, dim=-1, keepdim=True) * v.shape[-1] ** -0.5  # one pass, no squared copy
 
 
 def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression):
@@ -47,7 +44,7 @@ def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression)
     elif comp.estimator == "clipped":
         mask = v.abs() <= q.abs().amax(-1, keepdim=True)
     elif radius is not None:
-        mask = torch.sub(q, v).abs_() <= radius * _row_rms(v)
+        mask = torch.sub(q, v).abs_() <= radius * row_rms(v)
     else:
         mask = None if out.tolerance is None else (q - v).abs() <= out.tolerance
     if keep is None:
@@ -61,7 +58,7 @@ def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression)
     if comp.backward_mask == "dense":
         return q, passing
     sparsity = fmt.component(NMSparse) or fmt.component(Sparse)  # ... outside RBBM's band
-    t_k, t_p = sparsity.prune_threshold(v, keep), _row_rms(v) * comp.rbbm_z
+    t_k, t_p = sparsity.prune_threshold(v, keep), row_rms(v) * comp.rbbm_z
     low, high = torch.minimum(t_k, t_p), torch.maximum(t_k, t_p)
     return q, passing & ((v.abs() < low) | (v.abs() > high))
 
