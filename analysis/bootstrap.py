@@ -15,7 +15,6 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from .parallel import chunked_map
-from .laws import eff_key, law_loss
 from .names import RESAMPLING_UNITS
 
 ONE_SIGMA = 0.6826894921370859  # the probability within one sd of a normal's mean
@@ -87,7 +86,7 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
     start = getattr(law, "theta_", None) if warm and identified else None
     if unit not in RESAMPLING_UNITS:
         raise ValueError(f"resampling unit must be one of {RESAMPLING_UNITS}, got {unit!r}")
-    work = partial(_refit, type(law), law.get_params(), runs, seed, start, unit)
+    work = partial(_refit, type(law), law.bootstrap_params(), runs, seed, start, unit)
     bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
     values = chunked_map(work, range(n_boot), n_jobs, n_chunks=n_jobs * 4, done=bar.update)
     bar.close()
@@ -98,39 +97,10 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
 def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: float = 0.95,
                         seed: int = 0) -> pd.DataFrame:
     """Loss predictions for new (params, tokens, format) rows: point value and an interval combining the
-    bootstrap spread of the law with the fit's residual scatter (a resampled log residual per replicate)."""
+    bootstrap spread of the law with the fit's residual scatter (a resampled log residual per replicate). Each
+    replicate predicts through the law's own `predict_values`, backward formats and token-dependent costs included."""
     rng = np.random.default_rng(seed)
-    n, d = new["params"].to_numpy(float), new["tokens"].to_numpy(float)
-    sims = []
-    for _, values in boot.samples.iterrows():
-        eff = np.array([values.get(eff_key(f), np.nan) for f in new["format"]])
-        pred = law_loss(values, n, d, eff)
-        sims.append(pred * np.exp(rng.choice(fit.residuals_, size=len(new))))
-    sims = np.array(sims)
+    sims = np.array([fit.predict_values(values, new) * np.exp(rng.choice(fit.residuals_, size=len(new)))
+                     for _, values in boot.samples.iterrows()])
     lo, hi = np.nanquantile(sims, [(1 - level) / 2, 1 - (1 - level) / 2], axis=0)
     return new.assign(predicted=fit.predict(new), lo=lo, hi=hi)
-
-
-def extrapolation_check(law, runs: pd.DataFrame) -> pd.DataFrame:
-    """Fit on all but the largest model size, predict the held-out largest: per-run relative errors. A format
-    left with fewer than 2 (N, D) points below the largest size cannot be fitted, so it is left out of both."""
-    from .runs import MIN_RUNS_PER_FORMAT
-    largest = runs["params"].max()
-    below = runs[runs["params"] < largest]
-    points = below[["format", "params", "tokens"]].drop_duplicates()["format"].value_counts()
-    kept = runs["format"].isin(points[points >= MIN_RUNS_PER_FORMAT].index)
-    train, held = runs[kept & (runs["params"] < largest)], runs[kept & (runs["params"] == largest)]
-    fit = law.clone().fit(train)
-    pred = fit.predict(held)
-    return held[["format", "params", "tokens", "loss"]].assign(predicted=pred, rel_error=pred / held["loss"] - 1)
-
-
-def extrapolation_errors(check: pd.DataFrame) -> dict:
-    """Mean |error| alone hides a bias: the signed mean, and how many held-out runs err on its side."""
-    e = check["rel_error"]
-    side = int((np.sign(e) == np.sign(e.mean())).sum())
-    return {"held_out_params": float(check["params"].max()), "mean_abs_rel_error": float(e.abs().mean()),
-            "max_abs_rel_error": float(e.abs().max()), "mean_rel_error": float(e.mean()), "same_sign": side,
-            "n": len(e), "text": f"mean |error| {e.abs().mean():.2%}, signed mean {e.mean():+.2%} ({side} of {len(e)} "
-                                 f"on that side{', all biased one way' if side == len(e) else ''}), max |error| "
-                                 f"{e.abs().max():.2%}"}

@@ -21,7 +21,7 @@ from capscale.capacity.paths import atomic_write, is_json_with, output_file
 from capscale.capacity.provenance import invoked_command, package_version
 
 from .bootstrap import BootstrapResult
-from .laws import DecoupledLaw
+from .laws import DecoupledLaw, make_law
 from .names import MAX_REPLICATES
 
 FORMAT_VERSION = 2        # 2: with a checksum; version 1 files are refused (refit)
@@ -47,11 +47,11 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
              seed: int = 0, overwrite: bool = False) -> Path:
     """Write the fit to `path`: a new file, a fit capscale saved before, or (`overwrite`) any file."""
     if not isinstance(law, DecoupledLaw):
-        raise InputError("only the decoupled law's fit can be saved and reused (--law decoupled)")
+        raise InputError(f"the {law.law} law's fit cannot be saved and reused: save a decoupled, drift or qat-error fit")
     path = output_file(path, is_json_with("capscale_fit"), overwrite)
     content = {
         "capscale_fit": FORMAT_VERSION, "fingerprint": fingerprint(runs), "n_runs": len(runs),
-        "law": {"name": law.law, "settings": law.get_params(), "params": law.params_, "eff": law.eff_,
+        "law": {"name": law.law, "settings": law.bootstrap_params(), "params": law.params_, "eff": law.eff_,
                 "formats": law.formats_, "theta": [float(v) for v in law.theta_], "objective": law.objective_},
         "bootstrap": None if boot is None else {"samples": boot.samples.to_dict("list"), "n_failed": boot.n_failed,
                                                  "level": boot.level, "seed": seed},
@@ -101,17 +101,30 @@ def _read(path: Path, need: _Refuse) -> dict:
     return content
 
 
+SAVABLE_LAWS = ("decoupled", "drift", "qat-error")  # the laws with an optimiser vector `theta_` that `restore` reads
+
+
+def _positive_or_none(v) -> bool:
+    return v is None or _real(v) and v > 0
+
+
+SETTING_CHECKS = {"baseline": lambda v: isinstance(v, str), "delta": lambda v: _real(v) and v > 0,
+                  "fix_E": lambda v: v is None or _real(v) and v >= 0, "saturation": _positive_or_none,
+                  "reference_ratio": lambda v: _real(v) and v > 0, "reference_params": _positive_or_none,
+                  "drift_from": _positive_or_none}
+
+
 def _law(law_data, runs: pd.DataFrame, need: _Refuse) -> DecoupledLaw:
-    need(isinstance(law_data, dict) and set(law_data) == LAW_KEYS and law_data["name"] == "decoupled",
-         "not a decoupled fit")
+    need(isinstance(law_data, dict) and set(law_data) == LAW_KEYS and law_data["name"] in SAVABLE_LAWS,
+         f"not a fit of a law that can be reused ({', '.join(SAVABLE_LAWS)})")
+    empty = make_law(law_data["name"])
     settings = law_data["settings"]
-    need(isinstance(settings, dict) and set(settings) == set(DecoupledLaw().get_params()), "bad law settings")
-    need(isinstance(settings["baseline"], str) and _real(settings["delta"]) and settings["delta"] > 0
-         and (settings["fix_E"] is None or _real(settings["fix_E"]) and settings["fix_E"] >= 0), "bad law settings")
+    need(isinstance(settings, dict) and set(settings) == set(empty.get_params()), "bad law settings")
+    need(all(SETTING_CHECKS[k](v) for k, v in settings.items()), "bad law settings")
     theta = law_data["theta"]
     need(isinstance(theta, list) and all(_real(v) for v in theta), "its constants are not a list of numbers")
     try:
-        law = DecoupledLaw(**settings).restore(theta, runs)
+        law = make_law(law_data["name"], **settings).restore(theta, runs)
     except InputError as err:
         need(False, str(err))
     need(law_data["formats"] == law.formats_, "its formats are not the table's")

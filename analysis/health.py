@@ -11,20 +11,41 @@ import numpy as np
 import pandas as pd
 
 from .laws import E_AT_BOUND, eff_key
+from .runs import token_budgets
 from .verdicts import format_interval
 
 
 MISFIT_OVER_SCATTER = 1.5  # a law that fits leaves residuals near the seed-to-seed scatter; more is structure it misses
 
 
+REPEAT_TOLERANCE = 1e-4  # losses of one cell closer than this are one run recorded twice, not a repeat
+MIN_REPEAT_CELLS = 3      # below this many repeated cells the seed scatter is "not measured"
+
+
+def _repeats(runs: pd.DataFrame):
+    """(log loss, cell groups, mask of runs in genuinely repeated cells): cells (format, N, D) holding two or more
+    runs whose losses are not all identical to REPEAT_TOLERANCE."""
+    log_loss = np.log(runs["loss"].astype(float))
+    keys = [runs[c] for c in ("format", "params", "tokens")]
+    groups = log_loss.groupby(keys)
+    spread = runs["loss"].astype(float).groupby(keys).transform(lambda v: v.max() - v.min())
+    return log_loss, groups, (groups.transform("size") > 1) & (spread > REPEAT_TOLERANCE)
+
+
+def repeat_cells(runs: pd.DataFrame) -> int:
+    """How many (format, N, D) cells hold genuine repeats (seeds whose losses differ)."""
+    _, _, repeated = _repeats(runs)
+    return int(runs[repeated].groupby(["format", "params", "tokens"]).ngroups) if repeated.any() else 0
+
+
 def seed_scatter(runs: pd.DataFrame) -> float:
-    """Pooled standard deviation of log loss over runs that differ only in seed (NaN without repeats)."""
-    log_loss = np.log(runs["loss"])
-    groups = log_loss.groupby([runs[c] for c in ("format", "params", "tokens")])
-    repeated = groups.transform("size") > 1
-    dof = repeated.sum() - (groups.size() > 1).sum()
-    if dof == 0:
+    """Pooled standard deviation of log loss over genuine repeats (`repeat_cells`); NaN with fewer than
+    MIN_REPEAT_CELLS such cells: too few to compare a misfit with."""
+    log_loss, groups, repeated = _repeats(runs)
+    cells = repeat_cells(runs)
+    if cells < MIN_REPEAT_CELLS:
         return float("nan")
+    dof = repeated.sum() - cells
     deviation = (log_loss - groups.transform("mean"))[repeated]
     return float(np.sqrt(np.sum(deviation ** 2) / dof))
 
@@ -79,36 +100,77 @@ def resolved_chain(intervals: pd.DataFrame, formats) -> list:
     return chain
 
 
-def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported'). `boot` is the
-    law's BootstrapResult, for intervals and for how often refits put E at its bound; `replicates` are
-    extra runs repeating some of `runs` with other seeds (not fitted), for the seed-to-seed scatter."""
-    intervals = boot.intervals(law.values()) if boot is not None and len(boot.samples) else None
+E_IDENTIFIED_RATIO = 2.0  # E is identified when its interval is narrow: hi / lo at most this (and lo above the floor)
+
+
+def _e_row(law, runs, boot, intervals) -> tuple:
     floor = E_AT_BOUND * runs["loss"].min()
     e = law.params_["E"]
-    value, detail = f"{e:.4g}", "identified" if e > floor else ("at its lower bound 0: alpha and E trade off; "
-                                                                  "larger models, more tokens, or --fix-E")
-    at_bound = 0.0
-    if intervals is not None:
-        value += " " + format_interval(intervals.loc["E", "lo"], intervals.loc["E", "hi"])
-        at_bound = float((boot.samples["E"] <= floor).mean())
-        detail += f"; at its bound in {at_bound:.0%} of bootstrap refits"
-    verdict = "ok" if e > floor and at_bound < 0.5 else "weak"
     if getattr(law, "fix_E", None) is not None:
-        value, verdict, detail = f"{law.fix_E:g}", "reported", _held_e_detail(law, runs)
-    rows = [("irreducible loss E", value, verdict, detail)]
-    scatter = seed_scatter(runs if replicates is None else pd.concat([runs, replicates]))
+        return ("irreducible loss E", f"{law.fix_E:g}", "reported", _held_e_detail(law, runs))
+    if e <= floor:
+        return ("irreducible loss E", f"{e:.4g}", "weak",
+                "at its lower bound 0: alpha and E trade off; larger models, more tokens, or --fix-E")
+    if intervals is None:
+        return ("irreducible loss E", f"{e:.4g}", "reported", "no bootstrap interval, so whether the runs identify E "
+                "is not measured")
+    lo, hi = intervals.loc["E", "lo"], intervals.loc["E", "hi"]
+    at_bound = float((boot.samples["E"] <= floor).mean())
+    narrow = lo > floor and hi <= E_IDENTIFIED_RATIO * lo
+    return ("irreducible loss E", f"{e:.4g} {format_interval(lo, hi)}", "ok" if narrow and at_bound < 0.5 else "weak",
+            ("identified" if narrow else f"not identified: its interval spans {hi / max(lo, 1e-300):.3g}x")
+            + f" (rule: interval above {E_AT_BOUND:g}x the smallest loss and hi/lo <= {E_IDENTIFIED_RATIO:g}); at its "
+              f"bound in {at_bound:.0%} of bootstrap refits")
+
+
+def _mean_residual_row(name: str, by: pd.Series, what: str, scatter: float, label) -> tuple:
+    worst = by.abs().idxmax()
+    return (name, f"{by[worst]:+.4f} at {label(worst)}",
+            "reported" if np.isnan(scatter) else ("ok" if abs(by[worst]) <= scatter else "weak"),
+            "seed scatter not measured" if np.isnan(scatter) else
+            f"observed - predicted log loss, mean over its runs, of {len(by)} {what} (ok up to the seed scatter "
+            f"{scatter:.4f})")
+
+
+def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | None = None,
+               level: float = 0.95) -> pd.DataFrame:
+    """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported'). `boot` is the
+    law's BootstrapResult, for intervals and for how often refits put E at its bound; `replicates` are
+    extra runs repeating some of `runs` with other seeds (not fitted), for the seed-to-seed scatter. Residuals are
+    read by model size, by token budget and by format; the paired drift test (`constancy`) asks whether a format's
+    cost changes with tokens per parameter."""
+    from .constancy import constancy_test
+    intervals = boot.intervals(law.values()) if boot is not None and len(boot.samples) else None
+    rows = [_e_row(law, runs, boot, intervals)]
+    pooled = runs if replicates is None else pd.concat([runs, replicates])
+    scatter, cells = seed_scatter(pooled), repeat_cells(pooled)
     rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
                  "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ <= MISFIT_OVER_SCATTER * scatter else "weak"),
-                 "no repeated seeds to compare with" if np.isnan(scatter) else
-                 f"{law.rmse_log_ / scatter:.2f}x the seed-to-seed scatter {scatter:.4f} (ok up to {MISFIT_OVER_SCATTER}x)"))
-    by_size = pd.Series(-law.residuals_, index=runs.index).groupby(runs["params"]).mean()  # observed - predicted
-    worst = by_size.abs().idxmax()
-    rows.append(("largest mean residual of one model size", f"{by_size[worst]:+.4f} at N = {worst:,.0f}",
-                 "reported" if np.isnan(scatter) else ("ok" if abs(by_size[worst]) <= scatter else "weak"),
-                 "no repeated seeds to compare with" if np.isnan(scatter) else
-                 f"observed - predicted log loss, mean over the size's runs, of {len(by_size)} sizes (ok up to the "
-                 f"seed scatter {scatter:.4f}): a shape the law misses trains off it at every format"))
+                 f"seed scatter not measured: {cells} cell(s) with genuine repeats (at least {MIN_REPEAT_CELLS} needed)"
+                 if np.isnan(scatter) else
+                 f"{law.rmse_log_ / scatter:.2f}x the seed-to-seed scatter {scatter:.4f} from {cells} repeated cells "
+                 f"(ok up to {MISFIT_OVER_SCATTER}x)"))
+    observed_minus_predicted = pd.Series(-law.residuals_, index=runs.index)
+    by_size = observed_minus_predicted.groupby(runs["params"]).mean()
+    rows.append(_mean_residual_row("largest mean residual of one model size", by_size, "sizes", scatter,
+                                   lambda n: f"N = {n:,.0f}"))
+    by_budget = observed_minus_predicted.groupby(token_budgets(runs)).mean()
+    rows.append(_mean_residual_row("largest mean residual of one token budget", by_budget, "token budgets per "
+                                   "parameter", scatter, lambda r: f"D/N = {r:g}"))
+    by_format = observed_minus_predicted.groupby(runs["format"]).mean()
+    rows.append(_mean_residual_row("largest mean residual of one format", by_format, "formats", scatter, str))
+    drift = constancy_test(law, runs, level)
+    tested = drift.tested
+    rows.append((drift.check_name(), f"{len(drift.drifting)} of {len(tested)} formats drift" if len(tested) else
+                 "not measured", "reported" if not len(tested) else ("weak" if drift.drifting else "ok"),
+                 drift.brief()))
+    unphysical = {g: v for g, v in getattr(law, "eff_d_", {}).items() if v > 1.0}
+    if len(getattr(law, "eff_d_", {})) > 1:
+        rows.append(("data efficiencies at most 1", f"{len(unphysical)} above 1", "weak" if unphysical else "ok",
+                     ("unphysical: a backward format cannot make tokens worth more than exact gradients; "
+                      + ", ".join(f"effD[{g}] = {v:.3f}" for g, v in unphysical.items())
+                      + " (a token-dependent forward cost forced into effD, or too few budgets)") if unphysical else
+                     "every backward configuration's effD <= 1"))
     if intervals is not None:
         others = [f for f in law.formats_ if f != law.baseline]
         apart = [f for f in others if disjoint(intervals, f, law.baseline)]

@@ -105,6 +105,13 @@ class LawFit:
         if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
             out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is "
                        "fragile and its intervals understate the uncertainty")
+        drift = self.drift_test()
+        if drift.drifting:
+            out.append(f"{drift.check_name()}: rejected for {', '.join(drift.drifting)} (paired drift test, Holm-adjusted; "
+                       f"`drift_test()`): their loss gap to '{self.baseline}' changes with tokens per parameter in a way the "
+                       + ("constant-efficiency law cannot express, so its efficiencies mislead where it extrapolates in "
+                          "D/N; compare the drift and qat-error laws (compare_laws)"
+                          if self.law.law == DecoupledLaw.law else f"{self.law.law} law does not model"))
         if boot is not None and len(boot.samples) and {"alpha", "beta"} <= set(boot.samples):
             edge = exponent_at_edge(boot.samples[["alpha", "beta"]]).any(axis=1).mean()
             if edge > 0.05:
@@ -162,8 +169,10 @@ class LawFit:
         point = self.law.predict(new)
         if not interval:
             return point
-        if self.boot is None or not isinstance(self.law, DecoupledLaw):
-            raise InputError("prediction intervals need the decoupled law fitted with bootstrap > 0")
+        if self.boot is None or not hasattr(self.law, "predict_values"):
+            raise InputError(f"prediction intervals need bootstrap > 0 and a law that predicts from its replicates "
+                             f"(decoupled, drift, qat-error); this is the {self.law.law} law"
+                             + ("" if self.boot is None else " (refit with --law decoupled)"))
         table = prediction_interval(self.law, self.boot, new, self.level, self.seed)
         return pd.DataFrame({"loss": point, "lo": table["lo"], "hi": table["hi"]}, index=new.index)
 
@@ -208,20 +217,41 @@ class LawFit:
         wald = composability_wald(pairs, self.law.eff_, self.boot.samples, self.level)
         return table, wald
 
-    def compare_laws(self) -> pd.DataFrame:
-        """How well each law fits these runs (their constants need their own bootstrap: `capscale.fit(law=...)`)."""
-        rows = [(self.law.law, self.law)]
+    def compare_laws(self, hold_out: str | None = "tokens") -> pd.DataFrame:
+        """How well each law fits these runs, every law on the same rows (a law fitted on a subset, as Frantar's on
+        the pure-sparsity runs, says so in `same_rows`; one that cannot fit this table gives its reason in `note`),
+        and with `hold_out` ('tokens' or 'params') each law refitted without the largest token budgets (or model
+        size) and its prediction errors there: mean |log error| of the held-out baseline and compressed runs, the
+        compressed runs' signed mean, and the error of their gap to the baseline at the same cell."""
+        from .extrapolation import extrapolation_check, extrapolation_errors
+        rows = []
         for name in LAW_NAMES:
-            if name == self.law.law:
-                continue
+            row = {"law": name, "parameters": np.nan, "runs": np.nan, "same_rows": False, "objective": np.nan,
+                   "rmse_log_loss": np.nan, "rmse_loss": np.nan, "note": ""}
             try:
-                rows.append((name, make_law(name, baseline=self.baseline, delta=self.law.delta).fit(self.runs)))
-            except ValueError:  # e.g. no sparsity runs for the Frantar law, or labels without capacity
+                fitted = self.law if name == self.law.law else make_law(
+                    name, baseline=self.baseline, delta=self.law.delta).fit(self.runs)
+            except InputError as err:  # no sparsity runs for Frantar's, labels without capacity, too few budgets
+                rows.append({**row, "note": f"not fitted: {err}"})
                 continue
-        def n_constants(f):  # the decoupled law fits one efficiency per format besides the baseline's
-            return len(f.params_) + (len(f.eff_) - 1 if isinstance(f, DecoupledLaw) else 0)
-        return pd.DataFrame([{"law": n, "parameters": n_constants(f), "runs": f.n_runs_, "objective": f.objective_,
-                              "rmse_log_loss": f.rmse_log_, "rmse_loss": f.rmse_loss_} for n, f in rows])
+            row.update(parameters=_n_constants(fitted), runs=fitted.n_runs_, same_rows=fitted.n_runs_ == len(self.runs),
+                       objective=fitted.objective_, rmse_log_loss=fitted.rmse_log_, rmse_loss=fitted.rmse_loss_)
+            if not row["same_rows"]:
+                row["note"] = f"fitted on {fitted.n_runs_} of the {len(self.runs)} runs: not comparable"
+            if hold_out is not None and row["same_rows"]:
+                try:
+                    check = extrapolation_check(fitted, self.runs, hold_out)
+                except InputError as err:
+                    check, row["note"] = None, f"hold-out not fitted: {err}"
+                if check is not None:
+                    e = extrapolation_errors(check)
+                    row.update(held_out=e["held_out"], heldout_baseline_mae=e["baseline_mean_abs_log_error"],
+                               heldout_compressed_mae=e["compressed_mean_abs_log_error"],
+                               heldout_compressed_bias=e["compressed_mean_log_error"],
+                               heldout_gap_bias=e["gap_mean_error"],
+                               heldout_gap_over=f"{e['gap_above']} of {e['gap_n']}")
+            rows.append(row)
+        return pd.DataFrame(rows)
 
     def paired(self) -> pd.DataFrame:
         from .compare import paired_comparison
@@ -234,13 +264,20 @@ class LawFit:
         except InputError:
             return None
 
-    def extrapolation(self) -> tuple[pd.DataFrame | None, dict | None]:
-        """The law refitted without the largest models, predicting them (None with fewer than 3 sizes)."""
-        from .bootstrap import extrapolation_check, extrapolation_errors
-        if self.runs["params"].nunique() <= 2:
-            return None, None
-        table = extrapolation_check(self.law, self.runs)
-        return table, extrapolation_errors(table)
+    def extrapolation(self, hold_out: str = "params") -> tuple[pd.DataFrame | None, dict | None]:
+        """The law refitted without the largest models (`hold_out="params"`) or the largest token budgets per
+        parameter ("tokens"), predicting them (None, None where the table cannot be split so)."""
+        from .extrapolation import extrapolation_check, extrapolation_errors
+        table = extrapolation_check(self.law, self.runs, hold_out)
+        return (None, None) if table is None else (table, extrapolation_errors(table))
+
+    def drift_test(self):
+        """The paired drift test (`analysis.constancy`): does each format's cost change with tokens per parameter
+        beyond what this law models? Computed once per fit."""
+        if getattr(self, "_drift", None) is None:
+            from .constancy import constancy_test
+            self._drift = constancy_test(self.law, self.runs, self.level)
+        return self._drift
 
     def plan(self, memory: float | None = None, flops: float | None = None, tokens: float | None = None,
              formats=None, speedup: dict | None = None):
@@ -275,6 +312,14 @@ class LawFit:
         return f"<LawFit {self.law.law}: {self.law.n_runs_} runs, {len(self.eff)} formats, {boot}>"
 
 
+def _n_constants(law) -> int:
+    """Constants a law fits: its optimiser's vector where it has one (one A per format, B per backward configuration,
+    E, the exponents, drifts or k's), plus a chosen saturation; else its named constants."""
+    if hasattr(law, "theta_"):
+        return len(law.theta_) + int("saturation" in law.params_) - int(getattr(law, "fix_E", None) is not None)
+    return len(law.params_)
+
+
 def fit(runs, law: str = "decoupled", bootstrap: int = 200, level: float = 0.95, baseline: str = BASELINE,
         resample: str = "formats", seed: int = 0, delta: float = 1e-3, n_jobs: int | None = None,
         progress: bool = True, **law_options) -> LawFit:
@@ -284,8 +329,9 @@ def fit(runs, law: str = "decoupled", bootstrap: int = 200, level: float = 0.95,
     if law not in LAW_NAMES:
         raise InputError(f"unknown law '{law}'; choose from {', '.join(LAW_NAMES)}")
     fitted = make_law(law, baseline=baseline, delta=delta, **law_options).fit(runs)
-    for text in fitted.warnings_:  # in Python too, not only in law.warnings_ (the command line prints its own)
-        warnings.warn(text, FitWarning, stacklevel=2)
     boot = run_bootstrap(fitted, runs, bootstrap, seed, n_jobs=n_jobs, progress=progress, unit=resample,
                          level=level) if bootstrap else None
-    return LawFit(runs, fitted, boot, seed, level)
+    result = LawFit(runs, fitted, boot, seed, level)
+    for text in result.warnings:  # in Python too, not only in .warnings (the command line prints its own)
+        warnings.warn(text, FitWarning, stacklevel=2)
+    return result

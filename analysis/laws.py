@@ -135,6 +135,10 @@ class ScalingLaw:
     def clone(self):
         return type(self)(**self.get_params())
 
+    def bootstrap_params(self) -> dict:
+        """The settings a bootstrap refit uses (a law that chooses something on the full table holds it here)."""
+        return self.get_params()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.get_params().items())})"
 
@@ -222,7 +226,7 @@ class DecoupledLaw(ScalingLaw):
         forward, backward = run_sides(runs)
         arrays = super()._prepare(runs, forward)
         self.backwards_ = sorted(set(backward), key=lambda g: (g != NO_BACKWARD, g))
-        if len(self.backwards_) > 1:
+        if len(self.backwards_) > 1 and not runs.attrs.get("bootstrap_resample"):  # as check_identifiable: a resample
             ratios = (runs["tokens"] / runs["params"]).round(6).groupby(backward.to_numpy()).nunique()
             thin = sorted(ratios[ratios < 2].index)
             if thin:  # else D = r N within the configuration: its effD trades off against the N term
@@ -353,6 +357,20 @@ class DecoupledLaw(ScalingLaw):
         return law_loss(self.params_, runs["params"].to_numpy(float), runs["tokens"].to_numpy(float) * eff_d,
                         forward.map(self.eff_).to_numpy(float))
 
+    def _eff_d_values(self, values, backward: pd.Series) -> np.ndarray:
+        """Each run's data efficiency in `values` (exact gradients, or a table with one configuration: 1)."""
+        if len(self.eff_d_) <= 1:
+            return np.ones(len(backward))
+        return np.array([values.get(eff_d_key(g), np.nan) for g in backward], float)
+
+    def predict_values(self, values, runs: pd.DataFrame, eff_scale=1.0) -> np.ndarray:
+        """Predicted loss under any set of this law's values (the fit's, or a bootstrap replicate's: `values()`'s
+        keys); NaN for a format or backward configuration the values lack."""
+        forward, backward = run_sides(runs)
+        eff = np.array([values.get(eff_key(f), np.nan) for f in forward], float) * eff_scale
+        return law_loss(values, runs["params"].to_numpy(float),
+                        runs["tokens"].to_numpy(float) * self._eff_d_values(values, backward), eff)
+
     def values(self) -> dict:
         """Every fitted number, flat: parameters, eff[label] and, with backward formats, effD[label]."""
         extra = {eff_d_key(g): v for g, v in self.eff_d_.items()} if len(self.eff_d_) > 1 else {}
@@ -394,7 +412,7 @@ class _FormulaLaw(ScalingLaw):
             raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
                              f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
                              f"format(s) besides '{self.baseline}': train more formats")
-        info = format_table(runs)
+        info = format_table(runs, f"the {self.law} law")
         self.require(info)
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
@@ -490,6 +508,9 @@ class FrantarLaw(ScalingLaw):
     names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
 
     def _sparse_rows(self, runs):
+        if "w_format" not in runs or "a_format" not in runs:
+            raise InputError("the frantar law needs each run's weight sparsity: w_format/a_format spec columns "
+                             "(sparse(f) or N:M weights), absent from this label-only table")
         s = runs["w_format"].map(sparsity_of)
         keep = s.notna() & runs["a_format"].isna()
         if keep.sum() < 4:
@@ -533,10 +554,11 @@ class FrantarLaw(ScalingLaw):
         return (q["a_S"] * (1 - s) ** q["b_S"] + q["c_S"]) * (n * (1 - s)) ** -q["b_N"] + (q["a_D"] / d) ** q["b_D"] + q["c"]
 
 
-LAWS = dict(zip(LAW_NAMES, (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw)))
-
-
 def make_law(name: str, **kwargs) -> ScalingLaw:
-    if name not in LAWS:
-        raise InputError(f"unknown law '{name}'; choose from {', '.join(LAWS)}")
-    return LAWS[name](**kwargs)
+    """A law by its name (`names.LAW_NAMES`); each class registers under its own `law` attribute."""
+    from .drift import DriftLaw, QATErrorLaw
+    laws = {cls.law: cls for cls in (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw, DriftLaw, QATErrorLaw)}
+    assert tuple(laws) == LAW_NAMES
+    if name not in laws:
+        raise InputError(f"unknown law '{name}'; choose from {', '.join(laws)}")
+    return laws[name](**kwargs)

@@ -1,9 +1,10 @@
 """The names the analysis offers (laws, rho forms, bootstrap units), defined once and importable without numpy,
 scipy or pandas, so that the command line lists them as choices before loading anything heavy."""
-LAW_NAMES = ("decoupled", "unified", "kumar", "frantar")
+LAW_NAMES = ("decoupled", "unified", "kumar", "frantar", "drift", "qat-error")
+TOKEN_LAWS = ("drift", "qat-error")  # laws in which a format's cost depends on tokens per parameter
 RHO_FORMS = ("tanh", "logistic", "ratio")
 RESAMPLING_UNITS = ("formats", "cells")
-STUDY_NAMES = ("quest", "t5", "cpu")  # the shipped studies (analysis.studies), in the order help lists them
+STUDY_NAMES = ("quest", "t5", "quartet", "cpu")  # the shipped studies (analysis.studies), in the order help lists them
 DEFAULT_STUDY = "quest"  # the claim checked where the papers checked it: published runs at 30M-800M parameters
 FRONTIER_FAMILIES = {  # `capscale frontier`'s built-in families: brace ranges over spec parameters
     "int": "int{2..8}(group={32,64,128,row},scale_format={fp16,e8m0})",

@@ -13,6 +13,10 @@ gives the intervals on each format's loss and the share of replicates in which e
 
 Formats never trained get their efficiency from rho(GMSE) at the published constants (reference section 1):
 their intervals then cover the law's uncertainty, not the capacity's.
+
+Under a law whose cost depends on tokens per parameter (drift, qat-error) there is no closed form: each format's
+loss is minimised over a fine grid of log N within the same bounds, for the fit and every replicate, through the
+law's own predictions; such a law plans only the formats it fitted.
 """
 from __future__ import annotations
 
@@ -94,6 +98,31 @@ def optimum(p: dict, eff, bits, speedup, budget: Budget):
     return n, d, law_loss(p, n, d, eff)
 
 
+N_GRID = 513            # points of the log-N grid a token-dependent law is minimised on
+RATIO_RANGE = (1e-2, 1e5)  # tokens per parameter the grid spans under a compute budget
+
+
+def numeric_optimum(law, values_list, label: str, bits: float, speedup: float, budget: Budget):
+    """(N, D, loss) arrays over `values_list` (the fit's values, then each replicate's): the grid minimum of the
+    law's own prediction under the budget's caps (module docstring)."""
+    n_max = 8 * budget.memory / bits if budget.memory else np.inf
+    if budget.flops:
+        compute = budget.flops * speedup / 6.0
+        lo = max(np.sqrt(compute / RATIO_RANGE[1]), compute / budget.tokens if budget.tokens else 0.0)
+        hi = min(np.sqrt(compute / RATIO_RANGE[0]), n_max)
+        n = np.geomspace(lo, max(hi, lo), N_GRID)
+        d = np.minimum(budget.tokens or np.inf, compute / n)
+    else:
+        n, d = np.array([n_max]), np.array([float(budget.tokens)])
+    grid = pd.DataFrame({"format": label, "params": n, "tokens": d})
+    out = []
+    for values in values_list:
+        loss = law.predict_values(values, grid)
+        i = int(np.nanargmin(loss)) if np.isfinite(loss).any() else 0
+        out.append((n[i], d[i], loss[i]))
+    return tuple(np.array(v) for v in zip(*out))
+
+
 def _published_eff(label: str) -> float:
     try:
         return pair_rho(*map(spec_gmse, split_label(label)))  # an uncompressed side has GMSE 0
@@ -116,7 +145,8 @@ class Plan:
     def verdict(self) -> str:
         t = self.table
         first = t.iloc[0]
-        text = (f"At {self.budget.describe()}, {self.best} gives the lowest predicted loss, {first['loss']:.4g}"
+        text = (f"At {self.budget.describe()}, under the {first['law']} law, {self.best} gives the lowest predicted loss, "
+                f"{first['loss']:.4g}"
                 + (f" [{first['loss_lo']:.4g}, {first['loss_hi']:.4g}]" if np.isfinite(first["loss_lo"]) else "")
                 + f", with N = {first['params']:,.0f} and D = {first['tokens']:,.0f}")
         if self.wins is not None and len(t) > 1:
@@ -155,8 +185,10 @@ def plan(fit, budget: Budget, formats=None, speedup: dict | None = None) -> Plan
     """The loss-optimal (format, N, D) at `budget` for each of `formats` (default: every fitted format; labels
     the fit does not know get rho(GMSE) at the published constants), under `fit`'s decoupled law."""
     law = fit.law
-    if not isinstance(law, DecoupledLaw):
-        raise InputError("plan needs a fit of the decoupled law (one efficiency per format)")
+    if not hasattr(law, "predict_values"):
+        raise InputError(f"plan needs a law that predicts any (N, D) of a format (decoupled, drift, qat-error); this "
+                         f"fit is of the {law.law} law")
+    closed_form = type(law) is DecoupledLaw
     speedup = dict(speedup or {})
     formats = list(formats) if formats else list(law.eff_)
     unknown = sorted(set(speedup) - set(formats))
@@ -167,20 +199,29 @@ def plan(fit, budget: Budget, formats=None, speedup: dict | None = None) -> Plan
     rows, draws = [], {}
     for label in formats:
         fitted = label in law.eff_
+        if not fitted and not closed_form:
+            raise InputError(f"format {label!r} is not in the fit: the {law.law} law plans only the formats it fitted "
+                             "(their cost's dependence on D/N is fitted, not known for others)")
         eff = law.eff_[label] if fitted else _published_eff(label)
         bits = float(bits_by_label.get(label, np.nan)) if fitted else bits_of(split_label(label)[0])
-        if not np.isfinite(bits):
+        if not np.isfinite(bits) and budget.memory:
             raise InputError(f"format {label!r}: its bits per value are unknown (give a w_bits column), so its "
                              "memory cannot be counted")
         s = float(speedup.get(label, 1.0))
-        n, d, loss = (float(v) for v in optimum(law.params_, eff, bits, s, budget))
+        if closed_form:
+            n, d, loss = (float(v) for v in optimum(law.params_, eff, bits, s, budget))
+        else:
+            n, d, loss = (float(v[0]) for v in numeric_optimum(law, [law.values()], label, bits, s, budget))
         lo = hi = np.nan
         if samples is not None:
-            e = samples[eff_key(label)].to_numpy(float) if fitted else eff
-            draws[label] = optimum({k: samples[k].to_numpy(float) for k in ("A", "B", "E", "alpha", "beta")},
-                                   e, bits, s, budget)[2]
+            if closed_form:
+                e = samples[eff_key(label)].to_numpy(float) if fitted else eff
+                draws[label] = optimum({k: samples[k].to_numpy(float) for k in ("A", "B", "E", "alpha", "beta")},
+                                       e, bits, s, budget)[2]
+            else:
+                draws[label] = numeric_optimum(law, [r for _, r in samples.iterrows()], label, bits, s, budget)[2]
             lo, hi = np.nanquantile(draws[label], fit.boot.tails())
-        rows.append({"format": label, "efficiency_from": FITTED if fitted else PUBLISHED_RHO, "eff": eff,
+        rows.append({"format": label, "law": law.law, "efficiency_from": FITTED if fitted else PUBLISHED_RHO, "eff": eff,
                      "bits": bits, "speedup": s, "params": n, "tokens": d, "memory_bytes": n * bits / 8,
                      "flops": 6 * n * d / s, "loss": loss, "loss_lo": lo, "loss_hi": hi,
                      "extrapolated": _range_note(n, d, fit.runs)})

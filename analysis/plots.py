@@ -198,8 +198,10 @@ def extrapolation(check: pd.DataFrame, styles: pd.DataFrame) -> plt.Figure:
     ax.axhline(0, color="black", lw=1)
     ax.axhline(mean, color="#D55E00", ls="--", lw=1.2, label=f"signed mean {mean:+.2f}%")
     ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
-    ax.set(ylabel="(predicted - observed) / observed (%)",
-           title=f"Extrapolation to N = {check['params'].max():.4g}, fitted without it")
+    held = (f"Extrapolation to N = {check['params'].max():.4g}, fitted without it"
+            if check.attrs.get("hold_out", "params") == "params" else
+            f"Extrapolation to the largest token budgets ({check.attrs.get('law', '')} law)")
+    ax.set(ylabel="(predicted - observed) / observed (%)", title=held)
     ax.legend(fontsize=9)
     fig.tight_layout()
     return fig

@@ -110,7 +110,7 @@ def bootstrap_joint(samples: pd.DataFrame, point: dict) -> plt.Figure:
 def paired_forest(mixed: pd.DataFrame, styles: pd.DataFrame, baseline: str, level: float) -> plt.Figure:
     """Mixed-model log-loss difference of each format to the baseline at equal (N, D), with its interval; filled
     markers where the Holm-adjusted p says the formats differ."""
-    table = mixed.sort_values("log_loss_diff")
+    table = mixed.dropna(subset=["log_loss_diff"]).sort_values("log_loss_diff")  # not compared: in the table, not here
     fig, ax = plt.subplots(figsize=(8.0, 0.42 * len(table) + 1.6))
     forest(ax, table, "log_loss_diff", "lo", "hi", styles, 0.0)
     for i, (_, r) in enumerate(table.iterrows()):

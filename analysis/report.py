@@ -24,7 +24,7 @@ from .laws import DecoupledLaw
 from .report_sections import ReportContext, build_sections
 from .runs import format_table
 from .studies import published_comparison, published_sentence
-from .verdicts import provenance, verdicts
+from .verdicts import drift_sentence, provenance, verdicts
 
 
 @dataclass
@@ -99,6 +99,8 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     stats_ = {"calibration": fit.calibration(validation), "wald": wald, "mixed": fit.paired_mixed()}
     health = fit.health(replicates)
     extrap, extrap_errors = fit.extrapolation()
+    extrap_tokens, extrap_tokens_errors = fit.extrapolation("tokens")
+    drift = fit.drift_test()
     grid_results = {name: compose_grid(read_grid(path)) for name, path in (grids or {}).items()}
 
     info = format_table(runs)
@@ -113,6 +115,8 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     verdict_lines = verdicts(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
                             comp, health, fit.warnings, extrap_errors,
                             pd.Series(law.residuals_, index=runs.index).groupby(runs["params"]).mean())
+    verdict_lines.insert(3, {"topic": "Is the efficiency constant across token budgets?",
+                             "text": drift_sentence(drift, extrap_tokens_errors)})
     against = None if published is None else published_comparison(fit, validation, published)
     if against is not None and len(against):
         verdict_lines.insert(0, {"topic": "Does the fit reproduce the published efficiencies?",
@@ -131,6 +135,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "validation": None if validation is None else validation.as_json(), "composability": comp.to_dict("records"),
                "paired_comparison": paired.to_dict("records"), "health": health.to_dict("records"),
                "capacity": capacity_table.to_dict("records"), "extrapolation": extrap_errors,
+               "extrapolation_tokens": extrap_tokens_errors, "drift_test": drift.as_json(),
                "grids": {n: {k: r[k] for k in ("edge_row", "edge_col", "max_abs_error", "rms_error", "rank1_rms_error")}
                          | {"worst_cell": list(r["worst_cell"])} for n, r in grid_results.items()},
                "skipped_runs": runs.attrs.get("skipped", []), "capacity_omitted": capacity_omitted,
@@ -139,6 +144,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                "paired_mixed": None if stats_["mixed"] is None else stats_["mixed"].table.to_dict("records"),
                "published_comparison": None if against is None else against.to_dict("records"),
                "plan": None if "plan" not in decision else decision["plan"].as_json(),
+               "plan_unranked": decision.get("unranked", {}),
                "backward": None if backward is None else {
                    "table": backward["table"].to_dict("records"),
                    "regression": None if backward["regression"] is None else
@@ -147,7 +153,8 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     context = ReportContext(runs=runs, law=law, boot=boot, intervals=intervals, level=level, styles=styles, info=info,
                             capacity_table=capacity_table, eff_table=eff_table, health=health, validation=validation,
                             capacity_omitted=capacity_omitted, stats=stats_, comp=comp, comparison=comparison, paired=paired,
-                            extrap=extrap, extrap_errors=extrap_errors, grid_results=grid_results, replicates=replicates,
+                            extrap=extrap, extrap_errors=extrap_errors, extrap_tokens=extrap_tokens,
+                            extrap_tokens_errors=extrap_tokens_errors, drift=drift, grid_results=grid_results, replicates=replicates,
                             published=against, decision=decision, backward=backward, fit=fit)
     sections, figures = build_sections(context)
     files = {key: _figure_files(fig) for key, (_, fig) in figures.items()}
@@ -168,15 +175,19 @@ def decisions(fit, info: pd.DataFrame, progress: bool) -> dict:
     from .frontier import frontier
     from .names import FRONTIER_FAMILIES
     from .plan import Budget, plan, plan_curves
+    from capscale.capacity.gmse import RUN_SAMPLES
     known = [f for f in fit.eff if np.isfinite(info["w_bits"].get(f, np.nan))]
+    unranked = {f: "its bits per value are unknown (a label capscale cannot parse, no w_bits column), so its memory "
+                   "cannot be counted" for f in fit.eff if f not in known}
     if fit.baseline not in known or len(known) < 2:
         return {"omitted": "the formats' bits per value are unknown (labels capscale cannot parse, no w_bits "
-                           "column), so their memory cannot be counted"}
+                           "column), so their memory cannot be counted", "unranked": unranked}
     budget = Budget(memory=fit.runs["params"].max() * info.at[fit.baseline, "w_bits"] / 8,
                     tokens=fit.runs["tokens"].max())
-    return {"plan": plan(fit, budget, known),
+    return {"plan": plan(fit, budget, known), "unranked": unranked,
             "curves": plan_curves(fit, budget.memory * np.logspace(-1, 1, 9), "memory", budget, known),
-            "frontier": frontier([f for f in FRONTIER_FAMILIES if f != "vq"], progress=progress)}
+            # the run table's sample size, so that a format in both prints one GMSE
+            "frontier": frontier([f for f in FRONTIER_FAMILIES if f != "vq"], samples=RUN_SAMPLES, progress=progress)}
 
 
 TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("capscale.analysis", "templates"),

@@ -40,6 +40,9 @@ class ReportContext:
     decision: dict | None = None  # plan, curves and frontier for "What to use" (analysis.report.decisions), or why not
     backward: dict | None = None  # {"table": analysis.backward.backward_table, "regression": OLS or None}
     fit: object = None          # the LawFit itself
+    extrap_tokens: pd.DataFrame = None  # the same, holding out the largest token budgets per parameter, or None
+    extrap_tokens_errors: dict = None
+    drift: object = None        # the paired drift test (analysis.constancy.ConstancyTest)
 
 
 def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
@@ -164,13 +167,28 @@ def build_sections(ctx: ReportContext) -> tuple[list[dict], dict]:
             f"random intercept per cell (seeds nest in cells); p-values Holm-adjusted over the formats, with the "
             "Wilcoxon signed-rank test on cell means beside it.", figs, tables)
 
+    figs, tables, text = [], [], []
     if ctx.extrap is not None:
-        section("extrapolation", "8. Extrapolation",
-                f"The law fitted without the largest models (N = {ctx.runs['params'].max():.4g}), then asked to "
-                f"predict them: {ctx.extrap_errors['text']}.",
-                [("extrapolation", "Relative error of each held-out run by format; the dashed line is the signed mean "
-                  "error: points all on one side mean the law is biased when it extrapolates.",
-                  plots.extrapolation(ctx.extrap, styles))], [("Held-out runs", ctx.extrap)])
+        text.append(f"Fitted without the largest models (N = {ctx.runs['params'].max():.4g}), then asked to predict them: "
+                    f"{ctx.extrap_errors['text']}.")
+        figs.append(("extrapolation", "Relative error of each held-out run by format; the dashed line is the signed mean "
+                     "error: points all on one side mean the law is biased when it extrapolates.",
+                     plots.extrapolation(ctx.extrap, styles)))
+        tables.append(("Held-out runs (largest models)", ctx.extrap))
+    if ctx.extrap_tokens is not None:
+        text.append(f"Fitted without the {ctx.extrap_tokens_errors['held_out']}, then asked to predict them (where a "
+                    f"format's cost grows with D/N a constant efficiency fails here, one way): "
+                    f"{ctx.extrap_tokens_errors['text']}. Every law's errors on this hold-out are in section 2's "
+                    "'Fit errors per law'.")
+        figs.append(("extrapolation_tokens", "Relative error of each run at the held-out largest token budgets per "
+                     "parameter, by format.", plots.extrapolation(ctx.extrap_tokens, styles)))
+        tables.append(("Held-out runs (largest token budgets)", ctx.extrap_tokens))
+    if ctx.drift is not None:
+        tables.append(("Paired drift test: does each format's cost change with tokens per parameter?",
+                       ctx.drift.table))
+        text.append(ctx.drift.sentence())
+    if text:
+        section("extrapolation", "8. Extrapolation and the token budget", " ".join(text), figs, tables)
 
     if ctx.decision is not None:
         section("what-to-use", "9. What to use", *_what_to_use(ctx.decision, styles))
@@ -191,7 +209,11 @@ def _what_to_use(decision: dict, styles) -> tuple:
     if "omitted" in decision:
         return f"Omitted: {decision['omitted']}", (), ()
     plan, front = decision["plan"], decision["frontier"]
-    text = (f"{plan.verdict()} The budget is the largest fitted model's weights in the baseline format (each format "
+    unranked = decision.get("unranked", {})
+    not_ranked = (f" Not ranked ({len(unranked)} of {len(unranked) + len(plan.table)} formats): "
+                  + "; ".join(f"{f}: {why}" for f, why in unranked.items()) + "; the ranking and its shares are "
+                  "among the ranked formats only.") if unranked else ""
+    text = (f"{plan.verdict()}{not_ranked} The budget is the largest fitted model's weights in the baseline format (each format "
             "gets the parameters that memory holds) and the largest fitted token count; capscale plan answers for "
             "any other budget, with speed-ups. Formats ranked by predicted loss, with the share of bootstrap "
             "replicates in which each is the best. The capacity frontier (rho(GMSE) at the published constants "

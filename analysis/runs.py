@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import BASELINE, InputError, bits_of, is_uncompressed, spec_gmse
-from capscale.capacity.runtable import OPTIONAL, REQUIRED, RunTableError, STATUSES, read_lines, split_label, split_run_label
+from capscale.capacity.runtable import BACKWARD_MARK, NO_BACKWARD, OPTIONAL, REQUIRED, RunTableError, STATUSES, read_lines, split_label, split_run_label
 
 from .query import select
 
@@ -62,6 +62,8 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     if frame.empty:
         raise RunTableError(f"{where}: no rows")
     frame = frame.rename(columns=parse_mapping(mapping) if not isinstance(mapping, dict) else mapping)
+    if "format" not in frame.columns and "forward" in frame.columns:
+        frame["format"] = _labels_from_sides(frame, where)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise RunTableError(f"{where}: missing column(s) {missing}; found {list(frame.columns)} "
@@ -101,6 +103,28 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     runs.attrs.update(source=where,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
     return runs
+
+
+def _side(value, row, column: str, where: str) -> str:
+    """One pass's label from a `forward`/`backward` cell: text, an uncompressed name meaning none."""
+    if not isinstance(value, str) or not value.strip():
+        raise RunTableError(f"{where}: row {row}, column '{column}': expected a format label (text), got {value!r}")
+    return value.strip()
+
+
+def _labels_from_sides(frame: pd.DataFrame, where: str) -> pd.Series:
+    """A table without `format` but with `forward` (and `backward`) columns: each run's label, as `run_label` writes
+    it; an uncompressed name (bf16, fp32, none) in `backward` is exact gradients, in `forward` the baseline."""
+    labels = {}
+    for row in frame.index:
+        forward = _side(frame.at[row, "forward"], row, "forward", where)
+        backward = (_side(frame.at[row, "backward"], row, "backward", where) if "backward" in frame.columns
+                    else NO_BACKWARD)
+        forward = BASELINE if is_uncompressed(forward) else forward
+        labels[row] = forward if is_uncompressed(backward) else forward + BACKWARD_MARK + backward
+    frame["forward"] = [split_run_label(v)[0] for v in labels.values()]
+    frame["backward"] = [split_run_label(v)[1] for v in labels.values()]
+    return pd.Series(labels)
 
 
 def _number(value) -> float:
@@ -210,6 +234,10 @@ def _fill_gmse(runs: pd.DataFrame, baseline: str, where: str) -> None:
         wg, ag = (_given(row, where, row_id, c, f, GMSE_RANGE, "a GMSE") for c, f in (("w_gmse", "gmse"), ("a_gmse", None)))
         wb, ab = (_given(row, where, row_id, c, f, BITS_RANGE, "bits") for c, f in (("w_bits", "bits"), ("a_bits", None)))
         (wg, w_note), (ag, a_note) = ((g, "") if not np.isnan(g) else _spec_gmse(s) for g, s in ((wg, w), (ag, a)))
+        if "/" in str(row["format"]) and a is None and w == split_run_label(row["format"])[0]:
+            w_note = (w_note + "; " if w_note else "") + ("the label holds '/' but its halves are not both specs, so "
+                                                          "it is read as one label (give w_format/a_format columns "
+                                                          "to say which is which)")
         wb, ab = (b if not np.isnan(b) else _spec_bits(s) for b, s in ((wb, w), (ab, a)))
         filled[key] = (w, a, wg, ag, wb, ab, w_note or a_note)
     values = list(zip(*(filled[k] for k in keys)))
@@ -226,8 +254,18 @@ def require_capacity(info: pd.DataFrame, what: str) -> None:
                             "Give numeric w_gmse/a_gmse columns, or w_format/a_format specs capscale can parse")
 
 
-def format_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per format: its specs (None where uncompressed), GMSEs and number of runs."""
+FORMAT_COLUMNS = ("w_format", "a_format", "w_gmse", "a_gmse", "w_bits", "a_bits", "capacity_note")
+
+
+def format_table(runs: pd.DataFrame, what: str = "this analysis") -> pd.DataFrame:
+    """One row per format: its specs (None where uncompressed), GMSEs and number of runs. A frame that did not come
+    through `load_runs` (labels only: no specs, GMSE or bits columns) is refused naming what `what` needs."""
+    missing = [c for c in FORMAT_COLUMNS if c not in runs.columns]
+    if missing:
+        raise RunTableError(f"{what} needs each format's specs, GMSE and bits per value, and this table has only "
+                            f"labels (no {', '.join(missing)} column); read it with capscale.load_runs (it fills them "
+                            "from w_format/a_format specs or w_gmse/a_gmse/bits columns), or fit the decoupled, drift or "
+                            "qat-error law, which need labels only")
     table = (runs.groupby("format", sort=False)
                  .agg(w_format=("w_format", "first"), a_format=("a_format", "first"), w_gmse=("w_gmse", "first"),
                       a_gmse=("a_gmse", "first"), w_bits=("w_bits", "first"), a_bits=("a_bits", "first"),
@@ -235,6 +273,16 @@ def format_table(runs: pd.DataFrame) -> pd.DataFrame:
     for col in ("w_format", "a_format"):
         table[col] = table[col].astype(object).where(table[col].notna(), None)
     return table
+
+
+def token_budgets(runs: pd.DataFrame) -> pd.Series:
+    """Each run's token budget per parameter, as a design states it: D/N binned to quarter doublings (sizes round
+    their token counts to whole batches, so one budget reads 59.8 at one size and 60.1 at another), each bin named by
+    its median ratio rounded to 2 significant digits."""
+    ratio = runs["tokens"] / runs["params"]
+    bins = np.round(4 * np.log2(ratio))
+    names = ratio.groupby(bins).transform("median")
+    return names.map(lambda r: float(f"{r:.2g}"))
 
 
 def run_sides(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
@@ -246,4 +294,5 @@ def run_sides(runs: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
         forward = runs["forward"].where(runs["forward"].notna(), forward).astype(str)
     if "backward" in runs:
         backward = runs["backward"].where(runs["backward"].notna(), backward).astype(str)
+    backward = backward.map(lambda g: NO_BACKWARD if is_uncompressed(g) else g)  # bf16 gradients are exact ones
     return forward, backward

@@ -15,11 +15,14 @@ TRUTH = {"A": 400.0, "B": 1800.0, "E": 1.7, "alpha": 0.34, "beta": 0.37}
 
 def simulate_runs(eff: dict, sizes=(2e7, 5e7, 1e8, 2e8, 4e8), tokens_per_param=(20, 50, 100), noise: float = 0.005,
                   seed: int = 0, law: dict | None = None, specs: dict | None = None,
-                  eff_d: dict | None = None) -> pd.DataFrame:
+                  eff_d: dict | None = None, drift: dict | None = None, saturation: float = np.inf,
+                  reference_ratio: float = 100.0) -> pd.DataFrame:
     """One run per (format, N, D): loss from the decoupled law times exp(N(0, noise)) (log-normal scatter).
     `eff` maps labels to true efficiencies (the baseline label must be there with 1); `specs` optionally maps
     labels to (w_format, a_format) spec strings. `eff_d` maps backward labels to true data efficiencies (`none`,
-    exact gradients, with 1): every forward format is then crossed with every backward one, D scaled by effD."""
+    exact gradients, with 1): every forward format is then crossed with every backward one, D scaled by effD.
+    `drift` maps labels to a drift of log efficiency per doubling of D/N (the drift law's truth): eff at D/N = r is
+    eff exp(drift log2(min(r, saturation) / reference_ratio))."""
     law = {**TRUTH, **(law or {})}
     rng = np.random.default_rng(seed)
     rows = []
@@ -29,7 +32,8 @@ def simulate_runs(eff: dict, sizes=(2e7, 5e7, 1e8, 2e8, 4e8), tokens_per_param=(
             for n in sizes:
                 for ratio in tokens_per_param:
                     d = n * ratio
-                    loss = law_loss(law, n, d * e_d, e)
+                    shift = (drift or {}).get(label, 0.0) * np.log2(min(ratio, saturation) / reference_ratio)
+                    loss = law_loss(law, n, d * e_d, e * np.exp(shift))
                     rows.append({"format": label + ("" if backward == NO_BACKWARD else BACKWARD_MARK + backward),
                                  "params": n, "tokens": d, "loss": loss * np.exp(rng.normal(0, noise)),
                                  "w_format": w if label != BASELINE else BASELINE, "a_format": a or "none",

@@ -23,6 +23,7 @@ from statsmodels.stats.multitest import multipletests
 
 from capscale.capacity import BASELINE, InputError
 from .laws import eff_key
+from .verdicts import format_p
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Calibration:
         (s, slo, shi), (c, clo, chi) = self.slope, self.intercept
         pct = f"{self.level:.0%}"
         return (f"calibration slope {s:.2f} [{slo:.2f}, {shi:.2f}], intercept {c:+.2f} [{clo:+.2f}, {chi:+.2f}] ({pct}); "
-                f"joint test slope = 1 and intercept = 0: p = {self.joint_p:.3g} ({'rejected' if self.joint_p < 1 - self.level else 'not rejected'} "
+                f"joint test slope = 1 and intercept = 0: p = {format_p(self.joint_p)} ({'rejected' if self.joint_p < 1 - self.level else 'not rejected'} "
                 f"at {1 - self.level:.0%})")
 
     def coefficients(self) -> pd.DataFrame:
@@ -61,7 +62,7 @@ class Calibration:
     def summary(self) -> str:
         return (f"{self.result.summary(yname='log fitted eff', alpha=1 - self.level)}\n"
                 f"joint F-test of slope = 1, intercept = 0: F = {float(np.squeeze(self.joint.fvalue)):.3g}, "
-                f"p = {self.joint_p:.3g}")
+                f"p = {format_p(self.joint_p)}")
 
     def as_json(self) -> dict:
         return {"slope": self.slope, "intercept": self.intercept, "joint_p": self.joint_p, "level": self.level,
@@ -124,14 +125,36 @@ class PairedDifferences:
                 + self.table.to_string(index=False, float_format="{:.4g}".format))
 
 
+MIN_SHARED_CELLS = 2  # a format enters a paired comparison on at least this many (N, D) cells shared with the baseline
+
+
+def shared_cells(runs: pd.DataFrame, baseline: str) -> pd.Series:
+    """Per format: how many (N, D) cells it shares with the baseline (the only cells a paired test may use)."""
+    cells = runs.groupby(["format", "params", "tokens"]).size().unstack("format").notna()
+    if baseline not in cells:
+        return pd.Series(0, index=sorted(set(runs["format"]) - {baseline}))
+    return cells.drop(columns=baseline).loc[cells[baseline]].sum().astype(int)
+
+
+def not_compared_reason(n: int, baseline: str) -> str:
+    return (f"not compared: no (N, D) cell shared with {baseline}" if n == 0 else
+            f"not compared: {n} (N, D) cell shared with {baseline} (at least {MIN_SHARED_CELLS} needed)")
+
+
 def paired_mixed(runs: pd.DataFrame, baseline: str = BASELINE, level: float = 0.95) -> PairedDifferences:
-    """log loss ~ format (treatment-coded against the baseline) + random intercept per (N, D) cell."""
+    """log loss ~ format (treatment-coded against the baseline) + random intercept per (N, D) cell, on the cells the
+    baseline was trained at only: a format is compared where it shares cells with the baseline, never through other
+    formats' cells. Formats with fewer than MIN_SHARED_CELLS shared cells are rows with the reason, no estimate."""
+    shared = shared_cells(runs, baseline)
+    entered = set(shared[shared >= MIN_SHARED_CELLS].index)
     data = runs[["format", "params", "tokens", "loss"]].copy()
     data["log_loss"] = np.log(data["loss"])
     data["cell"] = data["params"].astype(str) + "|" + data["tokens"].astype(str)
-    data["fmt"] = pd.Categorical(data["format"], categories=[baseline] + sorted(set(data["format"]) - {baseline}))
+    base_cells = set(data.loc[data["format"] == baseline, "cell"])
+    data = data[data["cell"].isin(base_cells) & data["format"].isin(entered | {baseline})]
+    data["fmt"] = pd.Categorical(data["format"], categories=[baseline] + sorted(entered))
     if data["cell"].nunique() < 3:
-        raise InputError("the paired mixed model needs runs at 3 or more (N, D) cells")
+        raise InputError("the paired mixed model needs runs at 3 or more (N, D) cells shared with the baseline")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # statsmodels' convergence chatter; the estimates are checked by tests
         result = smf.mixedlm("log_loss ~ fmt", data, groups=data["cell"]).fit(reml=True)
@@ -146,9 +169,13 @@ def paired_mixed(runs: pd.DataFrame, baseline: str = BASELINE, level: float = 0.
         wilcoxon = float(stats.wilcoxon(diff).pvalue) if len(diff) >= 2 and diff.abs().sum() > 0 else float("nan")
         rows.append({"format": fmt, "log_loss_diff": float(result.params[name]), "lo": float(ci.loc[name, 0]),
                      "hi": float(ci.loc[name, 1]), "p": float(result.pvalues[name]), "cells": len(diff),
-                     "wilcoxon_p": wilcoxon})
+                     "wilcoxon_p": wilcoxon, "note": ""})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = multipletests(table["p"], method="holm")[1]
         table["differs"] = table["p_holm"] < 1 - level
+    missing = [{"format": f, "cells": int(n), "note": not_compared_reason(int(n), baseline), "differs": False}
+               for f, n in shared.items() if f not in entered]
+    if missing:
+        table = pd.concat([table, pd.DataFrame(missing)], ignore_index=True)
     return PairedDifferences(table, result, level)

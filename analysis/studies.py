@@ -7,6 +7,11 @@
   did; its `w_bits`/`a_bits` fields do not always (the fp4 runs say 16).
 - `t5`: the 48 sparse T5 runs of Frantar et al. (google-research/jaxpruner, Apache-2.0): unstructured
   magnitude sparsity of the weights, `sparse(S)`, against the dense runs.
+- `quartet`: the 174 MXFP4 scaling runs of Quartet (IST-DASLab/Quartet, MIT license; Llama-style decoders on C4,
+  30M-200M with 430M and 800M baselines, 25 to ~1,600 tokens per parameter): forward-only, backward-only and
+  crossed. A label-only table: `forward` and `backward` columns name each pass's quantizer (the paper's names,
+  `mxfp4 QuEST` etc.; `BF16` is bf16 forward and exact gradients), so the decoupled law fits one effN per forward
+  scheme and one effD per backward scheme. At high tokens per parameter a forward scheme's gap to bf16 grows.
 - `cpu`: capscale's own CPU study (`data/cpu_study.toml`), its runs at 60 or more tokens per parameter, fitted with
   E held at 0 (`Study.fit_options`), both for the reasons the README's "The shipped study" gives.
 
@@ -23,7 +28,7 @@ import pandas as pd
 
 from capscale import data
 from capscale.capacity import BASELINE, InputError
-from capscale.capacity.runtable import format_label
+from capscale.capacity.runtable import BACKWARD_MARK, NO_BACKWARD, format_label
 
 from .names import STUDY_NAMES
 from .verdicts import format_interval
@@ -103,6 +108,32 @@ def t5_runs() -> pd.DataFrame:
     return table
 
 
+# Quartet's quantizer names -> capscale labels (every one MXFP4, E2M1 elements in blocks of 32 with E8M0 scales)
+QUARTET_SCHEMES = {"QuEST": "mxfp4 QuEST", "AlbertTsengDeterministic": "mxfp4 RTN", "AlbertTsengQuantizer": "mxfp4 SR",
+                   "Eden128": "mxfp4 EDEN128", "Eden32": "mxfp4 EDEN32", "EdenOld": "mxfp4 EDEN-old",
+                   "QuESTNoQuantScale": "mxfp4 QuEST-no-scale"}
+QUARTET_GRID = "size_fwd_bwd_iters_loss"  # the scaling grid; the file's other cells are other methods' re-runs
+
+
+def quartet_runs() -> pd.DataFrame:
+    """Quartet's scaling grid as a label-only run table with `forward` and `backward` columns."""
+    path = data.path("published", "quartet", "quartet_runs.csv")
+    raw = pd.read_csv(path)
+    raw = raw[raw["source"] == QUARTET_GRID]
+    unknown = sorted((set(raw["forward"]) | set(raw["backward"])) - set(QUARTET_SCHEMES) - {"BF16"})
+    if unknown:
+        raise InputError(f"{path}: unknown Quartet quantizer(s) {unknown}; known: {sorted(QUARTET_SCHEMES)}")
+    forward = raw["forward"].map(lambda q: BASELINE if q == "BF16" else QUARTET_SCHEMES[q])
+    backward = raw["backward"].map(lambda q: NO_BACKWARD if q == "BF16" else QUARTET_SCHEMES[q])
+    table = pd.DataFrame({"format": [f if b == NO_BACKWARD else f + BACKWARD_MARK + b for f, b in zip(forward, backward)],
+                          "forward": forward.to_numpy(), "backward": backward.to_numpy(),
+                          "params": raw["params"].to_numpy(), "tokens": raw["tokens"].to_numpy(),
+                          "loss": raw["loss"].to_numpy(), "model_size": raw["model_size"].to_numpy(),
+                          "steps": raw["steps"].to_numpy(), "status": "ok"})
+    table.attrs["provenance"] = _provenance("quartet")
+    return table
+
+
 def cpu_runs() -> pd.DataFrame:
     """The CPU study's fitted runs: its table less the shortest budget (README, "The shipped study": at 25 tokens
     per parameter the law misses the runs by up to 4% in a pattern over sizes that no longer budget shows)."""
@@ -134,6 +165,9 @@ STUDIES = {study.name: study for study in (
     Study("t5", "the 48 sparse T5 runs of Frantar et al. (ICLR 2024)",
           "google-research/jaxpruner jaxpruner/projects/bigsparse/t5-data.csv at "
           "f133ee50f31a03d0152b8b272edb534065152f5d (Apache-2.0, data/published/t5/LICENSE)", t5_runs),
+    Study("quartet", "Quartet's 174 MXFP4 scaling runs (forward, backward and crossed), 30M-200M at 25-1,600 tokens "
+          "per parameter", "IST-DASLab/Quartet notebooks/plots.ipynb at 5b9d74c6d3709a87bd0881386c8f288ea825c276 (MIT "
+          "license, data/published/quartet/LICENSE)", quartet_runs),
     Study("cpu", "capscale's CPU study: 210 runs of 7k-56k-parameter 2-layer models on the torch sources at 60-150 tokens per "
           "parameter, 2 seeds each",
           "data/cpu_study.toml, trained by capscale on the project's 2-core machine", cpu_runs,

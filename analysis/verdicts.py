@@ -21,6 +21,14 @@ def format_interval(lo, hi, spec: str = ".3g") -> str:
     return "" if pd.isna(lo) else f"[{lo:{spec}}, {hi:{spec}}]"
 
 
+P_FLOOR = 1e-16  # below double precision's resolution of 1 - p: printed as "< 1e-16", never as 0 or 1e-250
+
+
+def format_p(p) -> str:
+    """A p-value as a reader should see it: two significant digits, '< 1e-16' below what is meaningful."""
+    return "n/a" if p is None or pd.isna(p) else ("< 1e-16" if p < P_FLOOR else f"{p:.2g}")
+
+
 def capacity_sentence(validation, calibration, capacity_omitted) -> str:
     if validation is None:
         return f"Not tested: {capacity_omitted}"
@@ -50,21 +58,28 @@ def capacity_sentence(validation, calibration, capacity_omitted) -> str:
     return (f"{lead}: calibration slope {s:.2f} {format_interval(slo, shi, '.2f')}, intercept {c:+.2f} "
             f"{format_interval(clo, chi, '+.2f')} "
             f"({calibration.level:.0%}; WLS of log fitted on log predicted efficiency), joint test of slope 1 and "
-            f"intercept 0 p = {calibration.joint_p:.2g}; {loo}.")
+            f"intercept 0 p = {format_p(calibration.joint_p)}; {loo}.")
 
 
 def differences_sentence(mixed, baseline: str) -> str:
     if mixed is None or mixed.table.empty:
         return "Not tested: the paired mixed model needs runs at 3 or more (N, D) cells."
     t = mixed.table
-    differ, same = t[t["differs"]], t[~t["differs"]]
+    absent = t[t["log_loss_diff"].isna()] if "log_loss_diff" in t else t
+    t = t[t["log_loss_diff"].notna()] if "log_loss_diff" in t else t.iloc[:0]
+    tail = "".join(f"; {r.format} ({r.note.removeprefix('not compared: ')})" for r in absent.itertuples())
+    if t.empty:
+        return f"Not tested: no format shares enough (N, D) cells with '{baseline}'{tail}."
+    differ, same = t[t["differs"]], t[~t["differs"].astype(bool)]
     worst = t.loc[t["log_loss_diff"].idxmax()]
     text = (f"{len(differ)} of {len(t)} formats differ from '{baseline}' at equal (N, D) (mixed model with a random "
-            f"intercept per cell, Holm-adjusted at {1 - mixed.level:.0%})")
+            f"intercept per cell, on the {int(t['cells'].max())} or fewer cells each shares with '{baseline}', "
+            f"Holm-adjusted at {1 - mixed.level:.0%})")
     if len(same):
         text += f"; not distinguishable from it: {', '.join(same['format'])}"
     return (text + f". Largest loss penalty: {worst['format']}, {100 * (math.exp(worst['log_loss_diff']) - 1):+.1f}% "
-                   f"{format_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss.")
+                   f"{format_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss"
+                   + (f". Not compared{tail}." if tail else "."))
 
 
 def composition_sentence(wald, comp: pd.DataFrame) -> str:
@@ -72,10 +87,26 @@ def composition_sentence(wald, comp: pd.DataFrame) -> str:
         return ("Not tested: no combined format was trained with both its parts." if comp.empty else
                 "Not tested: no bootstrap replicates for the Wald test.")
     parts = [f"{r.combined} = {r.part1} x {r.part2}: ratio {r.ratio:.2f} {format_interval(r.ratio_lo, r.ratio_hi, '.2f')}, p = "
-             f"{r.p:.2g} ({r.verdict})" for r in wald.table.itertuples()]
+             f"{format_p(r.p)} ({r.verdict})" for r in wald.table.itertuples()]
     n_multiply = int((wald.table["p"] >= 1 - wald.level).sum())
     return (f"{n_multiply} of {len(parts)} compositions are consistent with multiplying capacities (Wald test of "
             f"log eff(AB) = log eff(A) + log eff(B), {wald.level:.0%}): " + "; ".join(parts) + ".")
+
+
+def drift_sentence(drift, token_holdout: dict | None) -> str:
+    """The paired drift test's sentence and, where the token budgets allow it, how the law predicts the held-out
+    largest ones."""
+    text = drift.sentence()
+    if token_holdout is not None and token_holdout.get("compressed_mean_abs_log_error") is not None:
+        text += (f" Fitted without the {token_holdout['held_out']}, the {token_holdout['law']} law predicts them with "
+                 f"mean |log error| {token_holdout['compressed_mean_abs_log_error']:.4f} on the compressed runs "
+                 f"(signed {token_holdout['compressed_mean_log_error']:+.4f}) against "
+                 f"{token_holdout['baseline_mean_abs_log_error']:.4f} on the baseline's")
+        if token_holdout["gap_n"]:
+            text += (f"; their gap to the baseline at the same (N, D) is over-predicted in {token_holdout['gap_above']} "
+                     f"of {token_holdout['gap_n']} cells (mean {token_holdout['gap_mean_error']:+.4f})")
+        text += " (section 8)."
+    return text
 
 
 def health_sentence(health: pd.DataFrame) -> str:

@@ -45,11 +45,40 @@ class SpecError(InputError):
     """A format spec that cannot be built: the message names the problem."""
 
 
+def format_value(v) -> str:
+    """A parameter value as a spec prints it, so that it parses back to itself: true/false, [a,b], text quoted where it
+    holds a character the spec language uses."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(format_value(x) for x in v) + "]"
+    if isinstance(v, str) and (set(v) & set(",()[]=+ \"'") or not v):
+        return '"' + v.replace('"', "") + '"'
+    return str(v)
+
+
 class Component:
-    """One step of a format chain. Subclasses set `name`, `defaults`, and implement `apply`/`bits`."""
+    """One step of a format chain. Subclasses set `name`, `defaults`, and implement `apply`/`bits`.
+
+    What the trainer's recipe reads of a component, the same for built-ins and plugins:
+    - `rounds`: whether the step rounds values (a quantizer). None (the default) infers it: a step that gives a
+      trust radius (`tolerance`) rounds. Formats that round are rotated by the recipe's Hadamard and trained with
+      its estimator, exactly as the built-in quantizers are.
+    - `rotates_itself`: the step applies its own rotation, so the recipe adds none for the format.
+    - `keeps_bits`: the step stores nothing of its own (a rotation), so inheriting `bits` is right; any other
+      registered component must implement `bits` (checked at `register`).
+    - `example_shape`: the tensor shape `register` tries the example on (a 16x16-tile format declares (32, 256)).
+    """
 
     name = "component"
     defaults: dict = {}
+    rounds: bool | None = None
+    rotates_itself = False
+    keeps_bits = False
+    example_shape: tuple = (4, 256)
+
+    def rounds_values(self) -> bool:
+        return self.rounds if self.rounds is not None else type(self).tolerance is not Component.tolerance
 
     def __init__(self, **params):
         unknown = set(params) - set(self.defaults)
@@ -62,7 +91,7 @@ class Component:
     def spec(self) -> str:
         if getattr(self, "spec_override", None):  # set for user factories imported as module:callable
             return self.spec_override
-        changed = [f"{k}={v}" for k, v in self.params.items() if v != self.defaults[k]]
+        changed = [f"{k}={format_value(v)}" for k, v in self.params.items() if v != self.defaults[k]]
         return f"{self.name}({','.join(changed)})" if changed else self.name
 
     def apply(self, x: torch.Tensor, keep: torch.Tensor | None, inner: Inner) -> torch.Tensor:
@@ -120,6 +149,14 @@ class Format:
         values = run(0, x, None, x).to(dtype)
         tolerance = seen["tolerance"][1] if seen["tolerance"] is not None else None
         return Compressed(values, tolerance, seen["keep"])
+
+    def rounds_values(self) -> bool:
+        """Whether some step of the chain rounds values (a quantizer: what the recipe rotates and trusts)."""
+        return any(p.rounds_values() for p in self.parts)
+
+    @property
+    def rotates_itself(self) -> bool:
+        return any(p.rotates_itself for p in self.parts)
 
     def component(self, kind: type) -> "Component | None":
         """The first component of a kind (a sparsity step, a quantizer), or None."""
@@ -195,6 +232,8 @@ class ScaledQuantizer(Component):
     values the sparsity kept) or `row` (the whole group before pruning: QuEST's FourEight scales its int4 from
     the full rotated row's RMS, pruned entries included).
     """
+
+    rounds = True  # its trust radius comes from quantize(), not tolerance()
 
     element_bits: float
     top: float            # largest coordinate of the point set, for absmax

@@ -126,10 +126,14 @@ def gmse_auto(spec: "str | Format", **kwargs) -> GMSEResult:
         return gmse(spec, **kwargs)
 
 
+RUN_SAMPLES = 1 << 20  # Monte Carlo samples of the GMSE a run table records: every GMSE a report prints uses these
+
+
 @functools.lru_cache(maxsize=None)
 def spec_gmse(spec: str | None) -> float:
-    """The GMSE a run records for a spec string (exact where available, else 2^20 samples); 0 for uncompressed."""
-    return 0.0 if is_uncompressed(spec) else gmse_auto(spec, samples=1 << 20).gmse
+    """The GMSE a run records for a spec string (exact where available, else RUN_SAMPLES samples); 0 for
+    uncompressed."""
+    return 0.0 if is_uncompressed(spec) else gmse_auto(spec, samples=RUN_SAMPLES).gmse
 
 
 def compare(specs, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> "pd.DataFrame":

@@ -75,10 +75,27 @@ def split_run_label(label: str) -> tuple[str, str]:
     return forward, backward or NO_BACKWARD
 
 
+def is_spec(text: str) -> bool:
+    """Whether text names a format capscale can build (an uncompressed name counts)."""
+    from .spec import parse
+    if is_uncompressed(text):
+        return True
+    try:
+        parse(text)
+        return True
+    except InputError:
+        return False
+
+
 def split_label(label: str) -> tuple[str, str | None]:
-    """(weights part, activations part or None) of a label's forward pair: the inverse of `format_label`."""
-    w, _, a = split_run_label(label)[0].partition("/")
-    return w, (a or None)
+    """(weights part, activations part or None) of a label's forward pair: the inverse of `format_label`. A '/'
+    splits only where both halves are specs capscale can build: `nvfp4 4/6` stays one label, never weights
+    `nvfp4 4` with activations `6`."""
+    forward = split_run_label(label)[0]
+    w, sep, a = forward.partition("/")
+    if not sep:
+        return w, None
+    return (w, a or None) if is_spec(w) and is_spec(a) else (forward, None)
 
 
 def _parse_line(path: Path, number: int, line: str) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import importlib.util
 import os
 import sys
 import re
@@ -85,8 +86,22 @@ def check_component(example: str) -> None:
     if str(parse(str(fmt))) != str(fmt):
         raise SpecError(f"'{example}': prints as '{fmt}', which parses back as '{parse(str(fmt))}'; a spec must "
                         "round-trip (check the `spec` of its components and their `defaults`)")
+    for part in fmt.parts:
+        if type(part).bits is Component.bits and not part.keeps_bits:
+            raise SpecError(f"'{example}': {type(part).__name__} implements no bits(), so it would count "
+                            f"{Format([part]).bits_per_value:g} bits per value and break rho per bit and every memory "
+                            "plan; implement bits(self, inner_bits) (storage bits per value, scales included), or set "
+                            "keeps_bits = True for a step that stores nothing (a rotation)")
     probe = _Probe()
-    Format([*fmt.parts, probe])(torch.randn(4, 256, generator=torch.Generator().manual_seed(0)))
+    shape = max((tuple(p.example_shape) for p in fmt.parts), key=lambda s: int(np.prod(s)))
+    try:
+        Format([*fmt.parts, probe])(torch.randn(*shape, generator=torch.Generator().manual_seed(0)))
+    except SpecError:
+        raise
+    except Exception as err:  # one line naming the example and the shape, not a traceback from inside the plugin
+        raise SpecError(f"'{example}': fails on a {'x'.join(map(str, shape))} Gaussian tensor ({type(err).__name__}: "
+                        f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}); declare the shapes it "
+                        "supports with example_shape = (rows, columns)") from None
     if not getattr(probe, "called", False):
         raise SpecError(f"'{example}': its apply() never calls inner(x, keep), so the formats after it in a chain "
                         "(2:4+yours+int4) would be skipped; end apply() with `return inner(...)` or pass its result on")
@@ -155,31 +170,45 @@ _KEY = re.compile(r"[a-z_]+", re.ASCII)
 
 
 def _split_top_level(text: str, sep: str) -> list[str]:
-    parts, depth, current = [], 0, ""
+    """Split at `sep` outside parentheses, brackets and quotes ("6,4" and [6,4] are one value)."""
+    parts, depth, current, quote = [], 0, "", None
     for ch in text:
-        depth += (ch == "(") - (ch == ")")
-        if depth < 0:
-            raise SpecError(f"unbalanced ')' in '{text}'")
-        if ch == sep and depth == 0:
-            parts.append(current)
-            current = ""
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
         else:
-            current += ch
+            depth += (ch in "([") - (ch in ")]")
+            if depth < 0:
+                raise SpecError(f"unbalanced '{ch}' in '{text}'")
+            if ch == sep and depth == 0:
+                parts.append(current)
+                current = ""
+                continue
+        current += ch
+    if quote:
+        raise SpecError(f"unclosed quote {quote} in '{text}'")
     if depth:
-        raise SpecError(f"unbalanced '(' in '{text}'")
+        raise SpecError(f"unbalanced '(' or '[' in '{text}'")
     return parts + [current]
 
 
 def _value(text: str):
+    """A parameter value: a number, true/false (any case), a quoted string (may hold commas), a [list], or text."""
     text = text.strip()
     if len(text) > MAX_NUMBER_LENGTH:
         raise SpecError(f"parameter value '{text[:20]}...' is longer than {MAX_NUMBER_LENGTH} characters")
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    if text.startswith("[") and text.endswith("]"):
+        inner = text[1:-1]
+        return [_value(v) for v in _split_top_level(inner, ",")] if inner.strip() else []
     for cast in (int, float):
         try:
             return cast(text)
         except ValueError:
             pass
-    return {"true": True, "false": False}.get(text, text)
+    return {"true": True, "false": False}.get(text.lower(), text)
 
 
 def _arguments(text: str | None) -> tuple[list, dict]:
@@ -202,9 +231,23 @@ def _arguments(text: str | None) -> tuple[list, dict]:
 
 
 def _suggest(name: str) -> str:
-    names = [e.example for e in _REGISTRY.values()] + [e.name for e in _REGISTRY.values()]
-    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    return f"; did you mean {', '.join(dict.fromkeys(close))}?" if close else "; see `capscale formats`"
+    """Close registered names (case-insensitive; names the query begins first: fp4 -> fp4_e2m1), and a pointer to
+    --plugin where an installed module of that name exists (found, never imported)."""
+    names = list(dict.fromkeys([e.example for e in _REGISTRY.values()] + [e.name for e in _REGISTRY.values()]))
+    lower = {n.lower(): n for n in names}
+    query = name.lower()
+    prefixed = sorted((n for n in names if n.lower().startswith(query) and n.lower() != query), key=len)
+    close = [lower[c] for c in difflib.get_close_matches(query, list(lower), n=3, cutoff=0.5)]
+    exact = [lower[query]] if query in lower else []
+    suggestions = list(dict.fromkeys(exact + prefixed[:2] + close))[:3]
+    text = f"; did you mean {', '.join(suggestions)}?" if suggestions else "; see `capscale formats`"
+    try:
+        plugin = importlib.util.find_spec(name.split(":")[0]) is not None if name.isidentifier() else False
+    except (ImportError, ValueError):
+        plugin = False
+    if plugin:
+        text += f" (a module named '{name}' is installed: if it holds your formats, load it with --plugin {name})"
+    return text
 
 
 def _call(factory: Callable, where: str, *args, **kwargs) -> Component:
@@ -247,6 +290,9 @@ def _plugin_component(name: str, args, kwargs) -> Component:
     if not (isinstance(factory, type) and issubclass(factory, Component)):
         raise SpecError(f"'{name}': not a Component subclass of plugin '{module_name}'")
     component = _call(factory, name, *args, **kwargs)
+    if type(component).bits is Component.bits and not component.keeps_bits:
+        raise SpecError(f"'{name}': {factory.__name__} implements no bits(); implement bits(self, inner_bits) (storage "
+                        "bits per value, scales included), or set keeps_bits = True for a step that stores nothing")
     if not getattr(component, "spec_override", None):
         inner = ",".join([str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()])
         component.spec_override = f"{name}({inner})" if inner else name

@@ -20,11 +20,26 @@ from .options import whole
 from .output import print_records
 
 
+def _format_row(entry) -> dict:
+    """A registry entry as `capscale formats` lists it: its example's parameters with their defaults and its bits."""
+    from capscale.capacity import parse
+    from capscale.capacity.formats import format_value
+    try:
+        fmt = parse(entry.example)
+        params = ", ".join(f"{k}={format_value(v)}" for p in fmt.parts for k, v in p.defaults.items())
+        bits = f"{fmt.bits_per_value:g}"
+    except InputError as err:  # a plugin whose example no longer builds: listed, with why
+        params, bits = f"(example does not build: {err})", ""
+    return {"name": entry.name, "example": entry.example, "bits": bits, "parameters (defaults)": params,
+            "description": entry.description}
+
+
 def add_formats_command(sub) -> None:
     p = sub.add_parser("formats", help="list the registered formats",
-                       description="List the format registry: spec name, example, one-line description.")
-    p.set_defaults(func=lambda args: print_records(
-        [{"name": e.name, "example": e.example, "description": e.description} for e in registry()]))
+                       description="List the format registry: spec name, example, its bits per value (scales "
+                                   "included), its parameters with their defaults, one-line description.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=lambda args: print_records([_format_row(e) for e in registry()], as_json=args.json))
 
 
 def _gmse_command(args) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+from capscale.analysis.names import TOKEN_LAWS
 from capscale.capacity import InputError
 
 from .commands_analysis import _warn, add_fit_file_argument, add_run_arguments, fit_from_args, runs_from_args
@@ -19,7 +20,15 @@ def _plan_command(args) -> None:
     budget = Budget(memory=parse_amount(args.memory, "--memory") if args.memory else None,
                     flops=parse_amount(args.flops, "--flops") if args.flops else None,
                     tokens=parse_amount(args.tokens, "--tokens") if args.tokens else None)
-    fit = fit_from_args(args, runs_from_args(args))
+    runs = runs_from_args(args)
+    law = args.law
+    if getattr(args, "fit", None) is None and law == "auto":
+        from capscale.analysis.constancy import best_supported_law
+        from capscale.analysis.studies import STUDIES
+        options = STUDIES[args.study].fit_options if getattr(args, "study", None) else {}
+        law, why = best_supported_law(runs, args.baseline or "bf16", args.delta or 1e-3, args.level, **options)
+        print(f"law: {why}", file=sys.stderr)
+    fit = fit_from_args(args, runs, "decoupled" if law == "auto" else law)
     _warn(fit.warnings)
     speedup = parse_speedups(args.speedup)
     result = plan(fit, budget, args.formats, speedup)
@@ -36,7 +45,7 @@ def _plan_command(args) -> None:
     if args.json:
         print(json.dumps(result.as_json(), indent=1))
         return
-    shown = result.table.reset_index()[["rank", "format", "efficiency_from", "eff", "bits", "params", "tokens",
+    shown = result.table.reset_index()[["rank", "format", "law", "efficiency_from", "eff", "bits", "params", "tokens",
                                          "loss", "loss_lo", "loss_hi", "p_best", "extrapolated"]]
     print(shown.to_string(index=False, float_format="{:.4g}".format))
     print(result.verdict())
@@ -55,6 +64,10 @@ def add_plan_command(sub) -> None:
     p.add_argument("--memory", metavar="BYTES", help="weight memory budget: bytes, or with a unit (4GB, 512MiB)")
     p.add_argument("--flops", metavar="F", help="training compute budget in FLOPs (6 N D), e.g. 1e20")
     p.add_argument("--tokens", metavar="D", help="training tokens available (needed with --memory alone)")
+    p.add_argument("--law", default="auto", choices=("auto", "decoupled", *TOKEN_LAWS),
+                   help="the law to plan under; auto (default): the decoupled law unless the paired drift test finds a "
+                        "format whose cost changes with tokens per parameter, then the token-dependent law that best "
+                        "predicts the held-out largest budgets (the choice and its reason are printed)")
     p.add_argument("--formats", nargs="+", metavar="FORMAT", default=None,
                    help="formats to consider: fitted labels, or specs/W/A labels for formats never trained "
                         "(default: every fitted format)")

@@ -38,6 +38,14 @@ def _study(study: str, train: bool, out: Path):
     return load_runs(study_runs(study), name=study), None, f"the {study} study ({STUDIES[study].describe})"
 
 
+def _parses(spec: str) -> bool:
+    try:
+        capacity.parse(spec)
+        return True
+    except capacity.InputError:
+        return False
+
+
 def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: int = 200, seed: int = 0,
              n_jobs: int | None = None, overwrite: bool = False, study: str = DEFAULT_STUDY) -> Path:
     started = time.time()
@@ -46,10 +54,15 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     out = report_folder(out, overwrite)
     runs, replicates, runs_path = _study(study, train, out)
     info = format_table(runs)
-    specs = sorted({s for s in pd.concat([info["w_format"], info["a_format"]]) if s is not None})
+    named = sorted({s for s in pd.concat([info["w_format"], info["a_format"]]) if s is not None})
+    specs = [s for s in named if _parses(s)]
     print("== Capacity of the study's formats (GMSE, rho with the published constants) ==")
-    print(capacity.compare(specs, samples=1 << 20)[["spec", "bits_per_value", "gmse", "rho", "rho_per_bit", "rd_bound",
-                                                    "method"]].to_string(index=False, float_format="{:.4g}".format))
+    if specs:
+        print(capacity.compare(specs, samples=1 << 20)[["spec", "bits_per_value", "gmse", "rho", "rho_per_bit",
+                                                        "rd_bound", "method"]].to_string(index=False,
+                                                                                         float_format="{:.4g}".format))
+    if len(specs) < len(named):
+        print(f"labels, not specs capscale can measure (no capacity): {', '.join(sorted(set(named) - set(specs)))}")
     print(f"\n== Fitting {len(runs)} runs of {runs['format'].nunique()} formats from {runs_path} "
           f"({n_boot} bootstrap refits) ==")
     options = {} if train else STUDIES[study].fit_options  # a shipped study's stated settings (the CPU study's E)
@@ -79,8 +92,16 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     print(report.paired.to_string(index=False, float_format="{:.4f}".format))
     if report.mixed is not None:
         print("mixed model (random intercept per (N, D) cell), Holm-adjusted over the formats:")
-        print(report.mixed.table[["format", "log_loss_diff", "lo", "hi", "p_holm", "wilcoxon_p", "differs"]]
+        print(report.mixed.table[["format", "cells", "log_loss_diff", "lo", "hi", "p_holm", "wilcoxon_p", "differs", "note"]]
               .to_string(index=False, float_format="{:.4g}".format))
+    drift = report.results["drift_test"]
+    print(f"\n== Is the efficiency constant across token budgets? (paired drift test, the {drift['law']} law) ==")
+    print(pd.DataFrame(drift["results"]).drop(columns=["ci", "reason", "p"]).to_string(
+        index=False, float_format="{:.4g}".format))
+    if report.validation is None:
+        print(f"\n== Capacity predictions: not made ({res['capacity_omitted']}) ==")
+        _published_and_rest(report, res, out, started)
+        return out
     t = report.validation.table
     print("\n== Capacity predictions vs trained efficiencies (leave-one-format-out) ==")
     print(pd.DataFrame({"format": t["format"], "fitted eff": t["fitted"].round(3),
@@ -89,8 +110,14 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
                         "interval": [format_interval(a, b, ".3f") for a, b in zip(t["pred_lo"], t["pred_hi"])],
                         "prediction inside CI": t["inside"], "intervals overlap": t["overlap"]}).to_string(index=False))
     print(report.validation.verdicts())
+    _published_and_rest(report, res, out, started)
+    return out
+
+
+def _published_and_rest(report, res, out: Path, started: float) -> None:
+    """The published comparison, composability, grids and extrapolation: what the demo prints after capacity."""
     if report.results.get("published_comparison"):
-        table = published_table(pd.DataFrame(report.results["published_comparison"]), report.validation.level)
+        table = published_table(pd.DataFrame(report.results["published_comparison"]), res["decoupled"]["level"])
         print("\n== Against the published efficiencies ==")
         print(table.drop(columns="note").to_string(index=False, float_format="{:.3f}".format))
     if report.calibration is not None:
@@ -105,5 +132,7 @@ def run_demo(out: "str | Path" = "capscale-demo", train: bool = False, n_boot: i
     if res.get("extrapolation"):
         e = res["extrapolation"]
         print(f"\nextrapolation to the largest models (held out): {e['text']}")
+    if res.get("extrapolation_tokens"):
+        e = res["extrapolation_tokens"]
+        print(f"extrapolation to the largest token budgets (held out, {e['law']} law): {e['text']}")
     print(f"\nreport: {(out / 'report.html').resolve()}  ({time.time() - started:.0f} s)")
-    return out

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from markupsafe import escape
 
-from capscale.analysis.bootstrap import bootstrap, extrapolation_check, prediction_interval
+from capscale.analysis.bootstrap import bootstrap, prediction_interval
+from capscale.analysis.extrapolation import extrapolation_check
 from capscale.analysis.compose import compose_grid, compose_runs, read_grid
 from capscale.analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
 from capscale.analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw

@@ -184,6 +184,7 @@ def test_user_registered_format_gets_gmse_and_rho(monkeypatch):
 
     class Halver(capacity.Component):
         name, defaults = "halver", {"factor": 0.5}
+        keeps_bits = True
 
         def apply(self, x, keep, inner):
             return inner(x * self.params["factor"], keep)
@@ -217,6 +218,9 @@ class Rounder(capacity.Component):
     def tolerance(self, x, y):
         return (self._scale(x) / 2).expand_as(x)
 
+    def bits(self, inner_bits):
+        return math.log2(8 / self.params["step"] + 1)
+
 
 def test_register_refuses_a_component_that_would_misbehave_silently(monkeypatch):
     from capscale.capacity import spec
@@ -224,12 +228,14 @@ def test_register_refuses_a_component_that_would_misbehave_silently(monkeypatch)
 
     class Nameless(capacity.Component):
         defaults = {}
+        keeps_bits = True
 
         def apply(self, x, keep, inner):
             return inner(x, keep)
 
     class Swallower(capacity.Component):
         name, defaults = "swallower", {}
+        keeps_bits = True
 
         def apply(self, x, keep, inner):
             return x.round()  # forgets inner: "swallower+int4" would never quantize
@@ -241,6 +247,40 @@ def test_register_refuses_a_component_that_would_misbehave_silently(monkeypatch)
     assert not {"nameless", "swallower"} & {e.name for e in capacity.registry()}  # refused means not registered
     capacity.register("rounder", Rounder, "test format")
     assert str(parse("rounder(step=0.25)")) == "rounder(step=0.25)"
+
+
+def test_plugins_declare_bits_and_shapes_and_take_quoted_lists_and_booleans(monkeypatch):
+    """A plugin without bits() would count 16 bits per value; a 2-D tile format dies on the default 4x256 probe."""
+    from capscale.capacity import spec
+    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
+
+    class Bitless(Rounder):
+        name = "bitless"
+        bits = capacity.Component.bits
+
+    with pytest.raises(SpecError, match="implements no bits") as refused:
+        capacity.register("bitless", Bitless)
+    assert "\n" not in str(refused.value) and "bitless" not in {e.name for e in capacity.registry()}
+
+    class Tiles(Rounder):
+        name, defaults = "tiles", {"step": 0.5, "choices": "6,4", "on": False}
+
+        def apply(self, x, keep, inner):
+            assert x.shape[0] % 16 == 0, "rows must come in tiles of 16"
+            return super().apply(x, keep, inner)
+
+    with pytest.raises(SpecError, match="fails on a 4x256 Gaussian tensor .*example_shape"):
+        capacity.register("tiles", Tiles)
+    Tiles.example_shape = (32, 256)
+    capacity.register("tiles", Tiles)
+    quoted = parse('tiles(choices="6,4",on=TRUE)').parts[0].params
+    assert quoted["choices"] == "6,4" and quoted["on"] is True and parse("tiles(on=False)").parts[0].params["on"] is False
+    assert parse("tiles(choices=[6,4])").parts[0].params["choices"] == [6, 4]
+    assert str(parse('tiles(choices="4,6",on=TRUE)')) == 'tiles(choices="4,6",on=true)'  # prints canonically
+    with pytest.raises(SpecError, match="did you mean nvfp4"):
+        parse("NVFP4")
+    with pytest.raises(SpecError, match="did you mean fp4_e2m1"):
+        parse("fp4")
 
 
 def test_a_user_format_trains_under_trust_through_its_tolerance(monkeypatch):

@@ -56,7 +56,7 @@ def test_a_table_cell_naming_code_is_refused_and_runs_nothing(tmp_path, capscale
 def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscale_cli, monkeypatch):
     plugin = tmp_path / "myformats.py"
     plugin.write_text("from capscale import capacity\n\nclass Halve(capacity.Component):\n"
-                      "    name, defaults = 'halve', {'factor': 0.5}\n\n"
+                      "    name, defaults = 'halve', {'factor': 0.5}\n    keeps_bits = True\n\n"
                       "    def apply(self, x, keep, inner):\n        return inner(x * self.params['factor'], keep)\n\n"
                       "def not_a_component():\n    open('PWNED', 'w').write('x')\n")
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
@@ -287,7 +287,7 @@ def test_a_plugin_in_the_working_directory_loads_as_with_python_m(tmp_path):
     (tmp_path / "mypkg").mkdir()
     (tmp_path / "mypkg" / "__init__.py").write_text(
         "from capscale import capacity\n\nclass Halve(capacity.Component):\n"
-        "    name, defaults = 'halve', {'factor': 0.5}\n\n"
+        "    name, defaults = 'halve', {'factor': 0.5}\n    keeps_bits = True\n\n"
         "    def apply(self, x, keep, inner):\n        return inner(x * self.params['factor'], keep)\n")
     script = "import sys; from capscale.cli import main; sys.argv[0] = 'capscale'; sys.exit(main())"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -46,7 +46,7 @@ def test_t5_fit_reproduces_the_independent_fit():
 
 
 def test_unknown_study_and_unknown_quantizer_are_refused(tmp_path, monkeypatch):
-    with pytest.raises(InputError, match="shipped studies are quest, t5, cpu"):
+    with pytest.raises(InputError, match="shipped studies are quest, t5, quartet, cpu"):
         study_runs("c4")
     runs = json.loads(data.path("published", "quest", "runs_for_scaling.json").read_text())[:3]
     runs[1]["w_quant"] = "os.system"

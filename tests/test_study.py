@@ -75,14 +75,16 @@ def test_shipped_study_fit_separates_int2_int4_bf16_and_its_misfit_is_the_deep_n
     intervals = boot.intervals(law.values())
     assert law.eff_["int2"] < law.eff_["int4"] < 1
     assert disjoint(intervals, "int2", "int4") and disjoint(intervals, "int4", "bf16")
-    # The 4-layer, width-16 size (13,456 parameters) trains worse than its count says: its cells carry the misfit,
-    # and without it the law identifies E. The efficiencies move little either way (README, "The shipped study").
+    # The 4-layer, width-16 size (13,456 parameters) trains worse than its count says: its cells carry the misfit.
+    # Without it E's point estimate leaves its bound, but the runs still do not identify it (README: its interval
+    # reaches the floor); the efficiencies move little either way (README, "The shipped study").
     residual = runs.assign(r=law.residuals_).groupby("params")["r"].mean()
     assert residual[13456] < -2 * residual.drop(13456).abs().max()  # -0.040 against at most 0.016 elsewhere
     without = runs[runs["params"] != 13456]
     law_without = DecoupledLaw().fit(without)
     health = fit_health(law_without, without).set_index("check")
-    assert health.loc["irreducible loss E", "verdict"] == "ok"
+    assert law_without.params_["E"] > 0.01 * without["loss"].min()
+    assert health.loc["irreducible loss E", "verdict"] == "reported"  # no interval: identification not measured
     assert abs(law_without.eff_["int4"] / law.eff_["int4"] - 1) < 0.05
 
 
@@ -115,7 +117,10 @@ def test_cpu_study_fit_is_healthy_as_the_readme_states():
     boot = bootstrap(law, runs, 50, seed=0, progress=False, unit="cells")
     assert boot.n_failed == 0
     health = fit_health(law, runs, boot).set_index("check")
-    assert (health["verdict"] != "weak").all(), health
+    # every check passes but one: int2's cost grows with tokens per parameter over 60-150 (paired drift test)
+    assert (health.drop("efficiency constant across token budgets")["verdict"] != "weak").all(), health
+    drift = health.loc["efficiency constant across token budgets"]
+    assert drift["verdict"] == "weak" and drift["value"] == "1 of 6 formats drift" and "int2 +0.03" in drift["detail"]
     assert law.rmse_log_ / seed_scatter(runs) < 1.5
     profile = e_profile(law, runs)
     assert profile["rmse_log"].idxmin() == 0 and profile["rmse_log"].iloc[-1] < 1.1 * profile["rmse_log"].iloc[0]

@@ -141,7 +141,7 @@ class Compression:
 
     @classmethod
     def _sparse_and_quantized(cls, fmt) -> bool:
-        return cls._sparsifies(fmt) and fmt.component(ScaledQuantizer) is not None
+        return cls._sparsifies(fmt) and fmt.rounds_values()
 
     @staticmethod
     def _is_fp4(fmt) -> bool:
@@ -180,7 +180,9 @@ class Compression:
         if asked:
             return min(asked)
         formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
-        quantizes = [f.component(ScaledQuantizer) is not None for f in formats]
+        if any(f.rotates_itself for f in formats):  # a component that applies its own rotation: the recipe adds none
+            return 0
+        quantizes = [f.rounds_values() for f in formats]  # built-in quantizers and plugins alike (Component.rounds)
         blocked = any(self._sparsifies(f) and (not q or self.sparse_quantized == "unrotated")
                       for f, q in zip(formats, quantizes))
         return self.hadamard_block if self.rotate and any(quantizes) and not blocked else 0

@@ -23,7 +23,6 @@ import os
 from dataclasses import dataclass
 
 from capscale.capacity import InputError
-from capscale.capacity.formats import ScaledQuantizer
 
 from .compression import Compression
 from .model import ModelConfig
@@ -42,7 +41,7 @@ def _saves_mask(fmt, comp: Compression) -> bool:
         return sparse and not comp.quest_sparse_quantized(fmt)
     if comp.estimator == "clipped" or comp.trust_radius(fmt) is not None:
         return True
-    return sparse or fmt.component(ScaledQuantizer) is not None
+    return sparse or fmt.rounds_values()
 
 
 def _linears(cfg: ModelConfig) -> list[tuple[int, int]]:
