@@ -39,7 +39,7 @@ def split(runs: pd.DataFrame, hold_out: str = "params") -> tuple[pd.DataFrame, p
         if runs["params"].nunique() <= 2:
             return None
         largest = runs["params"].max()
-        inside, what = runs["params"] < largest, f"the largest model size (N = {largest:.4g})"
+        inside, what = runs["params"] < largest, f"largest model size (N = {largest:.4g})"
     else:
         cut = token_split(runs)
         if cut is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import colorsys
 
+import numpy as np
 import pandas as pd
 from matplotlib import colors as mcolors
 
@@ -46,13 +47,26 @@ def family(w_format, a_format) -> str:
     return "sparse+quantized" if sparse and quantized else "sparse" if sparse else "quantized"
 
 
+HUE_SPREAD = 0.18  # of the colour circle a family's shades span around its hue: told apart by hue and lightness
+
+
 def _shades(base: str, n: int) -> list:
-    """n distinguishable shades of one hue, dark to light."""
+    """n distinguishable shades of one hue: a grid of about sqrt(n) lightness levels (dark to light) by as many
+    turns of the hue, so that a family of 14 (QuEST's W+A runs) is not 14 oranges of nearly one lightness."""
     h, lightness, s = colorsys.rgb_to_hls(*mcolors.to_rgb(base))
-    if n == 1:
-        return [mcolors.to_hex(mcolors.to_rgb(base))]
-    top = 0.62 if lightness > 0.05 else 0.55
-    return [mcolors.to_hex(colorsys.hls_to_rgb(h, 0.28 + (top - 0.28) * i / (n - 1), s)) for i in range(n)]
+    if n <= 1:
+        return [mcolors.to_hex(mcolors.to_rgb(base))] * n
+    if lightness <= 0.05:  # black (uncompressed): greys only
+        return [mcolors.to_hex(colorsys.hls_to_rgb(h, 0.05 + 0.55 * i / (n - 1), s)) for i in range(n)]
+    levels = int(np.ceil(np.sqrt(n)))
+    turns = int(np.ceil(n / levels))
+    grid = [(lv, tn) for lv in range(levels) for tn in range(turns)][:n]
+    out = []
+    for lv, tn in grid:
+        light = 0.26 + 0.42 * lv / max(levels - 1, 1)
+        turn = (tn / max(turns - 1, 1) - 0.5) * HUE_SPREAD if turns > 1 else 0.0
+        out.append(mcolors.to_hex(colorsys.hls_to_rgb((h + turn) % 1.0, light, max(s, 0.6))))
+    return out
 
 
 def format_styles(info: pd.DataFrame, baseline: str) -> pd.DataFrame:

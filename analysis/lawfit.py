@@ -105,6 +105,11 @@ class LawFit:
         if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
             out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is "
                        "fragile and its intervals understate the uncertainty")
+        unphysical = {g: v for g, v in getattr(law, "eff_d_", {}).items() if v > 1.0}
+        if len(getattr(law, "eff_d_", {})) > 1 and unphysical:
+            out.append("data efficiency above 1, unphysical (a backward format cannot make tokens worth more than exact "
+                       "gradients): " + ", ".join(f"effD[{g}] = {v:.3f}" for g, v in unphysical.items())
+                       + "; a forward cost that grows with D/N forced into effD, or too few token budgets")
         drift = self.drift_test()
         if drift.drifting:
             out.append(f"{drift.check_name()}: rejected for {', '.join(drift.drifting)} (paired drift test, Holm-adjusted; "

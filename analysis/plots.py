@@ -12,7 +12,6 @@ import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
-from .families import FAMILIES  # noqa: E402
 
 LOSS_LABEL = "validation loss"  # the unit is the table's own (nats per byte here, per token in QuEST)
 N_LABEL = "non-embedding parameters N"
@@ -20,37 +19,74 @@ WIDTH = 10.5  # inches: the page width at the report's resolution
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
 
 
-def family_legend(ax, styles: pd.DataFrame, **kwargs) -> None:
-    """A legend of the families present: marker and base colour."""
-    present = [f for f in FAMILIES if f in set(styles["family"])]
-    handles = [Line2D([], [], color=FAMILIES[f][0], marker=FAMILIES[f][1], ls="", markersize=8, label=f) for f in present]
-    ax.legend(handles=handles, title="family", **{"fontsize": 9, "title_fontsize": 9, **kwargs})
+MAX_LEGEND_IN_AXES = 8  # more formats than this get their legend outside the axes
+
+
+def family_legend(ax, styles: pd.DataFrame, numbered: bool = False, **kwargs) -> None:
+    """A legend with one entry per format shown, its own colour and marker as plotted (a legend of families showed
+    one marker where each format has its own). Many formats go to the right of the axes. `numbered`: entries start
+    with 1, 2, ... in order, the key to points labelled by number."""
+    styles = styles[~styles.index.duplicated()]
+    handles = [Line2D([], [], color=r.color, marker=r.marker, ls="", markersize=7,
+                      label=(f"{i + 1:>2}  " if numbered else "") + f"{f} ({r.family})")
+               for i, (f, r) in enumerate(styles.iterrows())]
+    options = {"fontsize": 8.5, "title_fontsize": 9, **kwargs}
+    if len(handles) > MAX_LEGEND_IN_AXES:
+        options.update(loc="upper left", bbox_to_anchor=(1.01, 1), ncol=1 + len(handles) // 24)
+    ax.legend(handles=handles, title="format (family)", **options)
+
+
+def legend_columns(labels, width: float = WIDTH, fontsize: float = 9) -> int:
+    """How many legend columns of these labels fit across `width` inches (about 0.55 em a character)."""
+    longest = max((len(str(s)) for s in labels), default=1)
+    return max(1, min(len(labels), int(width // (longest * fontsize * 0.55 / 72 + 0.45))))
 
 
 def format_legend(fig, styles: pd.DataFrame, formats) -> None:
-    """A legend of formats below the figure, grouped by family (shade and marker)."""
+    """A legend of formats below the figure, grouped by family (shade and marker), in as many columns as fit."""
     handles = [Line2D([], [], color=styles.at[f, "color"], marker=styles.at[f, "marker"], ls="-", markersize=7,
                       label=f"{f} ({styles.at[f, 'family']})") for f in styles.index if f in set(formats)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=9, frameon=False,
-               bbox_to_anchor=(0.5, -0.02))
+    fig.legend(handles=handles, loc="upper center", ncol=legend_columns([h.get_label() for h in handles]), fontsize=9,
+               frameon=False, bbox_to_anchor=(0.5, 0.0))
 
 
-def label_points(ax, xs, ys, labels, colors=None, min_gap: float = 13.0, side: str = "right") -> None:
-    """Labels beside the points (`side`), moved apart vertically (in screen points) so that none overlap."""
+def spread_ticks(values, per_decade_span: float = 4.5) -> list:
+    """Of sorted positive values, those at least 1/per_decade_span of their log range apart (first and last kept):
+    tick labels that never collide, about four of them."""
+    values = sorted(values)
+    if len(values) <= 2:
+        return values
+    gap = np.log10(values[-1] / values[0]) / per_decade_span
+    kept = [values[0]]
+    for v in values[1:-1]:
+        if np.log10(v / kept[-1]) >= gap and np.log10(values[-1] / v) >= gap:
+            kept.append(v)
+    return kept + [values[-1]]
+
+
+def label_points(ax, xs, ys, labels, colors=None, min_gap: float = 13.0, side: str = "right",
+                 fontsize: float = 8.5) -> None:
+    """Labels beside the points (`side`), placed bottom to top: each label's box (its text's estimated extent, in
+    screen points) is moved up until it clears every label already placed, so none overlap."""
     fig = ax.figure
     fig.canvas.draw()
-    to_screen = ax.transData.transform
-    pts = np.array([to_screen((x, y)) for x, y in zip(xs, ys)])
-    order = np.argsort(pts[:, 1])
-    placed = pts[:, 1].copy()
     scale = fig.dpi / 72.0
-    for prev, cur in zip(order[:-1], order[1:]):
-        if abs(pts[cur, 0] - pts[prev, 0]) < 160 * scale:
-            placed[cur] = max(placed[cur], placed[prev] + min_gap * scale)
-    for i in range(len(pts)):
-        offset = (placed[i] - pts[i, 1]) / scale
+    pts = np.array([ax.transData.transform((x, y)) for x, y in zip(xs, ys)]) / scale  # in points
+    height = max(min_gap, fontsize * 1.25)
+    placed = []  # (x0, x1, y0, y1) in points
+    offsets = np.zeros(len(pts))
+    for i in np.argsort(pts[:, 1]):
+        width = len(str(labels[i])) * fontsize * 0.62 + 3  # a little more than the glyphs: boxes that touch do not meet
+        x0 = pts[i, 0] + 7 if side == "right" else pts[i, 0] - 9 - width
+        y = pts[i, 1]
+        while any(x0 < b[1] and b[0] < x0 + width and y - height / 2 < b[3] and b[2] < y + height / 2 for b in placed):
+            y = max(b[3] for b in placed if x0 < b[1] and b[0] < x0 + width and y - height / 2 < b[3]
+                    and b[2] < y + height / 2) + height / 2 + 0.5
+        placed.append((x0, x0 + width, y - height / 2, y + height / 2))
+        offsets[i] = y - pts[i, 1]
+    for i, offset in enumerate(offsets):
         ax.annotate(labels[i], (xs[i], ys[i]), xytext=(7 if side == "right" else -9, offset), textcoords="offset points",
-                    fontsize=8.5, va="center", ha="left" if side == "right" else "right",
+                    fontsize=fontsize, va="center", ha="left" if side == "right" else "right",
                     color=None if colors is None else colors[i],
                     arrowprops=None if abs(offset) < 4 else {"arrowstyle": "-", "lw": 0.5, "color": "#999999"})
 
@@ -105,22 +141,25 @@ def loss_vs_params(runs: pd.DataFrame, law, styles: pd.DataFrame, replicates: pd
             top.plot(grid, law.predict(curve), color=color, lw=1.1, alpha=0.8)
             rel = rows["loss"].to_numpy() / base.reindex(list(zip(rows["params"], rows["tokens"]))).to_numpy() - 1
             bottom.plot(rows["params"], 100 * rel, marker=marker, color=color, ms=6, lw=1)
-        top.set(xscale="log", ylabel=LOSS_LABEL if col == 0 else "", title=f"D = {span} tokens per parameter")
+        title = f"D = {span} tokens per parameter" if len(panels) <= 3 else f"D/N = {span}"  # narrow panels: short
+        top.set(xscale="log", ylabel=LOSS_LABEL if col == 0 else "", title=title)
         bottom.axhline(0, color="black", lw=1)
-        bottom.set(xscale="log", xlabel=N_LABEL, ylabel=f"loss vs '{law.baseline}' (%)" if col == 0 else "")
+        bottom.set(xscale="log", xlabel=N_LABEL if len(panels) <= 3 else "",
+                   ylabel=f"loss vs '{law.baseline}' (%)" if col == 0 else "")
         if base.reindex(list(zip(part["params"], part["tokens"]))).isna().all():
             bottom.text(0.5, 0.75, f"no '{law.baseline}' runs at these budgets", transform=bottom.transAxes,
                         ha="center", color="#555555")
             bottom.set_yticks([])
-        sizes = sorted(part["params"].unique())
-        shown = sizes if len(sizes) <= 4 else sizes[::2] + ([sizes[-1]] if len(sizes) % 2 == 0 else [])
+        shown = spread_ticks(part["params"].unique(), per_decade_span=max(1.2, 4.5 * min(1.0, 3 / len(panels))))
         for ax in (top, bottom):  # the trained sizes, at most about four, in engineering notation (30.5M, 203M)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(_size_text))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xticks(shown)
             ax.tick_params(axis="x", labelrotation=30)
-    format_legend(fig, styles, runs["format"])
-    fig.tight_layout(rect=(0, 0.035 * np.ceil(len(styles) / 4) + 0.02, 1, 1))
+    if len(panels) > 3:  # narrow panels: one axis label for the row
+        fig.supxlabel(N_LABEL, fontsize=10)
+    fig.tight_layout(w_pad=1.5)
+    format_legend(fig, styles, runs["format"])  # below the axes; saved with bbox_inches="tight"
     return fig
 
 
@@ -134,7 +173,7 @@ def parity(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
                    s=34, edgecolor="white", linewidth=0.4)
     lims = [min(runs["loss"].min(), pred.min()) * 0.98, max(runs["loss"].max(), pred.max()) * 1.02]
     ax.plot(lims, lims, color="grey", ls="--", lw=1)
-    ax.set(xlim=lims, ylim=lims, xlabel=f"observed {LOSS_LABEL}", ylabel="predicted by the decoupled law",
+    ax.set(xlim=lims, ylim=lims, xlabel=f"observed {LOSS_LABEL}", ylabel=f"predicted by the {law.law} law",
            title=f"Parity: {len(runs)} runs, RMSE {law.rmse_log_:.4f} in log loss")
     family_legend(ax, styles.loc[styles.index.isin(runs["format"])], loc="upper left")
     fig.tight_layout()
@@ -144,10 +183,11 @@ def parity(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
 def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
     """Residuals against N and against D: structure left in them is what the law misses (a size it misfits,
     a trend with tokens)."""
-    frame = runs.assign(residual=-law.residuals_)  # observed - predicted, the usual sign
+    from .runs import token_budgets
+    frame = runs.assign(residual=-law.residuals_, ratio=token_budgets(runs))  # observed - predicted, the usual sign
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH, 4.2), sharey=True)
     rng = np.random.default_rng(0)
-    for ax, column, label in ((axes[0], "params", N_LABEL), (axes[1], "tokens", "training tokens D")):
+    for ax, column, label in ((axes[0], "params", N_LABEL), (axes[1], "ratio", "tokens per parameter D/N")):
         for fmt in styles.index:
             rows = frame[frame["format"] == fmt]
             jitter = np.exp(rng.uniform(-0.04, 0.04, len(rows)))
@@ -159,7 +199,8 @@ def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure
         ax.set(xscale="log", xlabel=label)
         ax.legend(fontsize=9, loc="lower right")
     axes[0].set_ylabel("log(observed / predicted loss)")
-    fig.suptitle("Residuals of the decoupled fit against model size and tokens", fontsize=11)
+    fig.suptitle(f"Residuals of the {law.law} fit against model size and tokens per parameter (a trend with D/N: a "
+                 "cost the law misses)", fontsize=10.5)
     fig.tight_layout()
     return fig
 
@@ -197,7 +238,10 @@ def extrapolation(check: pd.DataFrame, styles: pd.DataFrame) -> plt.Figure:
     mean = 100 * check["rel_error"].mean()
     ax.axhline(0, color="black", lw=1)
     ax.axhline(mean, color="#D55E00", ls="--", lw=1.2, label=f"signed mean {mean:+.2f}%")
-    ax.set_xticks(range(len(order)), order, rotation=35, ha="right")
+    if len(order) > 8:  # many labels: upright, one per column, never into their neighbours or the y label
+        ax.set_xticks(range(len(order)), order, rotation=90, ha="center")
+    else:
+        ax.set_xticks(range(len(order)), order, rotation=35, ha="right", rotation_mode="anchor")
     held = (f"Extrapolation to N = {check['params'].max():.4g}, fitted without it"
             if check.attrs.get("hold_out", "params") == "params" else
             f"Extrapolation to the largest token budgets ({check.attrs.get('law', '')} law)")

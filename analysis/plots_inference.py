@@ -71,14 +71,6 @@ def efficiency_vs_capacity(validation, styles: pd.DataFrame) -> plt.Figure:
                             lw=0)
         err = _error_bars(np.array([r["fitted"]]), np.array([r["fitted_lo"]]), np.array([r["fitted_hi"]]))
         ax.errorbar(r["g_eq"], r["fitted"], yerr=err, fmt=marker, color=color, ms=8, capsize=3, mec="white", mew=0.6)
-    colours = [styles.at[f, "color"] for f in t["format"]]
-    if len(t) <= NAMED_POINTS:
-        label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), list(t["format"]), colours, side="left")
-    else:  # too many names to place: numbers beside the points, the key beside the plot
-        numbers = [str(i + 1) for i in range(len(t))]
-        label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), numbers, None, side="left", min_gap=9)
-        key = "\n".join(f"{n:>2}  {f}" for n, f in zip(numbers, t["format"]))
-        ax.text(1.02, 0.0, key, transform=ax.transAxes, fontsize=7.5, va="bottom", family="monospace")
     from capscale.capacity import rho
     ax.plot(g, rho(g), color="#777777", ls="--", lw=1.2, label="published rho (Llama/C4 constants)")
     ax.fill_between([], [], [], color="grey", alpha=0.3,
@@ -87,9 +79,15 @@ def efficiency_vs_capacity(validation, styles: pd.DataFrame) -> plt.Figure:
            ylabel="efficiency multiplier eff", title="Fitted efficiency against capacity")
     handles, labels = ax.get_legend_handles_labels()
     first = ax.legend(handles, labels, fontsize=9, loc="lower left")
-    family_legend(ax, styles.loc[t["format"]], loc="upper right")
+    many = len(t) > NAMED_POINTS  # too many names to place: numbers beside the points, the legend is their key
+    family_legend(ax, styles.loc[t["format"]], numbered=many, loc="upper right")
     ax.add_artist(first)
+    ax.set(xlim=ax.get_xlim(), ylim=ax.get_ylim())  # the limits and the layout are final before labels are placed
     fig.tight_layout()
+    colours = [styles.at[f, "color"] for f in t["format"]]
+    names = [str(i + 1) for i in range(len(t))] if many else list(t["format"])
+    label_points(ax, t["g_eq"].to_numpy(), t["fitted"].to_numpy(), names, None if many else colours, side="left",
+                 min_gap=9 if many else 13)
     return fig
 
 

@@ -51,8 +51,10 @@ def read_table(path: "str | Path") -> pd.DataFrame:
 
 
 def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | None = None,
-              baseline: str = BASELINE, name: str | None = None) -> pd.DataFrame:
-    """Validated runs: required columns numeric and positive, status normalised, GMSE columns filled."""
+              baseline: str = BASELINE, name: str | None = None, drop_duplicates: bool = False) -> pd.DataFrame:
+    """Validated runs: required columns numeric and positive, status normalised, GMSE columns filled. An ok row that
+    repeats an earlier one exactly (format, params, tokens, loss, seed) is refused naming it, or with
+    `drop_duplicates` dropped and counted in `attrs["dropped_duplicates"]`."""
     if isinstance(source, pd.DataFrame):
         frame, where = source.copy(), name or "<DataFrame>"
         frame.index = range(1, len(frame) + 1)
@@ -87,9 +89,14 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
         frame[col] = values
     duplicated = frame[ok].duplicated(subset=["format", "params", "tokens", "loss"] +
                                       (["seed"] if "seed" in frame.columns else []), keep="first")
-    if duplicated.any():  # failed and diverged records may repeat: a retried run leaves one per attempt
+    dropped = 0
+    if duplicated.any() and drop_duplicates:
+        dropped = int(duplicated.sum())
+        frame = frame.drop(index=duplicated[duplicated].index)
+    elif duplicated.any():  # failed and diverged records may repeat: a retried run leaves one per attempt
         row = duplicated.idxmax()
-        raise RunTableError(f"{where}: row {row} duplicates an earlier ok row (format, params, tokens, loss)")
+        raise RunTableError(f"{where}: row {row} duplicates an earlier ok row (format, params, tokens, loss); "
+                            f"{int(duplicated.sum())} such row(s) in all (drop them with --drop-duplicates)")
     if query:
         frame = select(frame, query)
     runs = frame[frame["status"] == "ok"].copy()
@@ -100,7 +107,7 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
                             f"{sorted(set(runs['format']))} (choose one with --baseline)")
     _fill_gmse(runs, baseline, where)
     skipped = frame[frame["status"] != "ok"]
-    runs.attrs.update(source=where,
+    runs.attrs.update(source=where, dropped_duplicates=dropped,
                       skipped=skipped[["format", "params", "tokens", "status"]].to_dict("records"))
     return runs
 

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from capscale.analysis.names import DEFAULT_STUDY, LAW_NAMES, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS, STUDY_NAMES
+from capscale.analysis.names import DEFAULT_STUDY, LAW_NAMES, TOKEN_LAWS, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS, STUDY_NAMES
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.paths import strict_json
 
@@ -25,7 +25,11 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     else:
         p.add_argument("runs", metavar="RUNS", nargs="?", help=help_runs + " (or --study)")
     p.add_argument("--study", choices=STUDY_NAMES, default=None,
-                   help="instead of RUNS, a study shipped inside the package (quest, t5: published runs; cpu: capscale's)")
+                   help="instead of RUNS, a study shipped inside the package (quest, t5, quartet: published runs; cpu: "
+                        "capscale's)")
+    p.add_argument("--drop-duplicates", action="store_true",
+                   help="drop ok rows that repeat an earlier row exactly (format, params, tokens, loss, seed), with a "
+                        "count, instead of refusing the table")
     p.add_argument("--baseline", default=None, help=f"label of the uncompressed baseline (eff = 1; default {BASELINE})")
     p.add_argument("--query", default=None, help="rows to keep: comparisons of columns with numbers or labels, "
                                                  "joined by and/or/not, e.g. \"params > 2e4 and format != 'int2'\"")
@@ -39,7 +43,7 @@ def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) 
     p.add_argument("--delta", type=positive, default=None, help="Huber delta on log-loss residuals (default 1e-3)")
     p.add_argument("--level", type=level, default=0.95, help="confidence level of every interval (default 0.95)")
     p.add_argument("--jobs", type=whole(1, MAX_JOBS), default=None,
-                   help="bootstrap worker processes (default: all cores, at most 8)")
+                   help=f"bootstrap worker processes (default: the cores, up to 8; at most {MAX_JOBS})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a text summary")
 
 
@@ -58,7 +62,11 @@ def runs_from_args(args):
         source.attrs["source"] = f"the shipped {args.study} study"
     else:
         source = args.runs
-    return load_runs(source, mapping=args.map, query=args.query, baseline=args.baseline or BASELINE)
+    runs = load_runs(source, mapping=args.map, query=args.query, baseline=args.baseline or BASELINE,
+                     drop_duplicates=getattr(args, "drop_duplicates", False))
+    if runs.attrs.get("dropped_duplicates"):
+        print(f"dropped {runs.attrs['dropped_duplicates']} duplicate row(s) (--drop-duplicates)", file=sys.stderr)
+    return runs
 
 
 def fit_from_args(args, runs, law: str = "decoupled", **law_options):
@@ -87,8 +95,8 @@ def add_fit_file_argument(p) -> None:
 
 def _fit_command(args) -> None:
     runs = runs_from_args(args)
-    if args.fix_E is not None and args.law != "decoupled":
-        raise InputError("--fix-E applies to the decoupled law")
+    if args.fix_E is not None and args.law not in ("decoupled", *TOKEN_LAWS):
+        raise InputError(f"--fix-E applies to the decoupled, drift and qat-error laws, not {args.law}")
     result = fit_from_args(args, runs, args.law, **({"fix_E": args.fix_E} if args.fix_E is not None else {}))
     _warn(result.warnings)
     if args.output:
@@ -101,9 +109,11 @@ def _fit_command(args) -> None:
     if runs.attrs.get("skipped"):
         print(f"  not fitted (status not ok): {len(runs.attrs['skipped'])} run(s)")
     if args.extrapolate:
-        _, summary = result.extrapolation()
-        if summary is not None:
-            print(f"extrapolation: fit without N = {runs['params'].max():.4g}, predict it: {summary['text']}")
+        for hold_out in ("params", "tokens"):
+            _, summary = result.extrapolation(hold_out)
+            print(f"extrapolation, fitted without the {summary['held_out']}: {summary['text']}" if summary else
+                  f"extrapolation by {hold_out}: not possible (too few sizes or token budgets)")
+        print(result.drift_test().sentence())
 
 
 def add_fit_command(sub) -> None:
@@ -112,8 +122,12 @@ def add_fit_command(sub) -> None:
                                    "global optimum by variable projection), with bootstrap intervals.")
     add_run_arguments(p, bootstrap_default=200)  # every fitted constant is printed with its interval
     p.add_argument("--law", default="decoupled", choices=LAW_NAMES,
-                   help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity law")
-    p.add_argument("--extrapolate", action="store_true", help="also fit without the largest N and predict it")
+                   help="decoupled: one eff per format; unified: eff = rho(GMSE); kumar: bits law; frantar: sparsity "
+                        "law; drift: eff drifts with tokens per parameter (per format, saturating where the runs ask); "
+                        "qat-error: Chen et al.'s additive k D^gD / N^gN per format")
+    p.add_argument("--extrapolate", action="store_true",
+                   help="also fit without the largest N, and without the largest token budgets per parameter, predict "
+                        "them, and run the paired drift test")
     p.add_argument("-o", "--output", default=None, metavar="FILE",
                    help="save the fit and its bootstrap replicates (JSON) for validate/predict/compose/report --fit "
                         "(a new file, or one capscale saved a fit in)")

@@ -60,6 +60,8 @@ def _train_command(args) -> None:
     if int(record.get("world_size", 1)) > 1 and torch.distributed.get_rank() != 0:
         return
     print(json.dumps(record))
+    if args.runs:
+        print(f"run appended to {args.runs}", file=sys.stderr)
     if record["status"] != "ok":
         sys.exit(1)
 
