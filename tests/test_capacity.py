@@ -307,3 +307,34 @@ def test_an_unknown_gmse_has_an_unknown_capacity_not_1():
     """A label capscale cannot parse has no GMSE; its capacity in the report's formats table was once 1.0."""
     assert math.isnan(rho(float("nan"))) and math.isnan(pair_rho(float("nan"), 0.0))
     assert rho(0.0) == 1.0 and rho(1.0) == 0.0
+
+
+def test_a_plugin_quantizer_trains_under_the_recipe_as_the_builtin_does(monkeypatch):
+    """An nvfp4-like plugin was trained unrotated (block 0) where the built-in nvfp4 is rotated (128) under the same
+    recipe; a component that rounds is now rotated and trusted alike, unless it says it rotates itself."""
+    from capscale.capacity import spec
+    from capscale.trainers.compression import Compression
+    monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
+    builtin = parse("nvfp4").parts[0]
+
+    class MyNV(capacity.Component):
+        name, defaults = "mynv", {}
+
+        def apply(self, x, keep, inner):
+            return inner(builtin.apply(x, keep, lambda t, k: t), keep)
+
+        def tolerance(self, x, y):
+            return (x - y).abs().amax(-1, keepdim=True).expand_as(x)
+
+        def bits(self, inner_bits):
+            return builtin.bits(inner_bits)
+
+    class SelfRotating(MyNV):
+        name, rotates_itself = "selfrot", True
+
+    capacity.register("mynv", MyNV)
+    capacity.register("selfrot", SelfRotating)
+    for pair in (("nvfp4", "nvfp4"), ("mynv", "mynv"), ("nvfp4", None), ("mynv", None)):
+        assert Compression(*pair).rotation_block == 128, pair
+    assert Compression("selfrot", "selfrot").rotation_block == 0
+    assert parse("mynv").bits_per_value == parse("nvfp4").bits_per_value == 4.5
