@@ -65,7 +65,9 @@ class Calibration:
                 f"p = {format_p(self.joint_p)}")
 
     def as_json(self) -> dict:
-        return {"slope": self.slope, "intercept": self.intercept, "joint_p": self.joint_p, "level": self.level,
+        value_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
+        return {"slope": value_ci(self.slope), "intercept": value_ci(self.intercept), "joint_p": self.joint_p,
+                "level": self.level,
                 "n_formats": int(self.result.nobs), "verdict": self.verdict()}
 
 

@@ -123,10 +123,11 @@ class Validation:
                     "ci": None if ci is None else [ci[0], ci[1]]}
         rows = []
         for _, r in self.table.iterrows():
-            rows.append({"format": r["format"], "fitted": r["fitted"],
-                         "fitted_ci": None if pd.isna(r["fitted_lo"]) else [r["fitted_lo"], r["fitted_hi"]],
-                         "predicted": r["predicted"],
-                         "predicted_interval": None if pd.isna(r["pred_lo"]) else [r["pred_lo"], r["pred_hi"]],
+            rows.append({"format": r["format"],
+                         "fitted": {"value": r["fitted"],
+                                    "ci": None if pd.isna(r["fitted_lo"]) else [r["fitted_lo"], r["fitted_hi"]]},
+                         "predicted": {"value": r["predicted"],
+                                       "ci": None if pd.isna(r["pred_lo"]) else [r["pred_lo"], r["pred_hi"]]},
                          "inside": r["inside"], "overlap": r["overlap"], "capacity": r["capacity"], "w_gmse": r["w_gmse"],
                          "a_gmse": r["a_gmse"]})
         return {"form": self.form, "rho": {k: p(k) for k in self.constants}, "formats": rows,

@@ -17,7 +17,7 @@ from capscale.capacity.gmse import DEFAULT_SAMPLES, MAX_ROW_LENGTH, MAX_SAMPLES
 
 from . import commands_analysis, commands_decisions, commands_train
 from .options import whole
-from .output import print_records
+from .output import emit_json, print_records
 
 
 def _format_row(entry) -> dict:
@@ -39,7 +39,8 @@ def add_formats_command(sub) -> None:
                        description="List the format registry: spec name, example, its bits per value (scales "
                                    "included), its parameters with their defaults, one-line description.")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=lambda args: print_records([_format_row(e) for e in registry()], as_json=args.json))
+    p.set_defaults(func=lambda args: emit_json("formats", [_format_row(e) for e in registry()]) if args.json else
+                   print_records([_format_row(e) for e in registry()]))
 
 
 def _gmse_command(args) -> None:
@@ -47,14 +48,14 @@ def _gmse_command(args) -> None:
         from capscale.capacity.gmse import error_split
         if args.exact:
             raise InputError("--bias is measured by Monte Carlo: drop --exact")
-        print_records([error_split(s, samples=args.samples, seed=args.seed).as_dict() for s in args.specs],
-                      as_json=args.json, floatfmt=".6g")
+        rows = [error_split(s, samples=args.samples, seed=args.seed).as_dict() for s in args.specs]
+        emit_json("gmse", rows, 0.95) if args.json else print_records(rows, floatfmt=".6g")
         return
     results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact, row_length=args.row_length)
                for s in args.specs]
     if args.json:
-        print_records([{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho")}
-                       for r in results], as_json=True)
+        emit_json("gmse", [{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho", "method")}
+                           for r in results], 0.95)
     else:
         print_records([{k: v for k, v in r.as_dict().items() if k != "shape"} for r in results], floatfmt=".6g")
 
@@ -74,13 +75,17 @@ def add_gmse_command(sub) -> None:
                    help="split the GMSE into squared bias E[(E[Q(x)|x] - x)^2] and rounding variance (two roundings "
                         "of each value): nearest rounding is all bias, stochastic rounding (rounding=stochastic) should "
                         "be all variance, which is what a gradient format needs")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    p.add_argument("--json", action="store_true", help="print one JSON object (results: one record per spec; gmse "
+                                                       "as value, se and 95%% ci)")
     p.set_defaults(func=_gmse_command)
 
 
 def _compare_command(args) -> None:
     table = compare(args.specs, samples=args.samples, seed=args.seed)
-    print(table.to_json(orient="records", indent=1) if args.json else table.to_string(index=False))
+    if args.json:
+        emit_json("compare", table.to_dict("records"), 0.95)
+    else:
+        print(table.to_string(index=False))
 
 
 def add_compare_command(sub) -> None:
@@ -92,7 +97,7 @@ def add_compare_command(sub) -> None:
     p.add_argument("--samples", type=whole(2, MAX_SAMPLES), default=DEFAULT_SAMPLES, help="Monte Carlo sample count "
                                                                                          "(default: %(default)s, at most 2^30)")
     p.add_argument("--seed", type=whole(0), default=0, help="Monte Carlo seed (default: %(default)s)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (results: one record per spec)")
     p.set_defaults(func=_compare_command)
 
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 from capscale.analysis.names import DEFAULT_STUDY, LAW_NAMES, TOKEN_LAWS, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS, STUDY_NAMES
 from capscale.capacity import BASELINE, InputError
-from capscale.capacity.paths import strict_json
 
 from .options import level, nonnegative, positive, whole
 
 MAX_JOBS = 256
-from .output import print_table
+from .output import emit_json, print_table
 
 
 def add_run_arguments(p, bootstrap_default: int = 0, runs_option: bool = False) -> None:
@@ -103,7 +102,7 @@ def _fit_command(args) -> None:
         result.save(args.output, overwrite=args.overwrite)
         print(f"fit saved to {args.output}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.as_json(), indent=1))
+        emit_json("fit", result.as_json(), result.level)
         return
     print(result.summary())
     if runs.attrs.get("skipped"):
@@ -143,8 +142,8 @@ def _validate_command(args) -> None:
         from capscale.analysis.validate import constants_verdict
         table = result.check_constants(args.constants)
         if args.json:
-            print(json.dumps(strict_json({"constants": args.constants, "formats": table.to_dict("records"),
-                                          "verdict": constants_verdict(table, result.level)}), indent=1))
+            emit_json("validate", table.to_dict("records"), result.level, constants=args.constants,
+                      verdict=constants_verdict(table, result.level))
         else:
             print(f"fitted efficiency against rho(GMSE) at the {args.constants} constants (no refit):\n"
                   + table.to_string(index=False, float_format="{:.4g}".format)
@@ -154,7 +153,7 @@ def _validate_command(args) -> None:
     _warn(v.warnings)
     cal = result.calibration(v)
     if args.json:
-        print(json.dumps({**v.as_json(), "calibration": None if cal is None else cal.as_json()}, indent=1))
+        emit_json("validate", {**v.as_json(), "calibration": None if cal is None else cal.as_json()}, v.level)
     else:
         print(v.summary() + ("" if cal is None else "\n\n" + cal.summary()))
 
@@ -172,12 +171,25 @@ def add_validate_command(sub) -> None:
     p.set_defaults(func=_validate_command)
 
 
+def _value_ci(out: dict) -> dict:
+    """predict_format's {eff, eff_interval, loss, loss_interval, ...} with each interval beside its value as ci."""
+    rows = {}
+    for key, value in out.items():
+        if key.endswith("_interval"):
+            continue
+        interval = out.get(f"{key}_interval")
+        rows[key] = {"value": value, "ci": list(interval) if interval is not None else None} \
+            if f"{key}_interval" in out else value
+    return rows
+
+
 def _predict_command(args) -> None:
     from capscale.analysis.verdicts import format_interval
     out = fit_from_args(args, runs_from_args(args)).predict_format(args.spec, args.a_format, args.params,
                                                                     args.tokens, form=args.form)
     if args.json:
-        print(json.dumps(out, indent=1))
+        emit_json("predict", [{"spec": args.spec, "a_format": args.a_format, "params": args.params,
+                               "tokens": args.tokens, **_value_ci(out)}], args.level)
     else:
         interval = lambda iv: "" if iv is None else " " + format_interval(*iv, ".4g")  # noqa: E731
         print(f"{args.spec}" + (f" / {args.a_format}" if args.a_format else "") +
@@ -205,16 +217,20 @@ def _compose_command(args) -> None:
         from capscale.analysis.compose import compose_grid, grid_summary, read_grid
         result = compose_grid(read_grid(args.runs), args.edge_row, args.edge_col)
         if args.json:
-            print(json.dumps({k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in result.items()},
-                             indent=1, default=str))
+            emit_json("compose", {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in result.items()})
         else:
             print(grid_summary(result))
         return
-    table, wald = fit_from_args(args, runs_from_args(args)).compose()
-    if table.empty:
-        print("no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)")
+    fit = fit_from_args(args, runs_from_args(args))
+    table, wald = fit.compose()
+    nothing = "no combined format whose two parts were also trained (W/A with W and bf16/A, or S+Q with S and Q)"
+    if args.json:
+        emit_json("compose", [] if table.empty else (table if wald is None else wald.table).to_dict("records"),
+                  fit.level, reason=nothing if table.empty else None)
+    elif table.empty:
+        print(nothing)
     else:
-        print_table(table if wald is None else wald.table, args.json)
+        print_table(table if wald is None else wald.table)
 
 
 def add_compose_command(sub) -> None:
@@ -240,7 +256,8 @@ def _report_command(args) -> None:
     report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates,
                                               overwrite=args.overwrite, title=args.title, form=args.form)
     if args.json:
-        print((report.folder / "results.json").read_text())
+        emit_json("report", json.loads((report.folder / "results.json").read_text()), report.results["decoupled"]["level"],
+                  written=str(report.folder))
     else:
         print(f"report written to {report.folder / 'report.html'} (and report.md, results.json, figures)")
 

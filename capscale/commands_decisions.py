@@ -2,7 +2,6 @@
 capacity-per-bit frontier of format designs)."""
 from __future__ import annotations
 
-import json
 import sys
 
 from capscale.analysis.names import TOKEN_LAWS
@@ -10,6 +9,7 @@ from capscale.capacity import InputError
 
 from .commands_analysis import _warn, add_fit_file_argument, add_run_arguments, fit_from_args, runs_from_args
 from .options import whole
+from .output import emit_json
 
 CURVE_SPAN = (-1.5, 1.5, 25)  # the figure's budgets: 10^-1.5 to 10^1.5 times the one asked, 25 points
 
@@ -43,7 +43,9 @@ def _plan_command(args) -> None:
         save(budget_curves(curves, styles, marked=centre), args.figure)
         print(f"figure written to {args.figure}", file=sys.stderr)
     if args.json:
-        print(json.dumps(result.as_json(), indent=1))
+        plan_json = result.as_json()
+        plan_json.pop("level", None)
+        emit_json("plan", plan_json.pop("formats"), result.level, **plan_json)
         return
     shown = result.table.reset_index()[["rank", "format", "law", "efficiency_from", "eff", "bits", "params", "tokens",
                                          "loss", "loss_lo", "loss_hi", "p_best", "extrapolated"]]
@@ -108,7 +110,8 @@ def _frontier_command(args) -> None:
         print(f"figure written to {args.figure}", file=sys.stderr)
     table = result.table if args.all else result.at_bits(args.bits) if args.bits else result.frontier
     if args.json:
-        print(json.dumps({**result.as_json(), "shown": table["spec"].tolist()}, indent=1))
+        front = result.as_json()
+        emit_json("frontier", front.pop("designs", front.pop("table", [])), 0.95, shown=table["spec"].tolist(), **front)
         return
     columns = ["family", "spec", "bits", "gmse", "stderr", "method", "capacity", "shannon_capacity",
                "bits_over_shannon", "on_frontier"]

@@ -16,7 +16,7 @@ from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
 
 from .options import whole
-from .output import print_table
+from .output import emit_json, print_table
 
 
 def _say_shape(cfg: TrainConfig) -> None:
@@ -162,7 +162,7 @@ def _diagnose_command(args) -> None:
                                                            tokens=args.eval_tokens)], ignore_index=True)
     if args.figure:
         print(f"figure written to {plot_ratios(table, args.figure)}", file=sys.stderr)
-    print_table(table, args.json)
+    emit_json("diagnose", table.to_dict("records")) if args.json else print_table(table)
 
 
 def add_diagnose_command(sub) -> None:

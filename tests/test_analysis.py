@@ -191,7 +191,9 @@ def test_column_mapping_and_status_filtering(tmp_path):
 
 def test_cli_fit_json_contract(chinchilla, capscale_cli):
     out = capscale_cli("fit", str(CHINCHILLA), "--json")
-    result = json.loads(out.stdout)
+    printed = json.loads(out.stdout)
+    assert printed["command"] == "fit" and printed["level"] == 0.95
+    result = printed["results"]
     assert result["law"] == "decoupled" and result["n_runs"] == 240 and result["objective"] <= 1.018275e-3
     assert set(result["params"]) == {"A", "B", "E", "alpha", "beta"}
     alpha = result["params"]["alpha"]  # with the default bootstrap's interval (replication: se 0.015)
@@ -212,14 +214,18 @@ def test_cli_fit_validate_compose_on_a_run_table(tmp_path, capsys):
 
     def command_json(*argv):
         assert main(list(argv)) in (0, None)
-        return json.loads(capsys.readouterr().out)
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["command"] == argv[0]
+        return printed["results"]
     fit = command_json("fit", str(path), "--bootstrap", "8", "--json", "--query", "params > 3e7", "--jobs", "2")
     assert fit["n_runs"] == 7 * 4 * 3 and len(fit["eff"]["int4"]["ci"]) == 2 and fit["eff"]["int4"]["se"] > 0
     val = command_json("validate", str(path), "--bootstrap", "8", "--json", "--jobs", "2")
     assert set(val["rho"]) == {"L", "F", "C"}
     row = val["formats"][0]
-    assert set(row) >= {"format", "fitted", "fitted_ci", "predicted", "predicted_interval", "inside", "overlap"}
-    assert "calibration" in val and val["calibration"]["slope"][1] < val["calibration"]["slope"][2]
+    assert set(row) >= {"format", "fitted", "predicted", "inside", "overlap"}
+    assert row["fitted"]["ci"][0] <= row["fitted"]["value"] <= row["fitted"]["ci"][1] and len(row["predicted"]["ci"]) == 2
+    slope = val["calibration"]["slope"]
+    assert "calibration" in val and slope["ci"][0] < slope["ci"][1]
     result = capscale.fit(load_runs(path), bootstrap=8, progress=False)
     _, wald = result.compose()
     comp = wald.table.to_dict("records")
@@ -431,10 +437,10 @@ def test_a_two_format_study_validates_against_the_published_constants(capscale_c
     out = capscale_cli("validate", str(table), "--constants", "published", "--bootstrap", "40", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    rows = {r["format"]: r for r in result["formats"]}
-    assert set(rows) == {"int4", "int3"}
+    rows = {r["format"]: r for r in result["results"]}
+    assert set(rows) == {"int4", "int3"} and result["constants"] == "published"
     for r in rows.values():
-        assert r["inside"] and r["fitted"] == pytest.approx(r["predicted"], abs=0.1)
+        assert r["inside"] and r["fitted"]["value"] == pytest.approx(r["predicted"], abs=0.1)
 
 
 def test_bootstrap_standard_error_survives_a_runaway_replicate():
@@ -452,6 +458,6 @@ def test_report_json_title_and_form(capscale_cli, tmp_path):
     out = capscale_cli("report", str(data.path("study_runs.jsonl")), "--bootstrap", "5", "-o", str(tmp_path / "r"),
                        "--json", "--title", "My study", "--form", "logistic")
     assert out.returncode == 0, out.stderr[-2000:]
-    results = json.loads(out.stdout)
+    results = json.loads(out.stdout)["results"]
     assert results["title"] == "My study" and results["validation"]["form"] == "logistic"
     assert "My study" in (tmp_path / "r" / "report.html").read_text()

@@ -139,7 +139,7 @@ def test_fit_command_prints_effn_and_effd(capscale_cli, tmp_path):
     simulate_runs(TRUE_N, specs=SPECS, eff_d=TRUE_D, noise=0.004).to_csv(path, index=False)
     out = capscale_cli("fit", str(path), "--bootstrap", "20", "--json")
     assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    result = json.loads(out.stdout)["results"]
     assert result["eff_d"]["mxfp4"]["value"] == pytest.approx(0.5, rel=0.1)
     assert result["eff_d"]["mxfp4"]["ci"][0] < result["eff_d"]["mxfp4"]["value"] < result["eff_d"]["mxfp4"]["ci"][1]
     text = capscale_cli("fit", str(path), "--bootstrap", "20").stdout

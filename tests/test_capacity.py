@@ -171,9 +171,12 @@ def test_cli_bad_input_exits_2_with_one_line(bad, capscale_cli):
 
 def test_cli_gmse_json_contract(capscale_cli):
     out = capscale_cli("gmse", "int4", "2:4", "--samples", "65536", "--json")
-    rows = json.loads(out.stdout)
-    assert [r["spec"] for r in rows] == ["int4", "2:4"]
-    assert set(rows[0]) == {"spec", "gmse", "stderr", "bits_per_value", "rho"}
+    printed = json.loads(out.stdout)
+    rows = printed["results"]
+    assert printed["command"] == "gmse" and [r["spec"] for r in rows] == ["int4", "2:4"]
+    assert set(rows[0]) == {"spec", "gmse", "bits_per_value", "rho", "method"}
+    g = rows[0]["gmse"]
+    assert set(g) == {"value", "se", "ci"} and g["ci"][0] < g["value"] < g["ci"][1]
     exact = gmse("int4", exact=True)  # what `capscale gmse int4 --exact` prints
     assert exact.gmse == pytest.approx(0.0115429, rel=2e-4) and exact.stderr == 0
 

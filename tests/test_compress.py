@@ -222,7 +222,7 @@ def test_diagnose_reads_a_hugging_face_folder_and_a_state_dict(tmp_path, capsys)
     torch.save(tiny_llama().state_dict(), tmp_path / "state.pt")
     assert main(["diagnose", str(tmp_path / "state.pt"), "--format", "int4", "--json",
                  "--figure", str(tmp_path / "fig.png")]) in (0, None)
-    records = __import__("json").loads(capsys.readouterr().out)
+    records = __import__("json").loads(capsys.readouterr().out)["results"]
     assert len(records) == 28 and (tmp_path / "fig.png").stat().st_size > 10_000
 
 

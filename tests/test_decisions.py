@@ -143,7 +143,7 @@ def test_frontier_cli_and_plan_cli(capscale_cli, tmp_path):
                        str(tmp_path / "f.svg"), env=env)
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert {d["spec"] for d in data["designs"]} == {"int2", "int3", "int4", "mxfp4"} and len(data["skipped"]) == 2
+    assert {d["spec"] for d in data["results"]} == {"int2", "int3", "int4", "mxfp4"} and len(data["skipped"]) == 2
     assert (tmp_path / "f.svg").read_text().lstrip().startswith("<?xml")
     runs = tmp_path / "runs.csv"
     load_runs(simulate_runs(TRUE_EFF, specs=SPECS, noise=0.003))[["format", "w_format", "a_format", "params", "tokens",
@@ -151,6 +151,8 @@ def test_frontier_cli_and_plan_cli(capscale_cli, tmp_path):
     out = capscale_cli("plan", str(runs), "--flops", "1e19", "--bootstrap", "20", "--speedup", "int4/int4=3",
                        "--json", env=env)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["formats"][0]["format"] == "int4/int4"
+    plan = json.loads(out.stdout)
+    assert plan["command"] == "plan" and plan["results"][0]["format"] == "int4/int4"
+    assert plan["results"][0]["loss"]["ci"][0] <= plan["results"][0]["loss"]["value"] <= plan["results"][0]["loss"]["ci"][1]
     out = capscale_cli("plan", str(runs), "--memory", "1GB", env=env)
     assert out.returncode == 2 and "memory budget alone" in out.stderr

@@ -80,7 +80,7 @@ def test_the_wheel_installs_only_capscale_with_its_data_and_templates(tmp_path):
 def test_python_m_capscale_is_the_command(capscale_cli):
     out = capscale_cli("gmse", "bf16", "fp32", "none", "--json")
     assert out.returncode == 0, out.stderr
-    assert [r["gmse"] for r in json.loads(out.stdout)] == [0.0, 0.0, 0.0]
+    assert [r["gmse"]["value"] for r in json.loads(out.stdout)["results"]] == [0.0, 0.0, 0.0]
 
 
 def test_every_subcommand_explains_itself():

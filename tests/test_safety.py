@@ -65,7 +65,7 @@ def test_a_spec_resolves_module_classes_only_in_loaded_plugins(tmp_path, capscal
     ok = capscale_cli("--plugin", "myformats", "gmse", "myformats:Halve(factor=0.9)", "--samples", "4096", "--json",
                       cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)[0]["gmse"] == pytest.approx(0.01, rel=0.05)
+    assert json.loads(ok.stdout)["results"][0]["gmse"]["value"] == pytest.approx(0.01, rel=0.05)
     from capscale.capacity import spec
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(spec, "_PLUGINS", dict(spec._PLUGINS))  # the plugin stays loaded only in this test
