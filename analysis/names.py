@@ -12,7 +12,8 @@ FRONTIER_FAMILIES = {  # `capscale frontier`'s built-in families: brace ranges o
     "nf4": "nf4(group={32,64,128,256})",
     "fp": "{fp4_e2m1,fp6_e2m3,fp6_e3m2,fp8_e4m3,fp8_e5m2}",
     "mx": "{mxfp4,mxfp6_e2m3,mxfp6_e3m2,mxfp8_e4m3,mxfp8_e5m2}",
-    "nvfp4": "nvfp4",
+    "nvfp4": "{nvfp4,nvfp4(four_over_six=true),nvfp4(tile=16x16),nvfp4(scale=opt),nvfp4(rounding=stochastic),"
+             "rht(block=128)+eden}",  # today's NVFP4 training variants
     "sparse+int": "{1:4,2:4,4:8}+int{2..8}",
     "vq": "vq(dim=2,bits={1,2,3})",
 }

@@ -29,6 +29,7 @@ from . import grids
 from .formats import Component, Format, GridQuantizer, Identity, SpecError
 from .structure import Hadamard, NMSparse, Outliers, Sparse
 from .vq import VectorQuantizer
+from .fp4 import NVFP4, Eden, RandomHadamard
 
 
 @dataclass
@@ -367,11 +368,6 @@ def _mx(kind: str, name: str):
     return factory
 
 
-def _nvfp4(**kw):
-    defaults = {"group": 16, "scale": "absmax", "scale_format": "e4m3"}
-    return GridQuantizer("nvfp4", grids.minifloat_levels("e2m1"), 4, defaults, params=kw)
-
-
 def _nf4(**kw):
     defaults = {"group": 64, "scale": "absmax", "scale_format": "fp32"}
     return GridQuantizer("nf4", grids.NF4_CODEBOOK, 4, defaults, params=kw)
@@ -409,7 +405,12 @@ def _register_builtins():
     for kind, name in [("e2m1", "mxfp4"), ("e2m3", "mxfp6_e2m3"), ("e3m2", "mxfp6_e3m2"),
                        ("e4m3", "mxfp8_e4m3"), ("e5m2", "mxfp8_e5m2")]:
         _builtin(name, _mx(kind, name), f"OCP MX: {kind.upper()} elements, blocks of 32, E8M0 power-of-two scale")
-    _builtin("nvfp4", _nvfp4, "E2M1 elements, blocks of 16, E4M3 block scale under an FP32 tensor scale")
+    _builtin("nvfp4", NVFP4, "E2M1 elements, blocks of 16, E4M3 block scale under an FP32 tensor scale; "
+             "four_over_six=true, tile=16x16, scale_mult=x")
+    _builtin("eden", Eden, "Quartet II's MS-EDEN: NVFP4 nearest rounding, block scales corrected per group of 128 "
+             "and rounded stochastically (unbiased after rht): rht(block=128)+eden", example="rht(block=128)+eden")
+    _builtin("rht", RandomHadamard, "randomized Hadamard transform (random signs, block Hadamard, redrawn every call) "
+             "around what follows: rht(block=16)+nvfp4", example="rht(block=16)+nvfp4")
     _builtin("nf4", _nf4, "NormalFloat-4 codebook, absmax per block (default 64, fp32 scale)")
     _builtin("sparse", Sparse, "unstructured magnitude sparsity at a fraction: sparse(0.5)",
              example="sparse(0.5)")
