@@ -52,20 +52,24 @@ BACKWARD_MARK = " | bwd "  # in a label, what follows are the backward pass's fo
 NO_BACKWARD = "none"      # the backward label of exact gradients
 
 
-def backward_label(g_format: str | None = None, gw_format: str | None = None, gx_format: str | None = None) -> str:
-    """Label of the backward pass's formats (dL/dY, W re-quantized for dL/dX, X re-quantized for dL/dW): one spec
-    when all three agree, `g=..,gw=..,gx=..` otherwise, `none` for exact gradients."""
-    given = {k: v for k, v in (("g", g_format), ("gw", gw_format), ("gx", gx_format)) if not is_uncompressed(v)}
+def backward_label(g_format: str | None = None, gw_format: str | None = None, gx_format: str | None = None,
+                   dgrad_format: str | None = None, wgrad_format: str | None = None) -> str:
+    """Label of the backward pass's formats (dL/dY, W re-quantized for dL/dX, X re-quantized for dL/dW, and the two
+    GEMMs' own: dgrad, wgrad): one spec when they all agree on every operand, `g=..,gw=..,gx=..,dgrad=..,wgrad=..`
+    (the ones given) otherwise, `none` for exact gradients."""
+    given = {k: v for k, v in (("g", g_format), ("gw", gw_format), ("gx", gx_format), ("dgrad", dgrad_format),
+                               ("wgrad", wgrad_format)) if not is_uncompressed(v)}
     if not given:
         return NO_BACKWARD
-    if len(given) == 3 and len(set(given.values())) == 1:
-        return given["g"]
+    if set(given) in ({"g", "gw", "gx"}, {"dgrad", "wgrad"}) and len(set(given.values())) == 1:
+        return next(iter(given.values()))
     return ",".join(f"{k}={v}" for k, v in given.items())
 
 
-def run_label(w_format, a_format, g_format=None, gw_format=None, gx_format=None) -> str:
+def run_label(w_format, a_format, g_format=None, gw_format=None, gx_format=None, dgrad_format=None,
+              wgrad_format=None) -> str:
     """A run's format label: the forward pair (`format_label`), then ` | bwd ` and the backward label if any."""
-    backward = backward_label(g_format, gw_format, gx_format)
+    backward = backward_label(g_format, gw_format, gx_format, dgrad_format, wgrad_format)
     return format_label(w_format, a_format) + ("" if backward == NO_BACKWARD else BACKWARD_MARK + backward)
 
 

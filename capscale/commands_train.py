@@ -66,6 +66,25 @@ def _train_command(args) -> None:
         sys.exit(1)
 
 
+def _recipes_command(args) -> None:
+    from capscale.trainers.recipes import recipe_table
+    rows = recipe_table()
+    if args.json:
+        emit_json("recipes", rows)
+        return
+    for r in rows:
+        print(f"{r['recipe']}\n  source:   {r['source']}\n  what:     {r['what']}\n  settings: {r['settings']}\n"
+              f"  differs:  {r['differs']}\n")
+
+
+def add_recipes_command(sub) -> None:
+    p = sub.add_parser("recipes", help="the named training recipes (train --recipe NAME, compress_(recipe=NAME))",
+                       description="Published low-precision training recipes by name: their sources, formats and "
+                                   "settings, and where capscale's version differs from the published kernels.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_recipes_command)
+
+
 def add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train one model over a format and append its run record",
                        description="Train a Llama-style model whose linear layers pass weights (--w-format) and "
@@ -190,4 +209,4 @@ def add_diagnose_command(sub) -> None:
     p.set_defaults(func=_diagnose_command)
 
 
-ADDERS = (add_train_command, add_sweep_command, add_diagnose_command)
+ADDERS = (add_train_command, add_sweep_command, add_diagnose_command, add_recipes_command)

@@ -40,7 +40,7 @@ def test_without_backward_formats_the_gradients_are_exactly_todays():
     # and the backward path itself, with exact (identity) operand formats, gives the same gradients
     layer.comp = dataclasses.replace(comp, g_format="fp32")
     assert layer.comp.bwd_fmts is None  # fp32 is uncompressed too: the formats path is never entered for it
-    fmts = (capscale.capacity.parse("fp32"),) * 3
+    fmts = (capscale.capacity.parse("fp32"),) * 4  # dL/dY and W in dgrad, dL/dY and X in wgrad
     object.__setattr__(layer.comp, "bwd_fmts", fmts)
     assert all(torch.allclose(t, u, atol=1e-5) for t, u in zip(today, _grads(layer, x0)))
 
@@ -156,3 +156,51 @@ def test_report_has_the_effn_effd_plane_and_the_effd_table(crossed, tmp_path):
     assert rows["mxfp4"]["bias_sq"] == pytest.approx(rows["mxfp4"]["gmse"], rel=1e-6)  # nearest: all bias
     assert (tmp_path / "r" / "efficiency_plane.png").is_file()
     assert "3b. Data efficiency of the backward formats" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_per_gemm_formats_act_on_their_gemm_and_agree_with_per_operand_ones():
+    """--dgrad-format sets both operands of dL/dX, --wgrad-format both of dL/dW; per-operand formats override."""
+    torch.manual_seed(0)
+    layer = CompressedLinear(64, 32, Compression("int4", "int4"))
+    x0 = torch.randn(2, 8, 64)
+    exact = _grads(layer, x0)
+    layer.comp = Compression("int4", "int4", g_format="int8", gw_format="int8", gx_format="int8")
+    per_operand = _grads(layer, x0)
+    layer.comp = Compression("int4", "int4", dgrad_format="int8", wgrad_format="int8")
+    per_gemm = _grads(layer, x0)
+    assert all(torch.equal(a, b) for a, b in zip(per_operand, per_gemm))
+    assert layer.comp.label == "int4/int4 | bwd int8"  # the same label as g = gw = gx = int8
+    layer.comp = Compression("int4", "int4", wgrad_format="int2")  # only the weight gradient's GEMM
+    grad_x, grad_w = _grads(layer, x0)
+    assert torch.equal(grad_x, exact[0]) and not torch.allclose(grad_w, exact[1])
+    comp = Compression("int4", "int4", dgrad_format="int8", gw_format="int2")
+    assert comp.backward_operands() == ("int8", "int2", None, None)
+    assert comp.label == "int4/int4 | bwd gw=int2,dgrad=int8"
+    assert Compression("int4", "int4").key_settings() == {k: v for k, v in comp.key_settings().items()
+                                                          if k not in ("dgrad_format", "gw_format")}
+
+
+def test_named_recipes_fill_what_is_not_given_and_the_record_names_every_format(tmp_path):
+    nvidia = Compression(recipe="nvidia-nvfp4")
+    assert nvidia.w_format == "nvfp4(tile=16x16)" and nvidia.gx_format.startswith("rht(block=16)+")
+    assert Compression(recipe="nvidia-nvfp4", a_format="int4").a_format == "int4"  # given beside it: kept
+    quest = Compression(recipe="quest")
+    assert quest.key_settings() == Compression("int4", "int4", sparse_quantized="quest", fp4_trust="as-run").key_settings()
+    with pytest.raises(capscale.capacity.InputError, match="unknown recipe 'nvdia'.*nvidia-nvfp4"):
+        Compression(recipe="nvdia")
+    record = train(TrainConfig(Compression(recipe="nvidia-nvfp4"), n_layer=2, n_head=4, n_embd=32, tokens=8192),
+                   progress=False)
+    assert record["status"] == "ok" and record["recipe"] == "nvidia-nvfp4"
+    for name in ("w_format", "a_format", "gw_format", "gx_format", "dgrad_format", "wgrad_format"):
+        assert record[name] and record[name] in record["format"], name
+
+
+def test_compress_takes_a_recipe_and_lists_the_layers_it_keeps_dense():
+    from capscale.trainers.compress import compress_
+    model = torch.nn.Sequential(torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(32, 32),
+                                                                         torch.nn.Linear(32, 32)) for _ in range(6)]))
+    compress_(model, recipe="nvidia-nvfp4")
+    summary = model.capscale_summary
+    assert len(summary) == 10 and len(summary.skipped) == 2  # ceil(0.16 x 6) = 1 block of 2 linears
+    assert all(name.startswith("0.5.") and "keep_dense" in why for name, why in summary.skipped.items())
+    assert "left uncompressed" in str(summary)

@@ -9,6 +9,8 @@ inside the module's forward and backward, so a training loop needs no other caps
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -52,13 +54,36 @@ class CompressedLayer:
 
 
 class CompressionSummary(list):
-    """The layers `compress_` replaced (a list of CompressedLayer), printable."""
+    """The layers `compress_` replaced (a list of CompressedLayer), printable; `skipped`: {layer name: why} of every
+    linear layer it left alone."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped: dict[str, str] = {}
 
     def __str__(self) -> str:
         lines = [f"{len(self)} linear layer(s) compressed"]
         lines += [f"  {c.name:<40} {str(c.shape):>14}  w={c.w_format}  a={c.a_format}  hadamard={c.hadamard_block}"
                   for c in self]
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} linear layer(s) left uncompressed")
+            lines += [f"  {name:<40} {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
+
+
+def _blocks_kept_dense(model: nn.Module, fraction: float) -> dict[int, str]:
+    """{id of a linear: why} for the linear layers of the last ceil(fraction x n) blocks of the model's longest
+    ModuleList (its stack of blocks), counted from the end; {} for fraction 0 or a model without such a list."""
+    if not fraction:
+        return {}
+    lists = [m for m in ([model] if isinstance(model, nn.ModuleList) else []) + list(model.modules())
+             if isinstance(m, nn.ModuleList)]
+    if not lists:
+        return {}
+    blocks = max(lists, key=len)
+    kept = math.ceil(fraction * len(blocks))
+    why = f"keep_dense={fraction:g}: in the last {kept} of {len(blocks)} blocks, kept in high precision"
+    return {id(m): why for block in list(blocks)[len(blocks) - kept:] for m in block.modules() if _is_linear(m)}
 
 
 def as_compression(compression: "Compression | str") -> Compression:
@@ -71,18 +96,29 @@ def as_compression(compression: "Compression | str") -> Compression:
     return Compression(w_format=w, a_format=a)
 
 
-def compress_(model: nn.Module, compression: "Compression | str",
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+def compress_(model: nn.Module, compression: "Compression | str | None" = None,
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, recipe: str | None = None) -> nn.Module:
     """Replace, in place, every linear layer of `model` that `filter_fn(module, name)` accepts (default: all but
-    the output head and embedding-tied layers) by a CompressedLinear over its own tensors. Returns the model;
-    `model.capscale_summary` lists what was compressed."""
-    comp = as_compression(compression)
+    the output head and embedding-tied layers) by a CompressedLinear over its own tensors. `recipe`: a named recipe
+    (`capscale recipes`) instead of, or filling in, `compression`. Returns the model; `model.capscale_summary` lists
+    what was compressed and what was left alone, and why."""
+    if compression is None and recipe is None:
+        raise InputError("compress_: give a compression (a label such as 'int4/int4', or a Compression) or recipe=NAME")
+    comp = as_compression(compression) if compression is not None else Compression(recipe=recipe)
+    if recipe is not None and comp.recipe != recipe:
+        comp = dataclasses.replace(comp, recipe=recipe)
     heads = _heads(model)
     accept = filter_fn or (lambda module, name: id(module) not in heads)
+    dense = _blocks_kept_dense(model, comp.keep_dense)
     summary = CompressionSummary(getattr(model, "capscale_summary", []))
     siblings: dict[tuple, SharedInput] = {}  # layers of one parent with one input width may read one input
     for name, module in list(model.named_modules()):
-        if not (_is_linear(module) and accept(module, name)):
+        if not _is_linear(module):
+            continue
+        if not accept(module, name) or id(module) in dense:
+            summary.skipped[name] = dense.get(id(module)) or ("the output head (or tied to an embedding): kept in high "
+                                                              "precision" if id(module) in heads else "not chosen by "
+                                                              "filter_fn")
             continue
         layer = CompressedLinear.from_linear(module, comp)
         parent_name, _, child = name.rpartition(".")

@@ -81,6 +81,17 @@ class Compression:
         "backward pass: format of the weights as re-quantized for dL/dX = dL/dY W (along the output dimension)"))
     gx_format: str | None = field(default=None, metadata=_option(
         "backward pass: format of the input activations as re-quantized for dL/dW = dL/dY^T X (along the tokens)"))
+    dgrad_format: str | None = field(default=None, metadata=_option(
+        "backward pass, per GEMM: format of both operands of dL/dX = dL/dY W (dL/dY and W along the outputs); "
+        "--g-format and --gw-format override their operand"))
+    wgrad_format: str | None = field(default=None, metadata=_option(
+        "backward pass, per GEMM: format of both operands of dL/dW = dL/dY^T X (dL/dY and X along the tokens); "
+        "--g-format and --gx-format override their operand"))
+    keep_dense: float = field(default=0.0, metadata=_option(
+        "fraction of the model's blocks, counted from the last, whose linear layers stay uncompressed (rounded up "
+        "to whole blocks): NVIDIA's NVFP4 recipe keeps about 16%% of its linear layers in BF16", type=float))
+    recipe: str | None = field(default=None, metadata=_option(
+        "a named recipe (`capscale recipes`): its formats and settings; options given beside it override them"))
     bwd_hadamard_block: int = field(default=0, metadata=_option(
         "backward pass: block Hadamard rotation of both operands of each backward product along its contraction "
         "dimension (it cancels in the product); 0 for none", type=int))
@@ -88,16 +99,29 @@ class Compression:
     # Settings added after runs were recorded, with the behaviour of those runs: they enter the run's key only
     # when they differ from it, and a record without them was trained that way.
     RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended", "g_format": None, "gw_format": None,
-                       "gx_format": None, "bwd_hadamard_block": 0}
-    BACKWARD = ("g_format", "gw_format", "gx_format")
+                       "gx_format": None, "bwd_hadamard_block": 0, "dgrad_format": None, "wgrad_format": None,
+                       "keep_dense": 0.0, "recipe": None}
+    BACKWARD = ("g_format", "gw_format", "gx_format", "dgrad_format", "wgrad_format")
 
     def __post_init__(self):
+        if self.recipe is not None:  # a named recipe fills what was not given (left at its default)
+            from .recipes import RECIPES
+            if self.recipe not in RECIPES:
+                raise InputError(f"unknown recipe {self.recipe!r}; the recipes are {', '.join(RECIPES)} "
+                                 "(`capscale recipes`)")
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in RECIPES[self.recipe].settings.items():
+                if getattr(self, name) == defaults[name]:
+                    object.__setattr__(self, name, value)
         # One meaning of "uncompressed": weights default to the baseline label, activations to no spec.
         object.__setattr__(self, "w_format", BASELINE if is_uncompressed(self.w_format) else str(self.w_format))
         object.__setattr__(self, "a_format", None if is_uncompressed(self.a_format) else str(self.a_format))
         for name in self.BACKWARD:
             value = getattr(self, name)
             object.__setattr__(self, name, None if is_uncompressed(value) else str(value))
+        if not (isinstance(self.keep_dense, (int, float)) and not isinstance(self.keep_dense, bool)
+                and 0 <= self.keep_dense < 1):
+            raise InputError(f"keep_dense must be a fraction of the blocks in [0, 1), got {self.keep_dense!r}")
         if not isinstance(self.bwd_hadamard_block, int) or self.bwd_hadamard_block < 0 or \
                 self.bwd_hadamard_block & (self.bwd_hadamard_block - 1):
             raise InputError(f"backward Hadamard block must be 0 or a power of two, got {self.bwd_hadamard_block}")
@@ -129,10 +153,16 @@ class Compression:
     def backward_formats(self) -> tuple:
         return tuple(getattr(self, name) for name in self.BACKWARD)
 
+    def backward_operands(self) -> tuple:
+        """(dL/dY in dgrad, W in dgrad, dL/dY in wgrad, X in wgrad) specs: a per-operand format where given, else its
+        GEMM's (--dgrad-format, --wgrad-format), else None (exact)."""
+        return (self.g_format or self.dgrad_format, self.gw_format or self.dgrad_format,
+                self.g_format or self.wgrad_format, self.gx_format or self.wgrad_format)
+
     @functools.cached_property
     def bwd_fmts(self) -> tuple | None:
-        """(dL/dY, W, X) Formats of the backward products (None each where exact); None when all are exact."""
-        fmts = tuple(None if spec is None else capacity.parse(spec) for spec in self.backward_formats)
+        """The Formats of `backward_operands` (None each where exact); None when all are exact."""
+        fmts = tuple(None if spec is None else capacity.parse(spec) for spec in self.backward_operands())
         return None if all(f is None for f in fmts) else fmts
 
     @staticmethod
@@ -211,8 +241,8 @@ class Compression:
         formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
         acts = {"sparse_quantized": any(self._sparse_and_quantized(f) for f in formats),
                 "fp4_trust": self.estimator == "trust" and self.trust is None and any(map(self._is_fp4, formats))}
-        return {k: v for k, v in self.settings().items()
-                if k not in self.RECORDED_BEFORE or acts.get(k, True) and v != self.RECORDED_BEFORE[k]}
+        return {k: v for k, v in self.settings().items() if k != "recipe"  # a name for settings that are keyed anyway
+                and (k not in self.RECORDED_BEFORE or acts.get(k, True) and v != self.RECORDED_BEFORE[k])}
 
     def trust_radius(self, fmt: capacity.Format) -> float | None:
         """The trust radius in row-RMS units for this format, or None for its own (half its largest gap)."""

@@ -108,13 +108,13 @@ class _BackwardFormats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        (g_fmt, w_fmt, x_fmt), block = ctx.comp.bwd_fmts, ctx.comp.bwd_hadamard_block
+        (g_dgrad, w_fmt, g_wgrad, x_fmt), block = ctx.comp.bwd_fmts, ctx.comp.bwd_hadamard_block
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:  # (tokens, out) @ (out, in): contraction over the outputs
-            grad_x = _backward_product(g2, w.t(), g_fmt, w_fmt, block).reshape(x.shape)
-        if ctx.needs_input_grad[1]:  # (out, tokens) @ (tokens, in): contraction over the tokens
-            grad_w = _backward_product(g2.t(), x.reshape(-1, x.shape[-1]).t(), g_fmt, x_fmt, block)
+        if ctx.needs_input_grad[0]:  # dgrad, (tokens, out) @ (out, in): contraction over the outputs
+            grad_x = _backward_product(g2, w.t(), g_dgrad, w_fmt, block).reshape(x.shape)
+        if ctx.needs_input_grad[1]:  # wgrad, (out, tokens) @ (tokens, in): contraction over the tokens
+            grad_w = _backward_product(g2.t(), x.reshape(-1, x.shape[-1]).t(), g_wgrad, x_fmt, block)
         return grad_x, grad_w, None
 
 

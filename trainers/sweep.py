@@ -8,7 +8,8 @@ A sweep file is TOML:
     tokens_per_param = [50, 100]
     seeds = [0]
     formats = [{w = "bf16"}, {w = "int4"}, {w = "int4", a = "int4"}, {w = "int4", a = "int4", bwd = "int8"}]
-    # backward-pass formats: g (dL/dY), gw (W for dL/dX), gx (X for dL/dW), or bwd = all three
+    # backward-pass formats: g (dL/dY), gw (W for dL/dX), gx (X for dL/dW), or bwd = all three; per GEMM: dgrad,
+    # wgrad; or a named recipe: recipe = "nvidia-nvfp4" (`capscale recipes`)
     [train]                             # any training setting (TrainConfig or Compression field), for every run
     context = 128
 
@@ -105,9 +106,11 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     for model in models:
         for tpp in spec["tokens_per_param"]:
             for fmt in spec["formats"]:
-                if "w" not in fmt and "a" not in fmt:
-                    raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC")
+                if "w" not in fmt and "a" not in fmt and "recipe" not in fmt:
+                    raise InputError(f"{path}: format entry {fmt} needs w = SPEC and/or a = SPEC, or recipe = NAME")
                 backward = {f"{k}_format": fmt.get(k, fmt.get("bwd")) for k in ("g", "gw", "gx")}
+                backward |= {f"{k}_format": fmt[k] for k in ("dgrad", "wgrad") if k in fmt}
+                backward |= {"recipe": fmt["recipe"]} if "recipe" in fmt else {}
                 for seed in spec.get("seeds", [0]):
                     try:
                         configs.append(TrainConfig.from_flat(**{**overrides, **model, "w_format": fmt.get("w"),
@@ -136,7 +139,8 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     return Sweep(runs, configs)
 
 
-FORMAT_KEYS = ("w", "a", "g", "gw", "gx", "bwd")  # a format entry: forward specs, backward specs (bwd: all three)
+FORMAT_KEYS = ("w", "a", "g", "gw", "gx", "bwd", "dgrad", "wgrad", "recipe")  # a format entry: forward specs,
+# backward specs per operand (bwd: all three) or per GEMM (dgrad, wgrad), or a named recipe
 
 
 def _check_lists(path: Path, spec: dict) -> None:
@@ -149,7 +153,8 @@ def _check_lists(path: Path, spec: dict) -> None:
                 "seeds": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "whole numbers >= 0"),
                 "formats": (lambda v: isinstance(v, dict) and set(v) <= set(FORMAT_KEYS) and v and
                             all(isinstance(s, str) for s in v.values()),
-                            "tables {w = SPEC, a = SPEC} (backward pass: g, gw, gx = SPEC, or bwd = SPEC for all three)"),
+                            "tables {w = SPEC, a = SPEC} (backward pass: g, gw, gx = SPEC, or bwd = SPEC for all three, "
+                            "or dgrad, wgrad = SPEC per GEMM; or recipe = NAME)"),
                 "shapes": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), int) and v[k] >= 1
                                                                  for k in ("n_layer", "n_head", "n_embd")),
                            "tables with n_layer, n_head, n_embd >= 1")}
