@@ -27,6 +27,8 @@ def composite_parts(label: str, labels: set) -> tuple[str, str] | None:
     """The two trained parts of a combined label, or None."""
     if "/" in label:
         w, a = split_label(label)
+        if a is None:  # a '/' that does not separate two specs: one label, no parts
+            return None
         parts = (w, format_label(None, a))
         if w != BASELINE and all(p in labels for p in parts):
             return parts

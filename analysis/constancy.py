@@ -58,10 +58,13 @@ class ConstancyTest:
     def sentence(self) -> str:
         t = self.tested
         untested = self.table[self.table["p"].isna()]
-        tail = ("; not tested: " + "; ".join(f"{r.format} ({r.reason})" for r in untested.itertuples())
-                if len(untested) else "")
+        shown = 3  # a few reasons in the sentence; every format's is in the test's table
+        tail = ("; not tested: " + "; ".join(f"{r.format} ({r.reason})" for r in untested.head(shown).itertuples())
+                + (f"; and {len(untested) - shown} more (the drift-test table gives each reason)"
+                   if len(untested) > shown else "") if len(untested) else "")
         if not len(t):
-            return f"Not tested: no format has cells shared with '{self.baseline}' at two token budgets{tail}."
+            return (f"Not tested: no format shares (N, D) cells with '{self.baseline}' at two token budgets with a "
+                    f"degree of freedom left for a drift{tail}.")
         head = (f"{len(self.drifting)} of {len(t)} formats' cost changes with tokens per parameter beyond the {self.law} "
                 f"law (paired drift test against '{self.baseline}' at shared (N, D) cells, OLS on log2 D/N with a "
                 f"per-size intercept, Holm-adjusted at {1 - self.level:.0%})")

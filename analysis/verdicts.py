@@ -67,9 +67,9 @@ def differences_sentence(mixed, baseline: str) -> str:
     t = mixed.table
     absent = t[t["log_loss_diff"].isna()] if "log_loss_diff" in t else t
     t = t[t["log_loss_diff"].notna()] if "log_loss_diff" in t else t.iloc[:0]
-    tail = "".join(f"; {r.format} ({r.note.removeprefix('not compared: ')})" for r in absent.itertuples())
+    tail = "; ".join(f"{r.format} ({r.note.removeprefix('not compared: ')})" for r in absent.itertuples())
     if t.empty:
-        return f"Not tested: no format shares enough (N, D) cells with '{baseline}'{tail}."
+        return f"Not tested: no format shares enough (N, D) cells with '{baseline}': {tail}."
     differ, same = t[t["differs"]], t[~t["differs"].astype(bool)]
     worst = t.loc[t["log_loss_diff"].idxmax()]
     text = (f"{len(differ)} of {len(t)} formats differ from '{baseline}' at equal (N, D) (mixed model with a random "
@@ -79,7 +79,7 @@ def differences_sentence(mixed, baseline: str) -> str:
         text += f"; not distinguishable from it: {', '.join(same['format'])}"
     return (text + f". Largest loss penalty: {worst['format']}, {100 * (math.exp(worst['log_loss_diff']) - 1):+.1f}% "
                    f"{format_interval(100 * (math.exp(worst['lo']) - 1), 100 * (math.exp(worst['hi']) - 1), '+.1f')} loss"
-                   + (f". Not compared{tail}." if tail else "."))
+                   + (f". Not compared: {tail}." if tail else "."))
 
 
 def composition_sentence(wald, comp: pd.DataFrame) -> str:
