@@ -25,6 +25,8 @@ class BootstrapResult:
     samples: pd.DataFrame   # one row per successful replicate, one column per fitted value
     n_failed: int
     level: float = 0.95
+    replicates: list | None = None  # the index b of each row's replicate (its resample's seed is [seed, b])
+    unit: str = "formats"           # the resampling unit
 
     def tails(self, level: float | None = None) -> tuple[float, float]:
         """The quantiles bounding the central `level` (default: this result's) of the replicates."""
@@ -91,7 +93,17 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
     values = chunked_map(work, range(n_boot), n_jobs, n_chunks=n_jobs * 4, done=bar.update)
     bar.close()
     rows = [v for v in values if v is not None]
-    return BootstrapResult(pd.DataFrame(rows), n_boot - len(rows), level)
+    return BootstrapResult(pd.DataFrame(rows), n_boot - len(rows), level,
+                           [b for b, v in enumerate(values) if v is not None], unit)
+
+
+def refit_replicates(law, runs: pd.DataFrame, seed: int, replicates: list, unit: str = "formats",
+                     warm: bool = True) -> list:
+    """The values of bootstrap replicates `replicates` of `law` on `runs`, refitted exactly as `bootstrap` fits them
+    (same resample seeds, same start): what a saved fit's replicates are checked against."""
+    identified = not getattr(law, "warnings_", ["not fitted"])
+    start = getattr(law, "theta_", None) if warm and identified else None
+    return _refit(type(law), law.bootstrap_params(), runs, seed, start, unit, replicates)
 
 
 def prediction_interval(fit, boot: BootstrapResult, new: pd.DataFrame, level: float = 0.95,

@@ -4,7 +4,13 @@ fingerprint, so that validate, predict, compose and report answer in seconds wit
 A saved fit is data from anywhere, so loading verifies it before any number is used: its checksum (an edit
 after saving), its data fingerprint (a fit of other runs), every key and type, the settings' ranges, and the
 numbers themselves: parameters and efficiencies must be the ones its constants give on these runs, with the
-objective they reach, and each point estimate must lie within the spread of its own bootstrap replicates."""
+objective they reach, and each point estimate must lie within the spread of its own bootstrap replicates.
+
+The checksum is plain SHA-256, which anyone can recompute after an edit; so a fit is verified, not trusted: its
+exponents must lie in the range the fitter searches, a local refit started from its constants must find no lower
+objective (edited constants are not an optimum), and a sample of its bootstrap replicates (first, middle, last) is
+refitted from their resample seeds and must match. What a saved fit guarantees: its point estimates are a local
+optimum of the law on exactly these runs, and its intervals come from replicates that these runs reproduce."""
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +26,17 @@ from capscale.capacity import InputError
 from capscale.capacity.paths import atomic_write, is_json_with, output_file
 from capscale.capacity.provenance import invoked_command, package_version
 
-from .bootstrap import BootstrapResult
-from .laws import DecoupledLaw, make_law
-from .names import MAX_REPLICATES
+from .bootstrap import BootstrapResult, refit_replicates
+from .laws import EXPONENT_GRID, DecoupledLaw, make_law
+from .names import MAX_REPLICATES, RESAMPLING_UNITS
 
-FORMAT_VERSION = 2        # 2: with a checksum; version 1 files are refused (refit)
+FORMAT_VERSION = 3        # 3: replicate indices and unit, verified by refitting; earlier files are refused (refit)
 MAX_FILE_BYTES = 64 << 20
 LAW_KEYS = {"name", "settings", "params", "eff", "formats", "theta", "objective"}
-BOOT_KEYS = {"samples", "n_failed", "level", "seed"}
+BOOT_KEYS = {"samples", "n_failed", "level", "seed", "replicates", "unit"}
+CHECKED_REPLICATES = 3    # bootstrap replicates refitted on load and compared with the saved ones
+REFIT_TOLERANCE = 1e-6    # relative: a saved fit's objective may not be beaten by a refit from its own constants
+REPLICATE_TOLERANCE = 1e-4  # relative difference allowed between a saved and a recomputed replicate value
 TOP_KEYS = {"capscale_fit", "fingerprint", "n_runs", "law", "bootstrap", "command", "versions", "created", "checksum"}
 
 
@@ -54,7 +63,8 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
         "law": {"name": law.law, "settings": law.bootstrap_params(), "params": law.params_, "eff": law.eff_,
                 "formats": law.formats_, "theta": [float(v) for v in law.theta_], "objective": law.objective_},
         "bootstrap": None if boot is None else {"samples": boot.samples.to_dict("list"), "n_failed": boot.n_failed,
-                                                 "level": boot.level, "seed": seed},
+                                                 "level": boot.level, "seed": seed,
+                                                 "replicates": list(boot.replicates or []), "unit": boot.unit},
         "command": invoked_command(),
         "versions": {p: package_version(p) for p in ("capscale", "numpy", "scipy", "pandas", "statsmodels")}
         | {"python": platform.python_version()},
@@ -135,10 +145,23 @@ def _law(law_data, runs: pd.DataFrame, need: _Refuse) -> DecoupledLaw:
              f"its {name} are not the values its constants give")
     need(_real(law_data["objective"]) and math.isclose(law_data["objective"], law.objective_, rel_tol=1e-6,
                                                        abs_tol=1e-12), "its objective is not the one its constants reach")
+    _is_an_optimum(law, runs, need)
     return law
 
 
-def _bootstrap(boot, law: DecoupledLaw, need: _Refuse) -> tuple[BootstrapResult | None, int]:
+def _is_an_optimum(law, runs: pd.DataFrame, need) -> None:
+    """The saved constants are a fit: inside the range the fitter searches, and a local refit started from them
+    finds no lower objective (edited constants, recomputed checksum and all, are not a minimum)."""
+    for name in ("alpha", "beta"):
+        value = law.params_[name]
+        need(EXPONENT_GRID[0] * 0.5 <= value <= 5.0, f"{name} = {value:.4g} lies outside the range the fitter searches")
+    refit = make_law(law.law, **law.bootstrap_params()).fit(runs, start=law.theta_)
+    need(refit.objective_ >= law.objective_ * (1 - REFIT_TOLERANCE) - 1e-12,
+         f"its constants are not a fit of these runs: refitted from them the objective falls from {law.objective_:.6g} "
+         f"to {refit.objective_:.6g}")
+
+
+def _bootstrap(boot, law: DecoupledLaw, runs: pd.DataFrame, need: _Refuse) -> tuple[BootstrapResult | None, int]:
     if boot is None:
         return None, 0
     need(isinstance(boot, dict) and set(boot) == BOOT_KEYS, "bad bootstrap section")
@@ -151,12 +174,27 @@ def _bootstrap(boot, law: DecoupledLaw, need: _Refuse) -> tuple[BootstrapResult 
     need(_whole(boot["n_failed"]) and _whole(boot["seed"]) and _real(boot["level"]) and 0.5 <= boot["level"] < 1,
          "bad bootstrap settings")
     frame = pd.DataFrame(samples)
+    ids = boot["replicates"]
+    need(boot["unit"] in RESAMPLING_UNITS and isinstance(ids, list) and len(ids) == len(frame)
+         and all(_whole(b) for b in ids) and len(set(ids)) == len(ids), "bad bootstrap replicate indices")
     for name, value in values.items():
         lo, hi = frame[name].min(), frame[name].max()
         slack = 0.5 * (hi - lo) + 1e-9 * abs(value)
         need(not len(frame) or lo - slack <= value <= hi + slack,
              f"{name} = {value:.6g} lies outside its own bootstrap replicates [{lo:.6g}, {hi:.6g}]")
-    return BootstrapResult(frame, boot["n_failed"], float(boot["level"])), boot["seed"]
+    _replicates_reproduce(law, runs, frame, ids, boot["seed"], boot["unit"], need)
+    return BootstrapResult(frame, boot["n_failed"], float(boot["level"]), ids, boot["unit"]), boot["seed"]
+
+
+def _replicates_reproduce(law, runs, frame: pd.DataFrame, ids: list, seed: int, unit: str, need) -> None:
+    """A sample of the saved replicates (first, middle, last) refitted from their resample seeds matches."""
+    if not len(frame):
+        return
+    rows = sorted({0, len(frame) // 2, len(frame) - 1})[:CHECKED_REPLICATES]
+    for row, values in zip(rows, refit_replicates(law, runs, seed, [ids[r] for r in rows], unit)):
+        need(values is not None and all(math.isclose(values[k], frame[k].iloc[row], rel_tol=REPLICATE_TOLERANCE,
+                                                      abs_tol=1e-9) for k in frame.columns),
+             f"its bootstrap replicate {ids[row]} is not what refitting that resample gives")
 
 
 def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, BootstrapResult | None, int]:
@@ -170,5 +208,5 @@ def load_fit(path: "str | Path", runs: pd.DataFrame) -> tuple[DecoupledLaw, Boot
                          f"{str(content['fingerprint'])[:12]}...) than the table given ({len(runs)} runs, "
                          f"{fingerprint(runs)[:12]}...); refit with `capscale fit ... -o`")
     law = _law(content["law"], runs, need)
-    boot, seed = _bootstrap(content["bootstrap"], law, need)
+    boot, seed = _bootstrap(content["bootstrap"], law, runs, need)
     return law, boot, seed

@@ -78,12 +78,6 @@ def capacity_frontier(table: pd.DataFrame, constants: dict | None = None) -> plt
 
 
 def save(fig, path) -> None:
-    """A figure to PNG (150 dpi) or SVG by the path's suffix."""
-    from pathlib import Path
-    from capscale.capacity import InputError
-    from capscale.capacity.paths import atomic_write
-    path = Path(path)
-    kind = path.suffix.lower().lstrip(".")
-    if kind not in ("png", "svg"):
-        raise InputError(f"--figure {path}: expected a .png or .svg file name")
-    atomic_write(path, lambda f: fig.savefig(f, format=kind, dpi=150, bbox_inches="tight"))
+    """A figure to PNG (150 dpi) or SVG by the path's suffix, under capscale's rule for the files it writes."""
+    from capscale.capacity.paths import save_figure
+    save_figure(fig, path)

@@ -91,6 +91,50 @@ def output_file(path: "str | Path", recognise, overwrite: bool = False, option: 
     return path
 
 
+FIGURE_KINDS = ("png", "svg")
+FIGURE_MARK = "capscale"  # in a figure's metadata (PNG Software, SVG Creator): a figure capscale may replace
+
+
+def _written_by_capscale(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return FIGURE_MARK.encode() in f.read(1 << 16)
+    except OSError:
+        return False
+
+
+def figure_file(path: "str | Path", option: str = "--figure") -> tuple[Path, str]:
+    """(path, kind) of a figure to write exactly at `path`: a name ending in .png or .svg, in an existing folder,
+    new or a figure capscale wrote; never a folder, a symlink, a device or FIFO, or a user's file."""
+    path = _named(path, option)
+    kind = path.suffix.lower().lstrip(".")
+    if str(path).endswith(("/", os.sep)) or path.is_dir() and not path.is_symlink():
+        raise InputError(f"{option} {path}: is a folder; name a .png or .svg file")
+    if kind not in FIGURE_KINDS:
+        raise InputError(f"{option} {path}: expected a file name ending in .png or .svg (written exactly there)")
+    if path.is_symlink():
+        raise InputError(f"{option} {path}: is a symbolic link; capscale never writes through one, name a new file")
+    if path.exists() and not path.is_file():
+        raise InputError(f"{option} {path}: exists and is not a regular file")
+    if path.exists() and not _written_by_capscale(path):
+        raise InputError(f"{option} {path}: exists and capscale did not write it; name a new file")
+    if not path.parent.is_dir():
+        raise InputError(f"{option} {path}: its folder {path.parent} does not exist")
+    return path, kind
+
+
+def save_figure(fig, path: "str | Path", option: str = "--figure", dpi: int = 150) -> Path:
+    """`fig` (a matplotlib Figure, or anything with its savefig) written whole at `path` (`figure_file`'s rule),
+    marked as capscale's so that a later run may replace it."""
+    path, kind = figure_file(path, option)
+    metadata = {"Software": FIGURE_MARK} if kind == "png" else {"Creator": FIGURE_MARK}
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=kind, dpi=dpi, bbox_inches="tight", metadata=metadata))
+    except OSError as err:
+        raise InputError(f"{option} {path}: cannot write there ({err.strerror})") from None
+    return path
+
+
 def is_json_with(key: str):
     """A `recognise` for output_file: JSON whose top level has `key`."""
     def recognise(text: str) -> bool:

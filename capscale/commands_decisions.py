@@ -15,6 +15,9 @@ CURVE_SPAN = (-1.5, 1.5, 25)  # the figure's budgets: 10^-1.5 to 10^1.5 times th
 
 
 def _plan_command(args) -> None:
+    if args.figure:
+        from capscale.capacity.paths import figure_file
+        figure_file(args.figure)  # before any fitting
     import numpy as np
     from capscale.analysis.plan import Budget, parse_amount, parse_speedups, plan, plan_curves
     budget = Budget(memory=parse_amount(args.memory, "--memory") if args.memory else None,
@@ -98,6 +101,9 @@ def _constants(text: str | None) -> dict | None:
 
 
 def _frontier_command(args) -> None:
+    if args.figure:
+        from capscale.capacity.paths import figure_file
+        figure_file(args.figure)
     from capscale.analysis.frontier import frontier
     result = frontier(args.families or None, samples=args.samples, seed=args.seed,
                       constants=_constants(args.constants), cache=not args.no_cache)

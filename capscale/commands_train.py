@@ -167,6 +167,9 @@ def add_sweep_command(sub) -> None:
 
 
 def _diagnose_command(args) -> None:
+    if args.figure:  # refused before any work: the figure's path follows capscale's rule for what it writes
+        from capscale.capacity.paths import figure_file
+        figure_file(args.figure)
     import pandas as pd
     from capscale.trainers.diagnose import diagnose, is_capscale_checkpoint
     from capscale.trainers.weights import diagnose_activations, diagnose_weights, plot_ratios

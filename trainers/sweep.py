@@ -46,6 +46,7 @@ from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
 from capscale.capacity.runtable import finished_keys, held_elsewhere, read_records, require_run_table, set_aside
 
+from .data import CORPORA
 from .config import TrainConfig
 from .memory import GIB, device_budget
 from .model import count_non_embedding, flops_per_token
@@ -97,7 +98,18 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     if ("sizes" in spec) == ("shapes" in spec):
         raise InputError(f"{path}: give either 'sizes' (target parameters) or 'shapes' (n_layer, n_head, n_embd)")
     _check_lists(path, spec)
+    planned = (len(spec.get("sizes", [])) + len(spec.get("shapes", []))) * len(spec["tokens_per_param"]) \
+        * len(spec["formats"]) * len(spec.get("seeds", [0]))
+    if planned > MAX_SWEEP_RUNS:
+        raise InputError(f"{path}: its grid has {planned:,} runs; a sweep file holds at most {MAX_SWEEP_RUNS:,} (split "
+                         "it, or shard it with --shard)")
     overrides = spec.get("train", {})
+    data_path = overrides.get("data")
+    if isinstance(data_path, str) and data_path not in CORPORA and \
+            not Path(data_path).resolve().is_relative_to(folder.resolve()):
+        raise InputError(f"{path}: [train] data = {data_path!r} is outside the sweep file's folder {folder}; a sweep "
+                         f"file trains on a named corpus ({', '.join(CORPORA)}) or on files beside it (give other "
+                         "data on the command line: capscale train --data)")
     models = [{"params": int(size)} for size in spec.get("sizes", [])]
     for shape in spec.get("shapes", []):  # an explicit shape, with its own settings (a published lr, say)
         multiple = {**overrides, **shape}.get("mlp_multiple", 0)
@@ -135,9 +147,15 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     runs = Path(runs)
     if runs.is_dir() or not runs.name:
         raise InputError(f"{path}: runs = {str(runs)!r} names a folder; expected a run table file (.jsonl)")
+    for side, kind in ((Path(f"{runs}.checkpoints"), "folder"), (runs.with_name(runs.name + ".meta.json"), "file")):
+        if side.is_symlink() or side.exists() and not (side.is_dir() if kind == "folder" else side.is_file()):
+            raise InputError(f"{side}: the sweep's own {kind} is {'a symbolic link' if side.is_symlink() else 'not a ' + kind}"
+                             "; capscale never writes through one (remove it)")
     require_run_table(runs)
     return Sweep(runs, configs)
 
+
+MAX_SWEEP_RUNS = 100_000  # runs one sweep file may plan: checked before any config is built
 
 FORMAT_KEYS = ("w", "a", "g", "gw", "gx", "bwd", "dgrad", "wgrad", "recipe")  # a format entry: forward specs,
 # backward specs per operand (bwd: all three) or per GEMM (dgrad, wgrad), or a named recipe

@@ -134,6 +134,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     steps = cfg.steps()
     model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
     start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
+    if ckpt:
+        require_checkpoint_path(ckpt)
     if ckpt and ckpt.exists():
         start_step = _resume(ckpt, cfg, steps, device, model, optimizer, gen)
         if start_step is None:  # refused and moved aside: start again from scratch, untouched by it
@@ -193,6 +195,22 @@ def _fresh(cfg: TrainConfig, vocab_size: int, device: str):
     model = Decoder(cfg.model_config(vocab_size), cfg.compression).to(device)
     lr = cfg.resolved_lr(model.non_embedding_params())
     return model, _optimizer(model, lr, cfg.weight_decay, cfg.decay), torch.Generator().manual_seed(cfg.seed)
+
+
+def require_checkpoint_path(path: Path) -> None:
+    """A checkpoint path capscale may write: new, or a checkpoint `capscale train` wrote (this run's, or another's,
+    which is then moved aside); never a folder, a symlink, a device, or a user's file (left untouched, refused)."""
+    if path.is_symlink():
+        raise capacity.InputError(f"--checkpoint {path}: is a symbolic link; capscale never writes through one")
+    if not path.exists():
+        return
+    if not path.is_file():
+        raise capacity.InputError(f"--checkpoint {path}: exists and is not a regular file (a folder, a device?)")
+    try:
+        load_state(path)
+    except capacity.InputError:
+        raise capacity.InputError(f"--checkpoint {path}: exists and is not a capscale checkpoint; it is left untouched "
+                                  "(name another path, or remove it)") from None
 
 
 def _resume(ckpt: Path, cfg: TrainConfig, steps: int, device: str, model, optimizer, gen) -> int | None:

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from capscale import capacity
+from capscale.capacity.paths import save_figure
 from capscale.capacity.structure import fwht
 
 ROW_BLOCK = 1024          # rows compressed at once: bounds the memory of a wide layer's copies
@@ -152,9 +153,7 @@ def plot_ratios(table: pd.DataFrame, path: "str | Path") -> Path:
     for ax in grid.axes.flat:
         ax.axhline(1.0, color="grey", lw=1, ls="--")
         ax.tick_params(axis="x", rotation=30)
-    path = Path(path)
-    grid.savefig(path, dpi=110, bbox_inches="tight")
-    return path
+    return save_figure(grid.figure, path, dpi=110)
 
 
 @torch.inference_mode()
