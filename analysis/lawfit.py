@@ -22,6 +22,9 @@ from .laws import DecoupledLaw, ScalingLaw, eff_d_key, eff_key, exponent_at_edge
 from .names import LAW_NAMES, FitWarning
 
 
+EFF_PLAUSIBLE = 1.5  # a fitted efficiency above this is warned about: more likely a table's mistake than a format
+
+
 def _finite(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
@@ -105,6 +108,11 @@ class LawFit:
         if boot is not None and boot.n_failed > 0.05 * (len(boot.samples) + boot.n_failed):
             out.append(f"{boot.n_failed} of {len(boot.samples) + boot.n_failed} bootstrap refits failed: the fit is "
                        "fragile and its intervals understate the uncertainty")
+        implausible = {f: v for f, v in self.eff.items() if v > EFF_PLAUSIBLE}
+        if implausible:
+            out.append("efficiency above " + f"{EFF_PLAUSIBLE:g}, implausible (a format worth more parameters than it "
+                       "has): " + ", ".join(f"eff[{f}] = {v:.3g}" for f, v in implausible.items())
+                       + "; check the table's labels and losses")
         unphysical = {g: v for g, v in getattr(law, "eff_d_", {}).items() if v > 1.0}
         if len(getattr(law, "eff_d_", {})) > 1 and unphysical:
             out.append("data efficiency above 1, unphysical (a backward format cannot make tokens worth more than exact "

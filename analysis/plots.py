@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 LOSS_LABEL = "validation loss"  # the unit is the table's own (nats per byte here, per token in QuEST)
 N_LABEL = "non-embedding parameters N"
 WIDTH = 10.5  # inches: the page width at the report's resolution
+matplotlib.rcParams.update(matplotlib.rcParamsDefault)  # never a matplotlibrc of the working directory (dpi 30000...)
 sns.set_theme(style="whitegrid", context="notebook", font_scale=0.95)
 
 

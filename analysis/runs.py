@@ -66,6 +66,8 @@ def load_runs(source: "str | Path | pd.DataFrame", mapping=None, query: str | No
     frame = frame.rename(columns=parse_mapping(mapping) if not isinstance(mapping, dict) else mapping)
     if "format" not in frame.columns and "forward" in frame.columns:
         frame["format"] = _labels_from_sides(frame, where)
+    elif {"forward", "backward"} & set(frame.columns):
+        _check_sides(frame, where)
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise RunTableError(f"{where}: missing column(s) {missing}; found {list(frame.columns)} "
@@ -117,6 +119,32 @@ def _side(value, row, column: str, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise RunTableError(f"{where}: row {row}, column '{column}': expected a format label (text), got {value!r}")
     return value.strip()
+
+
+def _check_sides(frame: pd.DataFrame, where: str) -> None:
+    """`forward`/`backward` columns beside a `format` label: text, and saying what the label says (a column that
+    disagrees would silently decide which efficiency a run counts for)."""
+    for row in frame.index:
+        if "status" in frame.columns and frame.at[row, "status"] not in ("ok", None) and \
+                not (isinstance(frame.at[row, "status"], float) and np.isnan(frame.at[row, "status"])):
+            continue
+        label = frame.at[row, "format"]
+        forward, backward = split_run_label(label) if isinstance(label, str) else (None, None)
+        for column, from_label in (("forward", forward), ("backward", backward)):
+            if column not in frame.columns:
+                continue
+            value = frame.at[row, column]
+            if value is None or isinstance(value, float) and np.isnan(value):
+                continue
+            if not isinstance(value, str) or not value.strip():
+                raise RunTableError(f"{where}: row {row}, column '{column}': expected a format label (text), got "
+                                    f"{value!r}")
+            same = value.strip() == from_label or is_uncompressed(value) and is_uncompressed(from_label) or \
+                column == "backward" and is_uncompressed(value) and from_label == NO_BACKWARD
+            if label is not None and from_label is not None and not same:
+                raise RunTableError(f"{where}: row {row}, column '{column}': {value!r} disagrees with the label "
+                                    f"{label!r} (whose {column} part is {from_label!r}); make them agree, or drop "
+                                    "one")
 
 
 def _labels_from_sides(frame: pd.DataFrame, where: str) -> pd.Series:

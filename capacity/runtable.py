@@ -102,13 +102,22 @@ def split_label(label: str) -> tuple[str, str | None]:
     return (w, a or None) if is_spec(w) and is_spec(a) else (forward, None)
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key(s) {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
 def _parse_line(path: Path, number: int, line: str) -> dict:
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=_no_duplicate_keys)
     except RecursionError:
         raise RunTableError(f"{path}: line {number}: JSON nested too deeply to be a run") from None
     except json.JSONDecodeError as err:
         raise RunTableError(f"{path}: line {number}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # a key given twice: which value is the run's is not for capscale to guess
+        raise RunTableError(f"{path}: line {number}: {err}; a run's fields appear once") from None
     if not isinstance(record, dict):
         raise RunTableError(f"{path}: line {number}: expected a JSON object (one run), got {type(record).__name__}")
     return record

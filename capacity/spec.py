@@ -18,6 +18,7 @@ import importlib.util
 import os
 import sys
 import re
+from pathlib import Path
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Callable
@@ -117,14 +118,17 @@ def load_plugin(module: str) -> None:
     """Import a module of the user's own formats (it registers them, or defines Component classes that specs
     then name as `module:Class`). The user's explicit act: nothing in a spec or a table loads a module."""
     cwd = os.getcwd()
+    saved = list(sys.path)
     if cwd not in sys.path:  # as `python -m` does: the working directory first (a console script lacks it)
         sys.path.insert(0, cwd)
     try:
         _PLUGINS[module] = importlib.import_module(module)
     except ImportError as err:
+        sys.path[:] = saved
         raise SpecError(f"--plugin {module}: cannot import it ({err}). A plugin is imported like any module: from "
                         f"the working directory ({cwd}) or the import path; for a module elsewhere, run with "
                         f"PYTHONPATH=/folder/holding/it, or install its package") from None
+    sys.path[:] = saved  # the plugin is loaded; later imports (seaborn, jinja2...) never come from the working directory
 
 
 def loaded_plugins() -> list[str]:
@@ -139,7 +143,20 @@ def _load_entry_points() -> None:
         return
     _ENTRY_POINTS_LOADED = True
     for ep in entry_points(group="capscale.formats"):
+        if _in_working_directory(ep):
+            continue
         ep.load()()
+
+
+def _in_working_directory(ep) -> bool:
+    """Whether an entry point's distribution lies in the working directory (a `*.dist-info` there, found because
+    `python -m` puts it on sys.path): not an installed package, so never loaded without the user's --plugin."""
+    dist = getattr(ep, "dist", None)
+    try:
+        where = Path(dist.locate_file("")).resolve() if dist is not None else None
+    except (TypeError, ValueError, OSError):
+        return True
+    return where is None or where == Path(os.getcwd()).resolve()
 
 
 # ---- uncompressed names and the baseline -----------------------------------------------------------

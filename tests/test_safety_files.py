@@ -15,6 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from capscale import capacity
+from capscale.capacity import InputError
 from capscale.analysis.fitfile import load_fit
 from capscale.analysis.lawfit import fit
 from capscale.analysis.report import markdown_text
@@ -440,3 +441,72 @@ def test_markdown_escapes_labels_like_the_html():
 def test_a_device_this_machine_lacks_is_one_line_and_no_record(tmp_path, capsys, device):
     assert "--device" in refused(capsys, "train", "--device", device, *TINY, "--runs", tmp_path / "runs.jsonl")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tables_refuse_sides_that_disagree_with_the_label_and_duplicate_json_keys(tmp_path):
+    """A `forward` column that contradicts the label would decide silently which efficiency a run counts for."""
+    from capscale.analysis.simulate import simulate_runs
+    table = simulate_runs({"bf16": 1.0, "int4": 0.8}, noise=0.003)
+    table["forward"] = table["format"].astype(object)
+    table.loc[20, "forward"] = "bf16"
+    with pytest.raises(InputError, match="row 21, column 'forward': 'bf16' disagrees with the label 'int4'"):
+        load_runs(table, name="t")
+    table["forward"] = table["format"].astype(object)
+    table.loc[20, "forward"] = 4
+    with pytest.raises(InputError, match="row 21, column 'forward': expected a format label"):
+        load_runs(table, name="t")
+    path = tmp_path / "dup.jsonl"
+    path.write_text('{"format": "bf16", "params": 1e6, "tokens": 1e7, "loss": 3, "loss": 2}\n')
+    with pytest.raises(InputError, match=r"line 1: duplicate key\(s\) \['loss'\]"):
+        load_runs(path)
+
+
+def test_compress_refuses_what_it_cannot_honour_and_shares_one_layer_under_every_name():
+    import torch.nn as nn
+    from capscale.trainers.compress import compress_
+
+    class LoRA(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hooked = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 32))
+    hooked[0].register_forward_hook(lambda module, args, out: out)
+    for model, why in ((nn.Sequential(LoRA(32, 32)), "with its own forward"), (hooked, "has hooks"),
+                       (nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(32, 32))), "parametrizations"),
+                       (nn.Linear(32, 32), "single linear layer"), (nn.Sequential(nn.LazyLinear(8)), "lazy")):
+        with pytest.raises(InputError, match=why):
+            compress_(model, "int4")
+    shared = nn.Linear(32, 32)
+    model = nn.Sequential(nn.Sequential(shared), nn.Sequential(shared))
+    compress_(model, "int4")
+    assert model[0][0] is model[1][0] and len(model.capscale_summary) == 1
+    with pytest.raises(InputError, match="already compressed"):
+        compress_(model, "int2")
+    compress_(model, "int2", replace=True)
+    assert model.capscale_summary[0].w_format == "int2"
+
+
+def test_no_code_or_settings_from_the_working_directory(tmp_path, capscale_cli):
+    """A *.dist-info with a capscale.formats entry point in the working directory is not an installed package; a
+    matplotlibrc there does not set the report's dpi; after --plugin, the working directory leaves sys.path."""
+    info = tmp_path / "evil-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[capscale.formats]\nevil = evilmod:register\n")
+    (tmp_path / "evilmod.py").write_text("open('PWNED', 'w').write('x')\ndef register():\n    pass\n")
+    out = capscale_cli("gmse", "no_such_format", cwd=tmp_path)
+    assert out.returncode == 2 and not (tmp_path / "PWNED").exists()
+    from capscale.capacity import spec
+    before = list(sys.path)
+    (tmp_path / "myplugin.py").write_text("X = 1\n")
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        spec.load_plugin("myplugin")
+    finally:
+        os.chdir(cwd)
+    assert sys.path == before and "myplugin" in spec.loaded_plugins()
+    (tmp_path / "matplotlibrc").write_text("figure.dpi: 30000\nsavefig.dpi: 30000\n")
+    probe = ("import matplotlib; from capscale.analysis import plots; print(matplotlib.rcParams['figure.dpi'])")
+    shown = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert shown.returncode == 0 and float(shown.stdout.strip()) < 1000, shown.stderr[-500:]

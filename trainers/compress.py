@@ -96,14 +96,47 @@ def as_compression(compression: "Compression | str") -> Compression:
     return Compression(w_format=w, a_format=a)
 
 
+def _cannot_honour(module: nn.Module, name: str) -> str | None:
+    """Why `compress_` would change what this layer does without a word (None: it can replace it faithfully)."""
+    from torch.nn.utils import parametrize
+    where = f"layer {name or '(the model)'}"
+    if type(module) is not nn.Linear and type(module).__name__ != "Conv1D" and \
+            type(module).forward is not nn.Linear.forward:
+        return (f"{where} is a {type(module).__name__} with its own forward (a LoRA or custom layer): a CompressedLinear "
+                "would drop it; leave it out with filter_fn")
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return f"{where} is lazy (its shape is not known yet): run one forward pass before compress_"
+    if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or \
+            getattr(module, "_backward_pre_hooks", None):
+        return f"{where} has hooks (weight_norm, a profiler, an adapter?), which a replaced layer would not run"
+    if parametrize.is_parametrized(module):
+        return f"{where} has parametrizations ({', '.join(module.parametrizations)}), which compress_ cannot keep"
+    if module.weight.numel() == 0:
+        return f"{where} has a zero-width weight {tuple(module.weight.shape)}"
+    return None
+
+
 def compress_(model: nn.Module, compression: "Compression | str | None" = None,
-              filter_fn: Callable[[nn.Module, str], bool] | None = None, recipe: str | None = None) -> nn.Module:
+              filter_fn: Callable[[nn.Module, str], bool] | None = None, recipe: str | None = None,
+              replace: bool = False) -> nn.Module:
     """Replace, in place, every linear layer of `model` that `filter_fn(module, name)` accepts (default: all but
     the output head and embedding-tied layers) by a CompressedLinear over its own tensors. `recipe`: a named recipe
     (`capscale recipes`) instead of, or filling in, `compression`. Returns the model; `model.capscale_summary` lists
-    what was compressed and what was left alone, and why."""
+    what was compressed and what was left alone, and why. A layer it cannot replace faithfully (its own forward,
+    hooks, parametrizations, lazy or zero-width) is refused naming it; a module shared under several names is one
+    compressed module under all of them; an already compressed model is refused unless `replace` (then decompressed
+    first)."""
     if compression is None and recipe is None:
         raise InputError("compress_: give a compression (a label such as 'int4/int4', or a Compression) or recipe=NAME")
+    if _is_linear(model) or isinstance(model, CompressedLinear):
+        raise InputError("compress_: the model is a single linear layer; put it inside a module (nn.Sequential) so "
+                         "that it can be replaced")
+    already = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
+    if already and not replace:
+        raise InputError(f"compress_: the model is already compressed ({len(already)} layers, e.g. {already[0]}); "
+                         "decompress_ it first, or pass replace=True")
+    if already:
+        decompress_(model)
     comp = as_compression(compression) if compression is not None else Compression(recipe=recipe)
     if recipe is not None and comp.recipe != recipe:
         comp = dataclasses.replace(comp, recipe=recipe)
@@ -112,6 +145,9 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
     dense = _blocks_kept_dense(model, comp.keep_dense)
     summary = CompressionSummary(getattr(model, "capscale_summary", []))
     siblings: dict[tuple, SharedInput] = {}  # layers of one parent with one input width may read one input
+    names: dict[int, list[str]] = {}  # every name of each module (one module may sit under several)
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
     for name, module in list(model.named_modules()):
         if not _is_linear(module):
             continue
@@ -120,10 +156,14 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
                                                               "precision" if id(module) in heads else "not chosen by "
                                                               "filter_fn")
             continue
+        if (why := _cannot_honour(module, name)) is not None:
+            raise InputError(f"compress_: {why}")
         layer = CompressedLinear.from_linear(module, comp)
         parent_name, _, child = name.rpartition(".")
         layer.__dict__["shared_input"] = siblings.setdefault((parent_name, layer.in_features), layer.shared_input)
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        for alias in names[id(module)]:  # a shared module: the one compressed layer under each of its names
+            alias_parent, _, alias_child = alias.rpartition(".")
+            setattr(model.get_submodule(alias_parent) if alias_parent else model, alias_child, layer)
         summary.append(CompressedLayer(name, (layer.out_features, layer.in_features),
                                        None if comp.w_fmt is None else str(comp.w_fmt),
                                        None if comp.a_fmt is None else str(comp.a_fmt), layer.hadamard_block))

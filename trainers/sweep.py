@@ -103,13 +103,18 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     if planned > MAX_SWEEP_RUNS:
         raise InputError(f"{path}: its grid has {planned:,} runs; a sweep file holds at most {MAX_SWEEP_RUNS:,} (split "
                          "it, or shard it with --shard)")
-    overrides = spec.get("train", {})
+    overrides = dict(spec.get("train", {}))
     data_path = overrides.get("data")
-    if isinstance(data_path, str) and data_path not in CORPORA and \
-            not Path(data_path).resolve().is_relative_to(folder.resolve()):
-        raise InputError(f"{path}: [train] data = {data_path!r} is outside the sweep file's folder {folder}; a sweep "
-                         f"file trains on a named corpus ({', '.join(CORPORA)}) or on files beside it (give other "
-                         "data on the command line: capscale train --data)")
+    if isinstance(data_path, str) and data_path not in CORPORA:
+        # read beside the sweep file, as its run table is; the string stays as written where it already names that
+        # file from here (so the runs' keys do not move), else it becomes the path from here
+        beside = (folder / data_path).resolve()
+        if not beside.is_relative_to(folder.resolve()):
+            raise InputError(f"{path}: [train] data = {data_path!r} is outside the sweep file's folder {folder}; a "
+                             f"sweep file trains on a named corpus ({', '.join(CORPORA)}) or on files beside it (give "
+                             "other data on the command line: capscale train --data)")
+        if Path(data_path).resolve() != beside:
+            overrides["data"] = os.path.relpath(beside)
     models = [{"params": int(size)} for size in spec.get("sizes", [])]
     for shape in spec.get("shapes", []):  # an explicit shape, with its own settings (a published lr, say)
         multiple = {**overrides, **shape}.get("mlp_multiple", 0)
