@@ -101,6 +101,10 @@ class Component:
         """Storage bits per value of this step given the bits of what follows it."""
         return inner_bits
 
+    def check_shape(self, shape: tuple) -> None:
+        """Refuse, with a SpecError, a tensor shape this step cannot take (before any training: `compress_` asks
+        every layer's). The default takes any."""
+
     def tolerance(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """Per entry of x, the largest rounding error an in-range value can have (half the largest gap between
         the values it rounds to, at x's scale): the trust estimator's radius. None (the default): the component
@@ -149,6 +153,11 @@ class Format:
         values = run(0, x, None, x).to(dtype)
         tolerance = seen["tolerance"][1] if seen["tolerance"] is not None else None
         return Compressed(values, tolerance, seen["keep"])
+
+    def check_shape(self, shape: tuple) -> None:
+        """A SpecError naming the step when some step of the chain cannot take tensors of `shape`."""
+        for part in self.parts:
+            part.check_shape(tuple(shape))
 
     def rounds_values(self) -> bool:
         """Whether some step of the chain rounds values (a quantizer: what the recipe rotates and trusts)."""
@@ -269,6 +278,11 @@ class ScaledQuantizer(Component):
         group = self.params.get("group")
         overhead = 0.0 if group in SCALE_UNITS else SCALE_BITS[self.scale_format] / group
         return self.element_bits + overhead
+
+    def check_shape(self, shape):
+        group = self.params.get("group")
+        if isinstance(group, int) and not isinstance(group, bool) and shape[-1] % group:
+            raise SpecError(f"{self.spec}: last dimension {shape[-1]} is not a multiple of group {group}")
 
     def _groups(self, x: torch.Tensor) -> torch.Tensor:
         group = self.params.get("group")
@@ -423,7 +437,11 @@ class GridQuantizer(ScaledQuantizer):
         return torch.where(up, hi, lo)
 
     def _levels_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(levels, midpoints) on a device, copied there once (not on every call)."""
+        """(levels, midpoints) on a device, copied there once (not on every call). Under torch.compile, fresh
+        copies: a cached tensor made inside the traced function would alias its output (a cold compile failed)."""
+        if torch.compiler.is_compiling():  # built from plain numbers: constants of the graph, never captured tensors
+            levels = torch.tensor(self.levels_np.tolist(), dtype=torch.float32, device=device)
+            return levels, (levels[1:] + levels[:-1]) / 2
         if device not in self._device_levels:
             self._device_levels[device] = (self.levels.to(device), self.midpoints.to(device))
         return self._device_levels[device]

@@ -99,6 +99,12 @@ class NVFP4(GridQuantizer):
     def bits(self, inner_bits):
         return self.element_bits + 8.0 / (TILE * TILE if self.params["tile"] else 16)
 
+    def check_shape(self, shape):
+        super().check_shape(shape)
+        if self.params["tile"] and (len(shape) != 2 or shape[0] % TILE or shape[1] % TILE):
+            raise SpecError(f"{self.spec}: {TILE}x{TILE} tiles need a 2-D tensor whose sides are multiples of {TILE}, "
+                            f"got shape {tuple(shape)}")
+
     def _blocks(self, t: torch.Tensor) -> torch.Tensor:
         """(blocks, values) of a tensor: 16 consecutive values, or a 16x16 tile flattened."""
         if not self.params["tile"]:
@@ -181,6 +187,10 @@ class Eden(NVFP4):
             return base
         inner = base[len("eden("):-1] if base.startswith("eden(") else ""
         return f"eden({','.join(filter(None, [f'group={self.correction_group}', inner]))})"
+
+    def check_shape(self, shape):
+        if shape[-1] % self.correction_group:
+            raise SpecError(f"{self.spec}: last dimension {shape[-1]} is not a multiple of group {self.correction_group}")
 
     def quantize(self, x, keep, unpruned=None, tolerance=True):
         if keep is not None:

@@ -189,7 +189,8 @@ def append_record(path: "str | Path", record: dict) -> None:
     """Append one run as a JSON line, under an exclusive lock, flushed to disk before returning. A file that is
     not a run table is refused untouched; a torn last line left by a crash is moved to `<table>.torn` first; a
     complete last record that lacks its newline gets one."""
-    line = json.dumps(record, sort_keys=False, default=str) + "\n"
+    from .paths import strict_json
+    line = json.dumps(strict_json(record), sort_keys=False, default=str, allow_nan=False) + "\n"  # NaN as null
     path = Path(path)
     require_run_table(path)
     path.parent.mkdir(parents=True, exist_ok=True)

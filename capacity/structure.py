@@ -93,6 +93,10 @@ class NMSparse(Component):
         self.n, self.m, self.vector = n, m, vector
         self.name = f"{n}:{m}"
 
+    def check_shape(self, shape):
+        if shape[-1] % self.m:
+            raise SpecError(f"{self.spec}: last dimension {shape[-1]} is not a multiple of {self.m}")
+
     def keep_mask(self, x, keep):
         if x.shape[-1] % self.m:
             raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of {self.m}")

@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
                         help="import MODULE first: your own formats (it registers them, or specs name its Component "
                              "classes as MODULE:Class). Nothing else ever imports code named in a spec or a table")
+    from capscale.capacity.provenance import package_version
+    parser.add_argument("--version", action="version", version=f"capscale {package_version('capscale')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_formats_command, add_gmse_command, add_compare_command, add_data_command, *commands_train.ADDERS,
                 *commands_analysis.ADDERS, *commands_decisions.ADDERS):

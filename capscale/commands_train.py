@@ -16,6 +16,8 @@ from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
 
 from .options import whole
+from capscale.capacity.paths import strict_json
+
 from .output import emit_json, print_table
 
 
@@ -59,7 +61,7 @@ def _train_command(args) -> None:
         record = train_or_fail(cfg, progress=not args.quiet)
     if int(record.get("world_size", 1)) > 1 and torch.distributed.get_rank() != 0:
         return
-    print(json.dumps(record))
+    print(json.dumps(strict_json(record), allow_nan=False))  # a diverged run's NaN loss as null: strict JSON
     if args.runs:
         print(f"run appended to {args.runs}", file=sys.stderr)
     if record["status"] != "ok":

@@ -19,6 +19,8 @@ import torch.nn as nn
 from capscale.capacity import InputError
 from capscale.capacity.runtable import split_label
 
+from capscale.capacity.provenance import package_version
+
 from .compression import Compression
 from .layers import CompressedLinear, SharedInput
 
@@ -32,16 +34,50 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_layer")  # the usual names of an untied output head
+# task heads (Hugging Face's names): a classifier, a score, a question-answering span head, a pooler
+TASK_HEAD_NAMES = ("score", "classifier", "qa_outputs", "pooler", "cls", "pre_classifier")
 
 
 def _heads(model: nn.Module) -> set[int]:
     """ids of the layers the recipe keeps uncompressed: the output embeddings (a Hugging Face model's
-    `get_output_embeddings()`), layers whose weight is an embedding's (a tied head), and layers named like a head."""
+    `get_output_embeddings()`), layers whose weight is an embedding's (a tied head), layers named like a head or a
+    task head (TASK_HEAD_NAMES, anywhere in their path), and any linear whose output width is the model's label count
+    (`config.num_labels`)."""
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    heads = {id(m) for name, m in model.named_modules()
-             if _is_linear(m) and (id(m.weight) in tied or name.rpartition(".")[2] in HEAD_NAMES)}
+    config = getattr(model, "config", None)
+    labels = getattr(config, "num_labels", None) if config is not None and getattr(config, "architectures", None) and \
+        any(a.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                        "ForMultipleChoice")) for a in config.architectures) else None
+    heads = set()
+    for name, m in model.named_modules():
+        if not _is_linear(m):
+            continue
+        parts = name.split(".")
+        if isinstance(m.weight, nn.parameter.UninitializedParameter):
+            continue  # a lazy layer: refused by name when its turn comes
+        out_features = m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
+        if id(m.weight) in tied or parts[-1] in HEAD_NAMES or set(parts) & set(TASK_HEAD_NAMES) or \
+                labels is not None and out_features == labels:
+            heads.add(id(m))
     output = getattr(model, "get_output_embeddings", lambda: None)()
     return heads | ({id(output)} if isinstance(output, nn.Module) else set())
+
+
+def _check_widths(layer: "CompressedLinear", comp: Compression, name: str) -> None:
+    """Every format of the layer can take its tensors: the weight (out, in), the input (..., in), and the data-
+    gradient's operands (..., out); refused naming the layer, before any forward pass."""
+    out, inp = layer.out_features, layer.in_features
+    checks = [("weights", comp.w_fmt, (out, inp)), ("activations", comp.a_fmt, (1, inp))]
+    if comp.bwd_fmts is not None:
+        checks += [("dL/dY in dgrad", comp.bwd_fmts[0], (1, out)), ("W in dgrad", comp.bwd_fmts[1], (inp, out))]
+    for what, fmt, shape in checks:
+        if fmt is None:
+            continue
+        try:
+            fmt.check_shape(shape)
+        except InputError as err:
+            raise InputError(f"compress_: layer {name} ({out} x {inp}): its {what} format cannot take it ({err}); "
+                             "leave it out with filter_fn, or choose a format whose blocks divide it") from None
 
 
 @dataclass
@@ -127,7 +163,10 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
     compressed module under all of them; an already compressed model is refused unless `replace` (then decompressed
     first)."""
     if compression is None and recipe is None:
-        raise InputError("compress_: give a compression (a label such as 'int4/int4', or a Compression) or recipe=NAME")
+        compression = stored_compression(model)  # a model saved after compress_ carries its recipe
+        if compression is None:
+            raise InputError("compress_: give a compression (a label such as 'int4/int4', or a Compression) or "
+                             "recipe=NAME (this model's config carries none)")
     if _is_linear(model) or isinstance(model, CompressedLinear):
         raise InputError("compress_: the model is a single linear layer; put it inside a module (nn.Sequential) so "
                          "that it can be replaced")
@@ -152,13 +191,18 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
         if not _is_linear(module):
             continue
         if not accept(module, name) or id(module) in dense:
-            summary.skipped[name] = dense.get(id(module)) or ("the output head (or tied to an embedding): kept in high "
-                                                              "precision" if id(module) in heads else "not chosen by "
+            summary.skipped[name] = dense.get(id(module)) or ("a head (output, task, or tied to an embedding): kept in "
+                                                              "high precision" if id(module) in heads else "not chosen by "
                                                               "filter_fn")
+            continue
+        if isinstance(model.get_submodule(name.rpartition(".")[0]) if "." in name else model, nn.MultiheadAttention):
+            summary.skipped[name] = ("nn.MultiheadAttention's out_proj: the attention calls its weight directly, so a "
+                                     "replaced layer would never run; left uncompressed")
             continue
         if (why := _cannot_honour(module, name)) is not None:
             raise InputError(f"compress_: {why}")
         layer = CompressedLinear.from_linear(module, comp)
+        _check_widths(layer, comp, name)
         parent_name, _, child = name.rpartition(".")
         layer.__dict__["shared_input"] = siblings.setdefault((parent_name, layer.in_features), layer.shared_input)
         for alias in names[id(module)]:  # a shared module: the one compressed layer under each of its names
@@ -167,11 +211,30 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
         summary.append(CompressedLayer(name, (layer.out_features, layer.in_features),
                                        None if comp.w_fmt is None else str(comp.w_fmt),
                                        None if comp.a_fmt is None else str(comp.a_fmt), layer.hadamard_block))
+    for name, param in model.named_parameters():
+        if param.dim() == 3:  # fused expert weights of a mixture of experts: not an nn.Linear, said rather than hidden
+            summary.skipped[name] = (f"a 3-D parameter {tuple(param.shape)} (fused mixture-of-experts weights?): not a "
+                                     "linear layer, left uncompressed")
     if not summary:
         raise InputError("compress_: no linear layer matched (the default leaves the output head and "
                          "embedding-tied layers alone; pass filter_fn to choose)")
     model.capscale_summary = summary
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):  # a Hugging Face config: save_pretrained stores the recipe
+        config.capscale = {"compression": comp.settings(), "capscale_version": package_version()}
     return model
+
+
+def stored_compression(model: nn.Module) -> Compression | None:
+    """The Compression a Hugging Face model's config carries (`compress_` stored it; `save_pretrained` wrote it and
+    `from_pretrained` read it back), or None."""
+    stored = getattr(getattr(model, "config", None), "capscale", None)
+    if not isinstance(stored, dict) or not isinstance(stored.get("compression"), dict):
+        return None
+    try:
+        return Compression(**{k: v for k, v in stored["compression"].items()})
+    except (TypeError, InputError) as err:
+        raise InputError(f"compress_: the model's config carries a capscale recipe that does not build ({err})") from None
 
 
 def decompress_(model: nn.Module) -> nn.Module:

@@ -123,7 +123,7 @@ def rotate(v: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
     One dense product per block (`hadamard_block` defaults to 128, where it beats the fast transform)."""
     block = hadamard.shape[0]
     with torch.autocast(v.device.type, enabled=False):
-        return (v.float().reshape(-1, block) @ hadamard).reshape(v.shape)
+        return (v.float().reshape(-1, block) @ hadamard.float()).reshape(v.shape)
 
 
 class SharedInput:
@@ -204,15 +204,29 @@ class CompressedLinear(nn.Linear):
         return (f"{super().extra_repr()}, w={self.comp.w_fmt}, a={self.comp.a_fmt}, hadamard={self.hadamard_block}"
                 + (", transposed" if self.transposed else ""))
 
+    def _apply(self, fn, *args, **kwargs):
+        """After any move or cast (`.to(bf16)`, `.cuda()`, `to_empty` after building on the meta device), the
+        rotation is built again, in float32, where the weight now lives: never cast, never left uninitialised."""
+        super()._apply(fn, *args, **kwargs)
+        if getattr(self, "hadamard_block", 0) and not self.weight.is_meta:
+            self.hadamard = hadamard_matrix(self.hadamard_block).to(self.weight.device)
+        return self
+
     def _compress_input(self, x):
-        return compress(rotate(x, self.hadamard) if self.hadamard_block else x, self.comp.a_fmt, self.comp)
+        return compress(rotate(x, self.hadamard) if self.hadamard_block else x.float(), self.comp.a_fmt, self.comp)
 
     def forward(self, x):
+        """Formats quantize in float32 (a bf16 or fp16 model's tensors are upcast first); the product is taken in the
+        input's dtype, as the model computes it."""
+        dtype = x.dtype
         w = self.weight.t() if self.transposed else self.weight
         if self.hadamard_block:
             w = rotate(w, self.hadamard)
+        elif self.comp.w_fmt is not None:
+            w = w.float()
         x = self.shared_input(x, self._compress_input, self) if self.hadamard_block or self.comp.a_fmt else x
         w = compress(w, self.comp.w_fmt, self.comp)
+        x, w = x.to(dtype), w.to(dtype)
         if self.comp.bwd_fmts is None:
             return F.linear(x, w, self.bias)
         y = _BackwardFormats.apply(x, w, self.comp)
