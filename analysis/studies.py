@@ -7,6 +7,9 @@
   did; its `w_bits`/`a_bits` fields do not always (the fp4 runs say 16).
 - `t5`: the 48 sparse T5 runs of Frantar et al. (google-research/jaxpruner, Apache-2.0): unstructured
   magnitude sparsity of the weights, `sparse(S)`, against the dense runs.
+  QuEST's weight-only runs rotate only the weight (`rotation` = weight: its NoQuantizer returns the activation as it
+  is), and its full- and half-rotation W&A runs compute the same function: the published "full" runs differ from the
+  half ones in their token budgets (25/50 against 100 tokens per parameter), not in recipe.
 - `quartet`: the 174 MXFP4 scaling runs of Quartet (IST-DASLab/Quartet, MIT license; Llama-style decoders on C4,
   30M-200M with 430M and 800M baselines, 25 to ~1,600 tokens per parameter): forward-only, backward-only and
   crossed. A label-only table: `forward` and `backward` columns name each pass's quantizer (the paper's names,
@@ -77,9 +80,11 @@ def quest_runs() -> pd.DataFrame:
         w, w_rot, w_est = _spec(run["w_quant"], run["w_bits"], where)
         a, a_rot, a_est = _spec(run["a_quant"], run["a_bits"], where)
         rotation, estimator = w_rot or a_rot, w_est or a_est
-        label = format_label(w, a)
+        label = format_label(w, a)  # labelled by the quantizer class, as the published efficiencies name them
         if rotation is not None and (rotation != QUEST_MAIN_ROTATION or estimator != "trust"):
             label += f" [{estimator}, {rotation} rotation]" if rotation != "none" else f" [{estimator}, unrotated]"
+        if a is None and rotation not in (None, "none"):
+            rotation = "weight"  # NoQuantizer activations stay unrotated: y = x Q(W H)^T (reference section 5b)
         rows.append({"format": label, "w_format": w, "a_format": a, "params": run["non_embedding_parameters"],
                      "tokens": run["tokens"], "loss": run["loss"], "rotation": rotation, "estimator": estimator,
                      "clip_scale": run.get("clip_scale"), "quest_w_quant": run["w_quant"],

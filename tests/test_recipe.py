@@ -109,3 +109,22 @@ def test_rotation_under_bf16_autocast_is_exact_to_float32():
         inside = rotate(x, hadamard_matrix(128))
     assert inside.dtype == torch.float32
     torch.testing.assert_close(inside, fwht(x.double(), 128).float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["int2", "int4", "fp4"])
+def test_a_weight_only_layer_leaves_the_activation_unrotated_as_quest_does(name):
+    """QuEST's weight-only runs (a_quant NoQuantizer, which returns its input as it is) compute y = x Q(W H)^T: the
+    weight rotated and quantized, the activation NOT rotated (reference section 5b). `both` keeps capscale 0.2's
+    (x H) Q(W H)^T, which the shipped CPU studies were trained with."""
+    spec = SPECS[name]
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(24, 256, generator=gen, dtype=torch.float64)
+    x = torch.randn(6, 256, generator=gen, dtype=torch.float64)
+    H = np.kron(np.eye(2), VECTORS["H128"])
+    wq, _ = quest_direct(weight.numpy() @ H, name)
+    for setting, expected in (("weight", x.numpy() @ wq.T), ("both", (x.numpy() @ H) @ wq.T)):
+        layer = CompressedLinear(256, 24, Compression(spec, None, weight_only_rotation=setting))
+        layer.weight.data = weight.float()
+        y = layer(x.float()).detach().double().numpy()
+        assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-5, setting
+    assert Compression(spec).weight_only_rotation == "weight"  # QuEST's, the default for new runs

@@ -22,6 +22,7 @@ ESTIMATORS = ("ste", "clipped", "trust")
 BACKWARD_MASKS = ("masked", "dense", "rbbm")
 SPARSE_QUANTIZED = ("quest", "unrotated")
 FP4_TRUST = ("intended", "as-run")
+WEIGHT_ONLY_ROTATIONS = ("weight", "both")
 
 
 def _option(help: str, **argparse_kwargs) -> dict:
@@ -74,6 +75,10 @@ class Compression:
         "QuEST's code ran with (half the top gap of its 20-iteration Lloyd-Max levels, 0.3186 RMS), which produced "
         "the published fp4 efficiency", choices=FP4_TRUST))
 
+    weight_only_rotation: str = field(default="weight", metadata=_option(
+        "a layer whose weights quantize and whose activations do not: `weight` (QuEST's code: y = x Q(W H)^T, the "
+        "activation left unrotated, as its NoQuantizer returns it) or `both` (capscale 0.2: y = (x H) Q(W H)^T, "
+        "the product in the rotated domain)", choices=WEIGHT_ONLY_ROTATIONS))
     g_format: str | None = field(default=None, metadata=_option(
         "backward pass: format of the output gradient dL/dY in both backward products, quantized along each "
         "product's contraction dimension (default: exact; rounding=stochastic makes it unbiased)"))
@@ -100,7 +105,7 @@ class Compression:
     # when they differ from it, and a record without them was trained that way.
     RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended", "g_format": None, "gw_format": None,
                        "gx_format": None, "bwd_hadamard_block": 0, "dgrad_format": None, "wgrad_format": None,
-                       "keep_dense": 0.0, "recipe": None}
+                       "keep_dense": 0.0, "recipe": None, "weight_only_rotation": "both"}
     BACKWARD = ("g_format", "gw_format", "gx_format", "dgrad_format", "wgrad_format")
 
     def __post_init__(self):
@@ -132,6 +137,9 @@ class Compression:
         if self.sparse_quantized not in SPARSE_QUANTIZED:
             raise InputError(f"sparse_quantized must be one of {', '.join(SPARSE_QUANTIZED)}, "
                              f"got {self.sparse_quantized!r}")
+        if self.weight_only_rotation not in WEIGHT_ONLY_ROTATIONS:
+            raise InputError(f"weight_only_rotation must be one of {', '.join(WEIGHT_ONLY_ROTATIONS)}, got "
+                             f"{self.weight_only_rotation!r}")
         if self.fp4_trust not in FP4_TRUST:
             raise InputError(f"fp4_trust must be one of {', '.join(FP4_TRUST)}, got {self.fp4_trust!r}")
         for spec in (self.w_format, self.a_format, *self.backward_formats):
@@ -217,6 +225,12 @@ class Compression:
                       for f, q in zip(formats, quantizes))
         return self.hadamard_block if self.rotate and any(quantizes) and not blocked else 0
 
+    def rotates_activation_only_with_weights(self) -> bool | None:
+        """For a weight-only layer that rotates (None otherwise): whether its activation is rotated too (`both`)."""
+        if self.a_fmt is not None or self.w_fmt is None or not self.rotation_block:
+            return None
+        return self.weight_only_rotation == "both"
+
     def block_for(self, width: int) -> int:
         """The Hadamard block of a layer with this input width: 0 (none) or a power of two dividing it."""
         return block_dividing(self.rotation_block, width)
@@ -240,6 +254,7 @@ class Compression:
         are at the behaviour of the runs recorded before them (so those runs keep their keys)."""
         formats = [f for f in (self.w_fmt, self.a_fmt) if f is not None]
         acts = {"sparse_quantized": any(self._sparse_and_quantized(f) for f in formats),
+                "weight_only_rotation": self.rotates_activation_only_with_weights() is not None,
                 "fp4_trust": self.estimator == "trust" and self.trust is None and any(map(self._is_fp4, formats))}
         return {k: v for k, v in self.settings().items() if k != "recipe"  # a name for settings that are keyed anyway
                 and (k not in self.RECORDED_BEFORE or acts.get(k, True) and v != self.RECORDED_BEFORE[k])}

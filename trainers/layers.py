@@ -224,7 +224,8 @@ class CompressedLinear(nn.Linear):
             w = rotate(w, self.hadamard)
         elif self.comp.w_fmt is not None:
             w = w.float()
-        x = self.shared_input(x, self._compress_input, self) if self.hadamard_block or self.comp.a_fmt else x
+        rotate_input = self.hadamard_block and self.comp.rotates_activation_only_with_weights() is not False
+        x = self.shared_input(x, self._compress_input, self) if rotate_input or self.comp.a_fmt else x
         w = compress(w, self.comp.w_fmt, self.comp)
         x, w = x.to(dtype), w.to(dtype)
         if self.comp.bwd_fmts is None:
