@@ -206,3 +206,28 @@ def test_e_is_identified_only_by_a_narrow_interval():
     lo, hi = boot.intervals(law.values()).loc["E", ["lo", "hi"]]
     assert (row["verdict"] == "ok") == (hi <= 2 * lo)
     assert "hi/lo <= 2" in row["detail"]
+
+
+def test_a_crossed_label_only_table_reads_bf16_gradients_as_exact_ones():
+    """`forward`/`backward` columns, no `format` column, bf16 for exact gradients: effD[exact] = 1 (today's refusal
+    of such a table, and bf16 as a backward configuration of its own, were the bugs)."""
+    table = simulate_runs({"bf16": 1.0, "int4": 0.8}, eff_d={"none": 1.0, "int8": 0.8}, noise=0.002, seed=1,
+                          tokens_per_param=(20, 50, 100))
+    table = table.drop(columns=["format", "w_format", "a_format"])
+    table["backward"] = table["backward"].replace("none", "bf16")
+    runs = load_runs(table, name="crossed")
+    law = DecoupledLaw().fit(runs)
+    assert set(law.eff_d_) == {"none", "int8"} and law.eff_d_["none"] == 1.0
+    assert law.eff_d_["int8"] == pytest.approx(0.8, abs=0.06)
+
+
+def test_what_to_use_lists_the_formats_it_could_not_rank(tmp_path):
+    from capscale.analysis.report import decisions
+    from capscale.analysis.runs import format_table
+    runs = load_runs(simulate_runs({"bf16": 1.0, "mine A": 0.8, "mine B": 0.6}, noise=0.003, seed=2), name="labels")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = capscale.fit(runs, bootstrap=0, progress=False)
+    decision = decisions(fit, format_table(runs), progress=False)
+    assert "omitted" in decision and set(decision["unranked"]) == {"mine A", "mine B"}
+    assert "bits per value are unknown" in decision["unranked"]["mine A"]
