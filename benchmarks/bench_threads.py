@@ -13,7 +13,8 @@ import torch
 
 from capscale.trainers.compression import Compression
 from capscale.trainers.data import load_tokens, random_batch
-from capscale.trainers.model import Decoder, config_for_params
+from capscale.trainers.compress import compressed_decoder
+from capscale.trainers.model import config_for_params
 from capscale.trainers.threads import default_threads
 from capscale.trainers.train import _optimizer
 
@@ -23,7 +24,7 @@ SIZES = (20_000, 400_000, 3_000_000)
 def tokens_per_s(params: int, threads: int, steps: int) -> float:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = Decoder(config_for_params(params), Compression(w_format="int4", a_format="int4"))
+    model = compressed_decoder(config_for_params(params), Compression(w_format="int4", a_format="int4"))
     opt = _optimizer(model, 1e-3, 0.1, "matrices")
     data, gen = load_tokens(), torch.Generator().manual_seed(0)
     batch = 16

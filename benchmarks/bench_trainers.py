@@ -30,6 +30,7 @@ from capscale.trainers.compression import Compression
 from capscale.trainers.data import load_tokens, random_batch
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.memory import GIB
+from capscale.trainers.compress import compressed_decoder
 from capscale.trainers.model import Decoder, config_for_params, flops_per_token
 from capscale.trainers.train import _optimizer, _step, plan_for, train
 
@@ -120,7 +121,7 @@ def memory_one(name: str, w: str, a: str, batch: int) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss("VmRSS")
-    model = Decoder(cfg.model_config(cfg.vocab_size), cfg.compression)
+    model = compressed_decoder(cfg.model_config(cfg.vocab_size), cfg.compression)
     optimizer = _optimizer(model, 1e-4, 0.1, "linear")
     window = torch.randint(0, cfg.vocab_size, (batch, cfg.context + 1))
     started = time.perf_counter()

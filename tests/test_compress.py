@@ -30,10 +30,13 @@ def tiny_gpt2(seed: int = 0):
 
 
 def by_hand(layer: CompressedLinear, x: torch.Tensor) -> torch.Tensor:
-    """The format applied without the module: rotate both operands, compress each, multiply, add the bias."""
+    """The format applied without the module: rotate the operands (a weight-only layer, QuEST's way, only the
+    weight), compress each, multiply, add the bias."""
     w = layer.weight.t() if layer.transposed else layer.weight
     if layer.hadamard_block:
-        x, w = rotate(x, layer.hadamard), rotate(w, layer.hadamard)
+        w = rotate(w, layer.hadamard)
+        if layer.comp.rotates_activation_only_with_weights() is not False:
+            x = rotate(x, layer.hadamard)
     a_fmt, w_fmt = layer.comp.a_fmt, layer.comp.w_fmt
     return F.linear(a_fmt(x) if a_fmt else x, w_fmt(w) if w_fmt else w, layer.bias)
 

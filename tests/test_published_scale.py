@@ -24,6 +24,7 @@ from capscale.trainers.compression import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.layers import CompressedLinear, compress_with_mask, rotate
 from capscale.trainers.memory import GIB, step_bytes
+from capscale.trainers.compress import compressed_decoder
 from capscale.trainers.model import Decoder, ModelConfig
 from capscale.trainers.sweep import load_sweep, run_sweep
 from capscale.trainers.train import _lr_at, _step, plan_for, train, train_and_record
@@ -41,7 +42,7 @@ def _grads_after(model, x, y, micro):
 def test_accumulated_micro_batches_give_the_single_pass_gradients(w, a):
     """Per-row and per-token scales, and weight masks computed from the weights alone, make every micro-batch see
     the formats the whole batch sees: accumulation differs from one pass only by float rounding."""
-    model = Decoder(ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, context=32), Compression(w, a))
+    model = compressed_decoder(ModelConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=256, context=32), Compression(w, a))
     window = torch.randint(0, 256, (12, 33), generator=torch.Generator().manual_seed(0))
     x, y = window[:, :-1], window[:, 1:]
     loss_one, one = _grads_after(model, x, y, 12)
@@ -89,7 +90,7 @@ def test_the_memory_plan_counts_what_autograd_saves(cfg, w, a, autocast):
     """The plan's per-token and per-pass terms against the storages torch saves for backward (bf16 autocast on
     CPU stands in for the CUDA plan): equal to the byte, less the weights' quantization work space."""
     comp = Compression(w, a)
-    model = Decoder(cfg, comp)
+    model = compressed_decoder(cfg, comp)
     window = torch.randint(0, cfg.vocab_size, (3, cfg.context + 1))
     terms = step_bytes(cfg, comp, autocast=autocast)
     work = max((16 * layer.weight.numel() for layer in model.modules()
@@ -223,7 +224,7 @@ def test_quests_model_init_decay_and_width():
     assert float(model.embed.weight.detach().std()) == pytest.approx(0.02, rel=0.01)
     assert float(model.head.weight.detach().std()) == pytest.approx(0.02, rel=0.01)
     decayed, kept = model.decayed_parameters("linear")
-    assert {id(p) for p in decayed} == {id(m.weight) for m in model.modules() if isinstance(m, CompressedLinear)}
+    assert {id(p) for p in decayed} == {id(m.weight) for m in model.blocks.modules() if isinstance(m, torch.nn.Linear)}
     assert any(p is model.embed.weight for p in kept) and any(p is model.head.weight for p in kept)
     default_decayed, _ = Decoder(ModelConfig()).decayed_parameters("matrices")
     assert len(default_decayed) == 1 + 4 * 2  # capscale's default: the tied embedding and every block matrix

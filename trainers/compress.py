@@ -246,3 +246,12 @@ def decompress_(model: nn.Module) -> nn.Module:
     if hasattr(model, "capscale_summary"):
         del model.capscale_summary
     return model
+
+
+def compressed_decoder(cfg, comp: "Compression | None" = None) -> nn.Module:
+    """capscale's Decoder built plain, then every linear of its blocks compressed (`compress_`, no layer left out:
+    embeddings and the head are outside the blocks)."""
+    from .model import Decoder
+    model = Decoder(cfg)
+    compress_(model.blocks, comp or Compression(), filter_fn=lambda module, name: True)
+    return model

@@ -20,6 +20,7 @@ from capscale.capacity.structure import Hadamard
 from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
 from .memory import GIB, HEADROOM, device_budget
+from .compress import compressed_decoder
 from .model import Decoder, ModelConfig, count_non_embedding
 from .train import TrainConfig, load_state
 from .weights import gaussian_gmse, row_relative_mse
@@ -50,7 +51,7 @@ def load_checkpoint(path: "str | Path") -> tuple[Decoder, TrainConfig]:
     if available is not None and need > HEADROOM * available:
         raise capacity.InputError(f"{path}: its model needs {need / GIB:.1f} GiB, more than the "
                                   f"{available / GIB:.1f} GiB available")
-    model = Decoder(model_cfg, cfg.compression)
+    model = compressed_decoder(model_cfg, cfg.compression)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     tensors = state["model"]
     if not isinstance(tensors, dict) or {k: getattr(v, "shape", None) for k, v in tensors.items()} != expected:

@@ -1,8 +1,8 @@
 """A Llama-style decoder, readable top to bottom: RMSNorm, rotary embeddings, SwiGLU, no biases.
 
-The blocks are built from plain linear layers, then `compress_` makes every one of them a CompressedLinear
-(the same call that puts a format into any model), so weights and input activations pass through capacity
-formats; embeddings, norms and the output head stay in high precision. The
+The model is plain nn.Linear layers: `compressed_decoder` (trainers.compress) builds it and then `compress_` makes
+every linear of its blocks a CompressedLinear (the same call that puts a format into any model), so weights and
+input activations pass through capacity formats; embeddings, norms and the output head stay in high precision. The
 non-embedding count excludes the embedding and the head.
 
 Two models in one file, chosen by ModelConfig's fields (`ModelConfig.quest()` sets all of them):
@@ -21,8 +21,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compress import compress_
-from .layers import CompressedLinear, Compression
 
 
 def _linear(in_features: int, out_features: int) -> nn.Linear:
@@ -118,10 +116,12 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: ModelConfig, comp: Compression | None = None):
+    """A plain decoder of nn.Linear layers; `compressed_decoder` (trainers.compress) puts formats into its blocks with
+    the same `compress_` any model takes."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        comp = comp or Compression()
         self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
@@ -134,7 +134,6 @@ class Decoder(nn.Module):
         if cfg.init not in ModelConfig.INITS:
             raise ValueError(f"init must be one of {ModelConfig.INITS}, got {cfg.init!r}")
         self.apply(self._init)
-        compress_(self.blocks, comp, filter_fn=lambda module, name: True)  # the one path any model takes
         if cfg.init == "quest":  # GPT-2's scaled init of the projections that write into the residual stream
             for block in self.blocks:
                 for layer in (block.attn.proj, block.mlp.down):
@@ -152,7 +151,7 @@ class Decoder(nn.Module):
         """(weight-decayed, not decayed) parameters. "linear": only the linear weights inside the blocks (QuEST);
         "matrices": every matrix, the embedding and head included (capscale's default)."""
         if rule == "linear":
-            decayed = {id(m.weight) for m in self.blocks.modules() if isinstance(m, CompressedLinear)}
+            decayed = {id(m.weight) for m in self.blocks.modules() if isinstance(m, nn.Linear)}
         else:
             decayed = {id(p) for p in self.parameters() if p.dim() >= 2}
         params = list(self.parameters())
@@ -162,7 +161,7 @@ class Decoder(nn.Module):
         """The recipe as it ran: each compressed layer's Hadamard block (0: not rotated), by layer name."""
         first = self.blocks[0]
         layers = {"qkv": first.attn.qkv, "proj": first.attn.proj, "gate_up": first.mlp.gate_up, "down": first.mlp.down}
-        return {name: layer.hadamard_block for name, layer in layers.items()}
+        return {name: getattr(layer, "hadamard_block", 0) for name, layer in layers.items()}
 
     def non_embedding_params(self) -> int:
         return sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm.parameters())

@@ -31,7 +31,7 @@ from capscale.capacity.runtable import append_record, claim, finished_keys, requ
 from .config import TrainConfig
 from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
 from .memory import MemoryPlan, plan_memory
-from .model import Decoder
+from .compress import compressed_decoder
 
 __all__ = ["TrainConfig", "train", "train_or_fail", "train_and_record", "plan_for"]
 
@@ -192,7 +192,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
 def _fresh(cfg: TrainConfig, vocab_size: int, device: str):
     """The run's model, optimizer and batch-order generator at step 0, from its seed."""
     torch.manual_seed(cfg.seed)
-    model = Decoder(cfg.model_config(vocab_size), cfg.compression).to(device)
+    model = compressed_decoder(cfg.model_config(vocab_size), cfg.compression).to(device)
     lr = cfg.resolved_lr(model.non_embedding_params())
     return model, _optimizer(model, lr, cfg.weight_decay, cfg.decay), torch.Generator().manual_seed(cfg.seed)
 
