@@ -70,7 +70,7 @@ def test_the_recipe_travels_with_save_pretrained(tmp_path):
 
 
 def test_a_diverged_runs_record_is_strict_json(tmp_path):
-    from capscale.capacity.runtable import append_record
+    from capscale.trainers.runlog import append_record
     path = tmp_path / "runs.jsonl"
     append_record(path, {"format": "int2", "params": 1000, "tokens": 10, "loss": float("nan"), "status": "diverged"})
     line = path.read_text().strip()

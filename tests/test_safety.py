@@ -15,7 +15,8 @@ from capscale import capacity
 from capscale.analysis.laws import DecoupledLaw
 from capscale.analysis.runs import load_runs
 from capscale.analysis.simulate import simulate_runs
-from capscale.capacity.runtable import append_record, claim, read_lines, read_records
+from capscale.capacity.runtable import read_lines, read_records
+from capscale.trainers.runlog import append_record, claim
 
 SWEEP = """runs = "runs.jsonl"
 sizes = [3000, 6000]

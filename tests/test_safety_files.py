@@ -22,7 +22,8 @@ from capscale.analysis.report import markdown_text
 from capscale.analysis.runs import load_runs
 from capscale.analysis.simulate import simulate_runs
 from capscale.capacity.paths import REPORT_MARKER, write_files
-from capscale.capacity.runtable import append_record, claim, process_start, read_records
+from capscale.capacity.runtable import read_records
+from capscale.trainers.runlog import append_record, claim, process_start
 
 
 def snapshot(root: Path) -> dict:

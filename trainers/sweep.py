@@ -44,7 +44,9 @@ from capscale.capacity import InputError, is_uncompressed, load_plugin
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
-from capscale.capacity.runtable import finished_keys, held_elsewhere, read_records, require_run_table, set_aside
+from capscale.capacity.runtable import finished_keys, read_records, require_run_table
+
+from .runlog import held_elsewhere, set_aside
 
 from .data import CORPORA
 from .config import TrainConfig

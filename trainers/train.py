@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 from capscale import capacity
 from capscale.capacity.paths import atomic_write
 from capscale.capacity.provenance import package_version
-from capscale.capacity.runtable import append_record, claim, finished_keys, require_run_table, set_aside
+from capscale.capacity.runtable import finished_keys, require_run_table
+
+from .runlog import append_record, claim, set_aside
 
 from .config import TrainConfig
 from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
