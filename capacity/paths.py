@@ -161,6 +161,11 @@ def strict_json(value):
 
 
 def cache_dir() -> Path:
+    """$CAPSCALE_CACHE, else the user cache directory's capscale folder; refused in one line if it names a file."""
     if "CAPSCALE_CACHE" in os.environ:
-        return Path(os.environ["CAPSCALE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "capscale"
+        folder = Path(os.environ["CAPSCALE_CACHE"])
+    else:
+        folder = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "capscale"
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"CAPSCALE_CACHE {folder}: exists and is not a folder; point it at a folder")
+    return folder

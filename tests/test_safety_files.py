@@ -511,3 +511,30 @@ def test_no_code_or_settings_from_the_working_directory(tmp_path, capscale_cli):
     probe = ("import matplotlib; from capscale.analysis import plots; print(matplotlib.rcParams['figure.dpi'])")
     shown = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert shown.returncode == 0 and float(shown.stdout.strip()) < 1000, shown.stderr[-500:]
+
+
+def test_malformed_sweep_files_and_stray_settings_are_refused_in_one_line(tmp_path, monkeypatch):
+    from capscale.trainers.sweep import load_sweep
+    (tmp_path / "utf16.toml").write_bytes('runs = "r.jsonl"\n'.encode("utf-16"))
+    (tmp_path / "deep.toml").write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    os.mkfifo(tmp_path / "fifo.toml")
+    (tmp_path / "zero.toml").symlink_to("/dev/zero")
+    for name, why in (("utf16.toml", "not UTF-8"), ("deep.toml", "nested too deeply"),
+                      ("fifo.toml", "not a regular file"), ("zero.toml", "not a regular file")):
+        with pytest.raises(InputError, match=why):
+            load_sweep(tmp_path / name)
+    grid = "[" + ",".join(str(1000 + i) for i in range(1000)) + "]"
+    (tmp_path / "huge.toml").write_text(f'sizes = {grid}\ntokens_per_param = {grid}\nformats = [{{w = "bf16"}}]\n')
+    with pytest.raises(InputError, match="1,000,000 runs; a sweep file holds at most 100,000"):
+        load_sweep(tmp_path / "huge.toml")
+    from capscale.trainers.train import launch_world
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(InputError, match="not a torchrun launch"):
+        launch_world()
+    monkeypatch.delenv("WORLD_SIZE")
+    from capscale.capacity.paths import cache_dir
+    monkeypatch.setenv("CAPSCALE_CACHE", str(tmp_path / "utf16.toml"))
+    with pytest.raises(InputError, match="CAPSCALE_CACHE .* not a folder"):
+        cache_dir()

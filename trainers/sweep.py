@@ -90,8 +90,18 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     elsewhere). A sweep file shipped inside the package writes into the working directory instead."""
     path = Path(path)
     folder = Path(folder) if folder is not None else path.parent
+    if not path.exists():
+        raise InputError(f"{path}: no such sweep file")
+    if not path.is_file():  # a FIFO would hang the read, a device never end it
+        raise InputError(f"{path}: not a regular file (a folder, a FIFO or a device?): a sweep file is TOML text")
+    if path.stat().st_size > MAX_SWEEP_FILE_BYTES:
+        raise InputError(f"{path}: {path.stat().st_size:,} bytes; a sweep file is at most {MAX_SWEEP_FILE_BYTES:,}")
     try:
-        spec = tomllib.loads(path.read_text())
+        spec = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a sweep file is TOML in UTF-8") from None
+    except RecursionError:
+        raise InputError(f"{path}: nested too deeply to be a sweep file") from None
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise InputError(f"{path}: cannot read sweep file: {err}") from None
     for key in ("tokens_per_param", "formats"):
@@ -163,6 +173,7 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
 
 
 MAX_SWEEP_RUNS = 100_000  # runs one sweep file may plan: checked before any config is built
+MAX_SWEEP_FILE_BYTES = 1 << 20
 
 FORMAT_KEYS = ("w", "a", "g", "gw", "gx", "bwd", "dgrad", "wgrad", "recipe")  # a format entry: forward specs,
 # backward specs per operand (bwd: all three) or per GEMM (dgrad, wgrad), or a named recipe

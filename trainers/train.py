@@ -116,11 +116,29 @@ def require_device(device: str) -> None:
         raise capacity.InputError(f"--device {device!r}: expected cpu, cuda or cuda:K")
 
 
+TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launch_world() -> tuple[int, int]:
+    """(processes, this one's rank) of the launch: WORLD_SIZE > 1 only under torchrun, which sets its companions; a
+    stray WORLD_SIZE is refused in one line rather than failing the run inside the process group."""
+    try:
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise capacity.InputError("WORLD_SIZE and RANK must be whole numbers (torchrun sets them)") from None
+    missing = [v for v in TORCHRUN_VARIABLES if v not in os.environ]
+    if world > 1 and missing:
+        raise capacity.InputError(f"WORLD_SIZE={world} is set but {', '.join(missing)} are not: this is not a torchrun "
+                                  "launch; unset WORLD_SIZE, or launch with torchrun --nproc-per-node N")
+    if world < 1 or not 0 <= rank < world:
+        raise capacity.InputError(f"WORLD_SIZE={world}, RANK={rank}: expected 0 <= RANK < WORLD_SIZE")
+    return world, rank
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> dict:
     """Train one model; return its run record. Raises on bad input (a run that cannot fit included); the caller
     records crashes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = launch_world()
     device = cfg.device
     require_device(device)
     batch = cfg.resolved_batch_size()
@@ -254,7 +272,7 @@ def train_and_record(cfg: TrainConfig, runs: "str | Path", progress: bool = True
     """Train a run and append its record to the table `runs`; None, without training, if the run already finished
     there or another live process has claimed it. A crash is recorded as failed (a later sweep retries it); bad
     input raises. Under torchrun every rank trains and rank 0 writes."""
-    key, distributed = cfg.key(), int(os.environ.get("WORLD_SIZE", "1")) > 1
+    key, distributed = cfg.key(), launch_world()[0] > 1
     require_device(cfg.device)
     require_run_table(runs)
     if key in finished_keys(runs):
