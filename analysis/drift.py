@@ -93,19 +93,6 @@ class _TokenLaw(DecoupledLaw):
         e_range = (log_e_floor(loss), None) if fixed is None else fixed
         return [(None, None)] * (k_a + len(self.backwards_)) + [e_range] + [(1e-3, 5.0)] * 2
 
-    def restore(self, theta, runs):
-        self._prepare(runs)
-        self._prepare_extra(runs)
-        theta = np.asarray(theta, float)
-        if theta.shape != (self._size(),) or not np.all(np.isfinite(theta)):
-            raise InputError(f"a {self.law} fit of these runs has {self._size()} finite constants; got {theta.size}")
-        with np.errstate(over="ignore"):
-            self._set(runs, optimize.OptimizeResult(x=theta, fun=np.nan))
-        if not np.all(np.isfinite(self.residuals_)):
-            raise InputError("its constants do not predict a finite loss for every run")
-        self.objective_ = huber_total(self.residuals_, self.delta)
-        return self
-
 
 class DriftLaw(_TokenLaw):
     law = "drift"

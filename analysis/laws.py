@@ -307,17 +307,26 @@ class DecoupledLaw(ScalingLaw):
         minima = set(np.flatnonzero(np.isfinite(objective) & (objective <= neighbours)))
         return [(objective.flat[g], alpha[g], beta[g], coef[g]) for g in sorted(best | minima, key=objective.flat.__getitem__)]
 
+    def _size(self) -> int:
+        """How many constants this law's optimiser vector `theta_` holds on the prepared runs."""
+        return len(self.formats_) + len(self.backwards_) + 3
+
+    def _prepare_extra(self, runs: pd.DataFrame) -> None:
+        """What a law beyond the decoupled one reads of the runs besides `_prepare`'s arrays (nothing here)."""
+
     def restore(self, theta, runs: pd.DataFrame) -> "DecoupledLaw":
-        """This law as fitted at the optimum `theta` (log A_f, log B_g, log E, alpha, beta: a saved fit's), its
-        residuals and objective recomputed on `runs`."""
+        """This law as fitted at the optimum `theta` (its `theta_`: a saved fit's), its residuals and objective
+        recomputed on `runs`."""
         self._prepare(runs)
+        self._prepare_extra(runs)
         theta = np.asarray(theta, float)
-        size = len(self.formats_) + len(self.backwards_) + 3
-        if theta.shape != (size,) or not np.all(np.isfinite(theta)) or not np.all(theta[-2:] > 0):
-            raise InputError(f"a decoupled fit of {len(self.formats_)} formats has {size} finite constants with "
-                             f"positive exponents; got {theta.size}")
+        if theta.shape != (self._size(),) or not np.all(np.isfinite(theta)):
+            raise InputError(f"a {self.law} fit of {len(self.formats_)} formats has {self._size()} finite constants; "
+                             f"got {theta.size}")
         with np.errstate(over="ignore"):
             self._set(runs, optimize.OptimizeResult(x=theta, fun=np.nan))
+        if not (self.params_["alpha"] > 0 and self.params_["beta"] > 0):
+            raise InputError("its exponents alpha and beta must be positive")
         if not np.all(np.isfinite(self.residuals_)):
             raise InputError("its constants do not predict a finite loss for every run")
         self.objective_ = huber_total(self.residuals_, self.delta)
