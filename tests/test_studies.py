@@ -67,3 +67,28 @@ def test_demo_on_the_quest_study_states_published_and_predicted_efficiencies(cap
     table = pd.DataFrame(results["published_comparison"])
     assert table["off_published"].max() < 0.05 and table["predicted"].notna().all()
     assert "Published efficiencies" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_the_paired_test_never_scores_a_format_on_cells_it_does_not_share_with_bf16():
+    """QuEST's int4/int4, int3/int3, int2/int2 share no (N, D) cell with bf16: once reported +0.112, +0.136, +0.189
+    and counted among the formats that differ; now listed as not compared, with the reason."""
+    from capscale.analysis.statistics import paired_mixed
+    from capscale.analysis.verdicts import differences_sentence
+    mixed = paired_mixed(load_runs(quest_runs(), name="quest"), "bf16")
+    rows = mixed.table.set_index("format")
+    for fmt in ("int4/int4", "int3/int3", "int2/int2"):
+        assert rows.loc[fmt, "note"] == "not compared: no (N, D) cell shared with bf16"
+        assert pd.isna(rows.loc[fmt, "log_loss_diff"]) and not rows.loc[fmt, "differs"]
+    sentence = differences_sentence(mixed, "bf16")
+    assert "15 of 17 formats differ" in sentence and "int4/int4 (no (N, D) cell shared with bf16)" in sentence
+
+
+def test_a_slash_splits_a_label_only_between_two_specs():
+    from capscale.capacity.runtable import split_label
+    assert split_label("int4/int4") == ("int4", "int4") and split_label("bf16/nvfp4") == ("bf16", "nvfp4")
+    assert split_label("nvfp4 4/6") == ("nvfp4 4/6", None)  # once weights 'nvfp4 4', activations '6'
+    table = load_runs(pd.DataFrame({"format": ["bf16", "bf16", "nvfp4 4/6", "nvfp4 4/6", "bf16", "nvfp4 4/6"],
+                                    "params": [1e6, 2e6, 1e6, 2e6, 4e6, 4e6], "tokens": [2e7, 8e7, 2e7, 8e7, 4e8, 4e8],
+                                    "loss": [3.0, 2.8, 3.1, 2.9, 2.6, 2.7]}), name="slash")
+    row = table[table["format"] == "nvfp4 4/6"].iloc[0]
+    assert row["a_format"] is None and "read as one label" in row["capacity_note"]
