@@ -128,3 +128,21 @@ def test_a_weight_only_layer_leaves_the_activation_unrotated_as_quest_does(name)
         y = layer(x.float()).detach().double().numpy()
         assert np.abs(y - expected).max() / np.abs(expected).max() < 1e-5, setting
     assert Compression(spec).weight_only_rotation == "weight"  # QuEST's, the default for new runs
+
+
+def test_quests_data_order_and_step_rounding():
+    """Windows drawn without replacement per epoch, shuffled by a data seed apart from the model's; TOKENS //
+    tokens-per-step steps and a warm-up of ITERATIONS // 10 steps (QuEST's train.sh and src/data/utils.py)."""
+    from capscale.trainers.config import TrainConfig
+    from capscale.trainers.data import epoch_batch
+    from capscale.trainers.train import _lr_at
+    tokens = np.arange(1001)  # each token its own position
+    drawn = [int(x[0]) for step in range(10) for x in epoch_batch(tokens, 10, 10, step, 1337)[0]]
+    assert sorted(drawn) == list(range(0, 1000, 10))  # one epoch of 100 windows: each exactly once
+    assert torch.equal(epoch_batch(tokens, 10, 10, 12, 1337)[0], epoch_batch(tokens, 10, 10, 12, 1337)[0])
+    assert not torch.equal(epoch_batch(tokens, 10, 10, 12, 1337)[0], epoch_batch(tokens, 10, 10, 12, 7)[0])
+    quest = TrainConfig(tokens=3_000_000_000, context=512, batch_size=512, step_rounding="quest")
+    assert quest.steps() == 11_444  # the 30M model's 3B tokens, as QuEST's runs record
+    lr = [_lr_at(s, 11_444, 1.0, 0.1, "onecycle", whole=True) for s in (1142, 1143)]
+    assert lr[0] < 1.0 and lr[1] == pytest.approx(1.0)  # the peak after ITERATIONS // 10 = 1,144 warm-up steps
+    assert TrainConfig().key() == TrainConfig(sampling="random", step_rounding="ceil").key()  # old runs keep keys

@@ -23,6 +23,8 @@ from .model import ModelConfig, config_for_params
 DECAY_RULES = ("matrices", "linear")
 EXACT_PARAMS_TOLERANCE = 0.05
 SCHEDULES = ("cosine", "onecycle")
+SAMPLINGS = ("random", "epochs")
+STEP_ROUNDINGS = ("ceil", "quest")
 
 
 def _option(help: str, **argparse_kwargs) -> dict:
@@ -67,7 +69,19 @@ class TrainConfig:
         "which parameters are decayed: every matrix (embedding and head included) or only the linear weights "
         "inside the blocks (QuEST)", choices=DECAY_RULES))
     grad_clip: float = field(default=1.0, metadata=_option("gradient-norm clip", type=float))
-    eval_tokens: int = field(default=65_536, metadata=_option("validation tokens of the final evaluation", type=int))
+    eval_tokens: int = field(default=65_536, metadata=_option(
+        "validation tokens of the final evaluation; 0: the whole held-out split", type=int))
+    sampling: str = field(default="random", metadata=_option(
+        "training windows: `random` (starts drawn with replacement from the batch-order generator) or `epochs` "
+        "(QuEST's: windows at multiples of the context, each once per epoch, shuffled per epoch by --data-seed)",
+        choices=SAMPLINGS))
+    data_seed: int | None = field(default=None, metadata=_option(
+        "seed of the epochs' shuffles (QuEST: 1337, apart from the model seed; default: the run's seed)",
+        type=_optional_int))
+    step_rounding: str = field(default="ceil", metadata=_option(
+        "steps from the token budget: `ceil` (whole steps covering it, warm-up a fraction of them) or `quest` "
+        "(QuEST's train.sh: TOKENS // tokens-per-step steps, warm-up steps // 10 for warmup 0.1)",
+        choices=STEP_ROUNDINGS))
     data: str | None = field(default=None, metadata=_option(
         "text file or folder, or uint16 token shards (.bin, or a folder with train.bin and val.bin; give "
         "--vocab-size) (default: the installed KJV corpus)"))
@@ -94,15 +108,16 @@ class TrainConfig:
     # The settings that decide a run's result (with the compression settings); the rest say where and how it runs.
     RESULT_FIELDS = ("params", "n_layer", "n_head", "n_embd", "tokens", "seed", "context", "batch_size", "lr",
                      "warmup", "schedule", "weight_decay", "grad_clip", "eval_tokens", "data", "vocab_size", "decay",
-                     "tie_embeddings", "init", "norm_eps", "mlp_multiple")
+                     "tie_embeddings", "init", "norm_eps", "mlp_multiple", "sampling", "data_seed", "step_rounding")
     # Settings added after runs were recorded: they enter the key only when they differ from the behaviour of
     # those runs, so every recorded run keeps its key (and a sweep does not train it again).
     KEYED_WHEN_CHANGED = {"schedule": "cosine", "decay": "matrices", "tie_embeddings": True, "init": "fan_in", "norm_eps": 1e-6,
-                          "mlp_multiple": 0}
+                          "mlp_multiple": 0, "sampling": "random", "data_seed": None, "step_rounding": "ceil"}
 
     # Whole-number settings and their bounds: past these the work or memory would not be finite in practice.
-    BOUNDS = {"params": (1, 10 ** 12), "tokens": (1, 10 ** 14), "context": (2, 1 << 16), "eval_tokens": (1, 1 << 30),
+    BOUNDS = {"params": (1, 10 ** 12), "tokens": (1, 10 ** 14), "context": (2, 1 << 16), "eval_tokens": (0, 1 << 30),
               "checkpoint_every": (1, 1 << 40), "seed": (0, 2 ** 63 - 1), "mlp_multiple": (0, 1 << 16),
+              "data_seed": (0, 2 ** 63 - 1),
               "batch_size": (1, 1 << 20), "micro_batch_size": (1, 1 << 20), "n_layer": (1, 1024),
               "n_head": (1, 1 << 16), "n_embd": (1, 1 << 16), "vocab_size": (1, 65536)}
     REQUIRED_WHOLE = ("params", "tokens", "context", "eval_tokens", "checkpoint_every", "seed", "mlp_multiple")
@@ -123,6 +138,8 @@ class TrainConfig:
         need(real(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(self.decay in DECAY_RULES, "decay", f"one of {', '.join(DECAY_RULES)}")
         need(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}")
+        need(self.sampling in SAMPLINGS, "sampling", f"one of {', '.join(SAMPLINGS)}")
+        need(self.step_rounding in STEP_ROUNDINGS, "step_rounding", f"one of {', '.join(STEP_ROUNDINGS)}")
         need(real(self.grad_clip) and self.grad_clip > 0, "grad_clip", "a positive number")
         need(real(self.norm_eps) and self.norm_eps > 0, "norm_eps", "a positive number")
         need(self.init in ModelConfig.INITS, "init", f"one of {', '.join(ModelConfig.INITS)}")
@@ -175,8 +192,11 @@ class TrainConfig:
         return 16 if self.params < 1e6 else 32 if self.params < 3e7 else 64
 
     def steps(self) -> int:
-        """Optimizer steps: the token budget in whole steps of the batch."""
-        return math.ceil(self.tokens / (self.resolved_batch_size() * self.context))
+        """Optimizer steps: the token budget in whole steps of the batch (rounded up; QuEST's rounding: down)."""
+        per_step = self.resolved_batch_size() * self.context
+        if self.step_rounding == "quest":
+            return max(1, self.tokens // per_step)
+        return math.ceil(self.tokens / per_step)
 
     def resolved_lr(self, n_params: int) -> float:
         return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
@@ -185,7 +205,7 @@ class TrainConfig:
     OPTION_GROUPS = {
         "the model": ("params", "exact_params", "n_layer", "n_head", "n_embd", "tie_embeddings", "init", "norm_eps",
                       "mlp_multiple", "context", "vocab_size"),
-        "data and budget": ("tokens", "data", "eval_tokens", "seed"),
+        "data and budget": ("tokens", "data", "eval_tokens", "seed", "sampling", "data_seed", "step_rounding"),
         "optimiser and schedule": ("batch_size", "lr", "warmup", "schedule", "weight_decay", "decay", "grad_clip"),
         "where and how it runs (not in the run's key)": ("device", "memory", "micro_batch_size", "compile",
                                                          "checkpoint", "checkpoint_every"),

@@ -13,6 +13,8 @@ recorded by name, size in bytes and SHA-256 of its tokens, so a run names exactl
 """
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import importlib.util
 import json
@@ -187,8 +189,28 @@ def random_batch(tokens: np.ndarray, batch_size: int, context: int, gen: torch.G
     return window[:, :-1], window[:, 1:]
 
 
+@functools.lru_cache(maxsize=4)
+def _epoch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n_windows)
+
+
+def epoch_batch(tokens: np.ndarray, batch_size: int, context: int, step: int, seed: int):
+    """QuEST's data order: the training split cut into windows at multiples of the context, each drawn once per
+    epoch in an order shuffled per epoch from `seed` (its data seed, apart from the model's). A pure function of the
+    step, so a resumed run continues the same order without saved state."""
+    n_windows = (len(tokens) - 1) // context
+    if n_windows < 1:
+        raise ValueError(f"the training split holds {len(tokens)} tokens, fewer than one window of {context + 1}")
+    first = step * batch_size
+    index = np.array([_epoch_order(n_windows, seed, j // n_windows)[j % n_windows]
+                      for j in range(first, first + batch_size)])
+    window = torch.from_numpy(np.stack([tokens[i * context:i * context + context + 1] for i in index]).astype(np.int64))
+    return window[:, :-1], window[:, 1:]
+
+
 def validation_batches(tokens: np.ndarray, context: int, n_tokens: int, batch_size: int):
-    """Fixed, non-overlapping windows from the start of the validation split."""
+    """Fixed, non-overlapping windows from the start of the validation split (n_tokens 0: all of it)."""
+    n_tokens = len(tokens) - 1 if n_tokens == 0 else n_tokens
     n_windows = max(1, min(n_tokens, len(tokens) - 1) // context)
     for start in range(0, n_windows, batch_size):
         idx = range(start, min(start + batch_size, n_windows))

@@ -31,17 +31,18 @@ from capscale.capacity.runtable import finished_keys, require_run_table
 from .runlog import append_record, claim, set_aside
 
 from .config import TrainConfig
-from .data import BYTE_VOCAB, load_tokens, random_batch, validation_batches
+from .data import BYTE_VOCAB, epoch_batch, load_tokens, random_batch, validation_batches
 from .memory import MemoryPlan, plan_memory
 from .compress import compressed_decoder
 
 __all__ = ["TrainConfig", "train", "train_or_fail", "train_and_record", "plan_for"]
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine") -> float:
-    """The learning rate of a step: a pure function of the step, so a resumed run needs no scheduler state."""
+def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine", whole: bool = False) -> float:
+    """The learning rate of a step: a pure function of the step, so a resumed run needs no scheduler state.
+    `whole`: the warm-up is a whole number of steps, int(warmup x total) (QuEST's ITERATIONS // 10)."""
     if schedule == "onecycle":  # torch's OneCycleLR as QuEST configures it (cosine both ways, 1% -> 100% -> 10%)
-        rise_end, fall_end = warmup * total - 1, total - 1
+        rise_end, fall_end = (int(warmup * total) if whole else warmup * total) - 1, total - 1
         if rise_end > 0 and step <= rise_end:
             start, end, pct = peak / 100, peak, step / rise_end
         else:  # runs too short for a warm-up step start at the peak
@@ -173,8 +174,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
                desc=f"{cfg.compression.label} N={n_params} D={steps * batch * cfg.context}")
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, cfg.warmup, cfg.schedule)
-        x, y = random_batch(data.train, batch, cfg.context, gen)
+            group["lr"] = _lr_at(step, steps, lr, cfg.warmup, cfg.schedule, cfg.step_rounding == "quest")
+        if cfg.sampling == "epochs":
+            x, y = epoch_batch(data.train, batch, cfg.context, step, cfg.seed if cfg.data_seed is None else cfg.data_seed)
+        else:
+            x, y = random_batch(data.train, batch, cfg.context, gen)
         x, y = x[rank::world].to(device), y[rank::world].to(device)
         loss = _step(step_fn, net if world > 1 else None, x, y, plan.micro_batch_size, device)
         if not torch.isfinite(loss):  # the same verdict on every rank: the loss was reduced across them
