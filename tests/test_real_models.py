@@ -117,3 +117,18 @@ def test_a_cold_torch_compile_equals_eager(spec):
     model = capscale.compress_(nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128)), spec)
     x = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(torch.compile(model)(x), model(x), atol=1e-5)
+
+
+def test_diagnose_reads_bert_linears_and_a_lone_gpt2_file_the_right_way_round(tmp_path):
+    from capscale.trainers.weights import diagnose_weights, is_linear_weight
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=64, hidden_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=4, intermediate_size=128))
+    names = {n for n, t in bert.state_dict().items() if is_linear_weight(n, t)}
+    assert {"encoder.layer.0.attention.output.dense.weight", "encoder.layer.0.output.dense.weight"} <= names
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=64, n_layer=1, n_head=4,
+                                                                bos_token_id=0, eos_token_id=0))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "gpt2" / "config.json").unlink()  # a lone model.safetensors: Conv1D known by its names
+    shapes = diagnose_weights(tmp_path / "gpt2" / "model.safetensors", ["int4"], samples=1 << 14,
+                              progress=False).set_index("layer")["shape"]
+    assert shapes["transformer.h.0.mlp.c_fc.weight"].iloc[0] == (256, 64)  # (out, in), as a Linear holds it

@@ -23,7 +23,10 @@ from capscale.capacity.paths import save_figure
 from capscale.capacity.structure import fwht
 
 ROW_BLOCK = 1024          # rows compressed at once: bounds the memory of a wide layer's copies
-NOT_LINEAR = re.compile(r"(^|\.)(embed\w*|wte|wpe|lm_head|head|output|norm\w*|ln_\w+)(\.|$)")
+# not a block's linear: an embedding or a norm anywhere in the path, or an output head as the whole path's last part
+# (BERT's `attention.output.dense` and `output.dense` are linears: `output` only counts as the final part)
+NOT_LINEAR = re.compile(r"(^|\.)(embed\w*|wte|wpe|norm\w*|ln_\w+)(\.|$)|(^|\.)(lm_head|head|output)$")
+CONV1D_NAMES = re.compile(r"(^|\.)(c_attn|c_fc|c_proj)$")  # GPT-2's Conv1D layers, stored (in, out)
 OUTLIER_RMS = 6.0
 TRANSPOSED_MODELS = ("gpt2",)  # Hugging Face model types whose linear weights are stored (in, out) (Conv1D)
 
@@ -113,7 +116,9 @@ def diagnose_weights(path: "str | Path", specs: list[str], samples: int = 1 << 1
     for name, tensor in tqdm(_tensors(files), desc="weights", unit=" tensors", disable=not progress, leave=False):
         if not is_linear_weight(name, tensor):
             continue
-        weight = tensor.t() if transposed else tensor
+        # (in, out) storage: a GPT-2 config says so; without one (a lone file) GPT-2's Conv1D names do
+        conv1d = transposed or CONV1D_NAMES.search(name.removesuffix(".weight")) is not None
+        weight = tensor.t() if conv1d else tensor
         width = weight.shape[1]
         outliers = _outlier_share(weight)
         block = min(max_block, width & -width)
