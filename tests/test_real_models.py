@@ -96,6 +96,8 @@ def _fsdp_bf16_steps(rank: int, world: int, port: int, spec: str):
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
+        with pytest.raises(InputError, match="get_model_state_dict"):  # decompress_ says how, rather than breaking
+            capscale.decompress_(model)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -238,7 +238,14 @@ def stored_compression(model: nn.Module) -> Compression | None:
 
 
 def decompress_(model: nn.Module) -> nn.Module:
-    """The inverse of `compress_`: every CompressedLinear back to its plain layer over the same trained tensors."""
+    """The inverse of `compress_`: every CompressedLinear back to its plain layer over the same trained tensors. A
+    model sharded by FSDP2 (DTensor parameters) is refused with the way to do it: gather a full state dict first."""
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise InputError("decompress_: the model is sharded by FSDP2 (its parameters are DTensors); gather them with "
+                         "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options=StateDictOptions("
+                         "full_state_dict=True)), load that into an unsharded copy built with the same compress_, and "
+                         "decompress_ the copy")
     for name, module in list(model.named_modules()):
         if isinstance(module, CompressedLinear):
             parent_name, _, child = name.rpartition(".")
