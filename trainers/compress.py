@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,12 +26,18 @@ from .compression import Compression
 from .layers import CompressedLinear, SharedInput
 
 
+def hf_conv1d() -> type | None:
+    """transformers' own Conv1D type (GPT-2's layer: y = x W + b, W stored (in, out)) where transformers is already
+    loaded, as it is for any model it built; None otherwise (capscale never imports it)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def _is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or a Conv1D (Hugging Face's GPT-2 layer: y = x W + b with W stored (in, out))."""
+    """nn.Linear, or transformers' Conv1D."""
     if isinstance(module, CompressedLinear):
         return False
-    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and getattr(module, "weight", None)
-                                             is not None and module.weight.dim() == 2 and hasattr(module, "nf"))
+    conv1d = hf_conv1d()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 HEAD_NAMES = ("lm_head", "head", "output", "output_layer")  # the usual names of an untied output head
@@ -55,7 +62,7 @@ def _heads(model: nn.Module) -> set[int]:
         parts = name.split(".")
         if isinstance(m.weight, nn.parameter.UninitializedParameter):
             continue  # a lazy layer: refused by name when its turn comes
-        out_features = m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
+        out_features = m.weight.shape[1] if not isinstance(m, nn.Linear) else m.weight.shape[0]
         if id(m.weight) in tied or parts[-1] in HEAD_NAMES or set(parts) & set(TASK_HEAD_NAMES) or \
                 labels is not None and out_features == labels:
             heads.add(id(m))
@@ -136,7 +143,7 @@ def _cannot_honour(module: nn.Module, name: str) -> str | None:
     """Why `compress_` would change what this layer does without a word (None: it can replace it faithfully)."""
     from torch.nn.utils import parametrize
     where = f"layer {name or '(the model)'}"
-    if type(module) is not nn.Linear and type(module).__name__ != "Conv1D" and \
+    if type(module) is not nn.Linear and type(module) is not hf_conv1d() and \
             type(module).forward is not nn.Linear.forward:
         return (f"{where} is a {type(module).__name__} with its own forward (a LoRA or custom layer): a CompressedLinear "
                 "would drop it; leave it out with filter_fn")
