@@ -1,9 +1,9 @@
 """capscale.capacity: compressed number formats, their Gaussian MSE and the capacity law rho(GMSE)."""
 from .formats import Component, Format, GridQuantizer, InputError, ScaledQuantizer, SpecError
-from .gmse import MEASURE_SHAPE, GMSEResult, compare, gmse, gmse_auto, spec_gmse
+from .gmse import MAX_ROW_LENGTH, MEASURE_SHAPE, GMSEResult, compare, gmse, gmse_auto, spec_gmse
 from .law import pair_rho, rho
 from .spec import BASELINE, UNCOMPRESSED_BITS, bits_of, is_uncompressed, load_plugin, parse, register, registry
 
-__all__ = ["Component", "Format", "GridQuantizer", "InputError", "ScaledQuantizer", "SpecError", "MEASURE_SHAPE",
+__all__ = ["Component", "Format", "GridQuantizer", "InputError", "ScaledQuantizer", "SpecError", "MAX_ROW_LENGTH", "MEASURE_SHAPE",
            "GMSEResult", "compare", "gmse", "gmse_auto", "spec_gmse", "pair_rho", "rho", "BASELINE",
            "UNCOMPRESSED_BITS", "bits_of", "is_uncompressed", "load_plugin", "parse", "register", "registry"]

@@ -44,7 +44,8 @@ def run_cli(capsys, *argv) -> tuple[int, list[str]]:
         code = main([str(a) for a in argv])
     except SystemExit as exit_:  # argparse's range errors
         code = exit_.code
-    err = [line for line in capsys.readouterr().err.splitlines()  # argparse's usage lines aside
+    shown = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n")]  # what a terminal shows
+    err = [line for line in shown  # argparse's usage lines aside
            if line.strip() and not line.startswith((" ", "usage:")) and "Warning" not in line]
     return code, err
 
@@ -538,3 +539,41 @@ def test_malformed_sweep_files_and_stray_settings_are_refused_in_one_line(tmp_pa
     monkeypatch.setenv("CAPSCALE_CACHE", str(tmp_path / "utf16.toml"))
     with pytest.raises(InputError, match="CAPSCALE_CACHE .* not a folder"):
         cache_dir()
+
+
+def _safetensors(path: Path, tensors: dict) -> Path:
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("make,expected", [
+    (lambda d: _safetensors(d / "w.safetensors", {"layer.weight": torch.zeros(0, 64)}), "no entries to measure"),
+    (lambda d: _safetensors(d / "w.safetensors", {"layer.weight": torch.zeros(1, (1 << 20) + 1)}),
+     "rows of 1,048,577 entries"),
+    (lambda d: (os.mkfifo(d / "w.safetensors"), d)[1], "not a regular file"),
+    (lambda d: (_safetensors(d / "model.safetensors", {"layer.weight": torch.randn(8, 64)}),
+                (d / "config.json").write_text("[" * 100_000 + "]" * 100_000), d)[2], "not a readable config.json"),
+    (lambda d: (_safetensors(d / "model.safetensors", {"layer.weight": torch.randn(8, 64)}),
+                (d / "config.json").write_text(" " * (2 << 20) + "{}"), d)[2], "a config.json is at most"),
+])
+def test_diagnose_refuses_empty_over_wide_and_irregular_inputs_in_one_line(tmp_path, capsys, make, expected):
+    """Each refused from the file's header or its type, before a tensor is read: no traceback, no hang."""
+    target = make(tmp_path)
+    before = snapshot(tmp_path)
+    assert expected in refused(capsys, "diagnose", target, "--format", "int4")
+    assert snapshot(tmp_path) == before
+
+
+def test_diagnose_compresses_a_wide_weight_a_bounded_block_at_a_time(tmp_path, monkeypatch):
+    """Memory stays a small multiple of one tensor: no block handed to a format holds more than BLOCK_ENTRIES
+    entries (whole rows), however the rows are shaped."""
+    from capscale.trainers import weights
+    monkeypatch.setattr(weights, "BLOCK_ENTRIES", 4096)
+    seen = []
+    original = weights._row_blocks
+    monkeypatch.setattr(weights, "_row_blocks", lambda w: (seen.append(b.numel()) or b for b in original(w)))
+    path = _safetensors(tmp_path / "w.safetensors", {"a.weight": torch.randn(300, 512), "b.weight": torch.randn(2, 8192)})
+    table = weights.diagnose_weights(path, ["int4"], samples=1 << 12, progress=False)
+    assert set(table["layer"]) == {"a.weight", "b.weight"} and max(seen) == 8192 and seen.count(8192) >= 2
+    assert all(n <= 4096 for n in seen if n != 8192)  # a row wider than a block is one block of its own

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
+import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pandas as pd
 import torch
@@ -22,7 +24,8 @@ from capscale import capacity
 from capscale.capacity.paths import save_figure
 from capscale.capacity.structure import fwht
 
-ROW_BLOCK = 1024          # rows compressed at once: bounds the memory of a wide layer's copies
+BLOCK_ENTRIES = 1 << 22   # entries compressed at once (whole rows, at least one): bounds the memory of the copies
+MAX_CONFIG_BYTES = 1 << 20
 # not a block's linear: an embedding or a norm anywhere in the path, or an output head as the whole path's last part
 # (BERT's `attention.output.dense` and `output.dense` are linears: `output` only counts as the final part)
 NOT_LINEAR = re.compile(r"(^|\.)(embed\w*|wte|wpe|norm\w*|ln_\w+)(\.|$)|(^|\.)(lm_head|head|output)$")
@@ -31,35 +34,57 @@ OUTLIER_RMS = 6.0
 TRANSPOSED_MODELS = ("gpt2",)  # Hugging Face model types whose linear weights are stored (in, out) (Conv1D)
 
 
+def _regular(path: Path) -> Path:
+    """`path` if it is a regular file: a FIFO or a device is refused before it is opened (reading one may never end)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        raise capacity.InputError(f"{path}: no such file or folder") from None
+    if not stat.S_ISREG(mode):
+        raise capacity.InputError(f"{path}: not a regular file (a FIFO, device or socket is never read)")
+    return path
+
+
+def _model_type(config: Path) -> "str | None":
+    """A Hugging Face config's model_type, read only from a small, flat enough, regular file."""
+    if not config.exists():
+        return None
+    if _regular(config).stat().st_size > MAX_CONFIG_BYTES:
+        raise capacity.InputError(f"{config}: {config.stat().st_size:,} bytes; a config.json is at most "
+                                  f"{MAX_CONFIG_BYTES:,}")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        raise capacity.InputError(f"{config}: not a readable config.json (a JSON object)") from None
+    return model_type if isinstance(model_type, str) else None
+
+
 def _files(path: Path) -> tuple[list[Path], bool]:
     """The tensor files of a checkpoint and whether its weights are stored (in, out)."""
     if path.is_dir():
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
             raise capacity.InputError(f"{path}: no .safetensors or pytorch_model*.bin files in this folder")
-        config = path / "config.json"
-        try:
-            model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
-        except (OSError, ValueError, AttributeError):
-            raise capacity.InputError(f"{config}: not a readable config.json") from None
-        return files, model_type in TRANSPOSED_MODELS
-    if not path.is_file():
-        raise capacity.InputError(f"{path}: no such file or folder")
-    return [path], False
+        return [_regular(f) for f in files], _model_type(path / "config.json") in TRANSPOSED_MODELS
+    return [_regular(path)], False
 
 
-def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) one at a time; only plain tensors are ever unpickled (weights_only)."""
+def _tensors(files: list[Path]) -> Iterator[tuple[str, tuple, Callable[[], torch.Tensor]]]:
+    """(name, shape, load) one tensor at a time: a safetensors tensor is read only when loaded, so one that is
+    refused by its shape never is; only plain tensors are ever unpickled (weights_only)."""
     from safetensors import SafetensorError, safe_open
+
+    def read(file: Path, name: str) -> torch.Tensor:
+        with safe_open(str(file), framework="pt") as f:  # opened per tensor: the map, and the pages it touched, go
+            return f.get_tensor(name)
+
     for file in files:
         if file.suffix == ".safetensors":
             try:
                 with safe_open(str(file), framework="pt") as f:
-                    names = list(f.keys())
-                for name in names:  # opened per tensor: the map, and the pages it touched, go with each
-                    with safe_open(str(file), framework="pt") as f:
-                        tensor = f.get_tensor(name)
-                    yield name, tensor
+                    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                for name, shape in shapes.items():
+                    yield name, shape, functools.partial(read, file, name)
             except (SafetensorError, OSError) as err:
                 raise capacity.InputError(f"{file}: not a readable safetensors file ({err})") from None
             continue
@@ -72,11 +97,11 @@ def _tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
             raise capacity.InputError(f"{file}: not a state dict (a mapping of names to tensors)")
         for name, tensor in state.items():
             if isinstance(tensor, torch.Tensor):
-                yield str(name), tensor
+                yield str(name), tuple(tensor.shape), (lambda tensor=tensor: tensor)
 
 
-def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
-    return tensor.dim() == 2 and name.endswith("weight") and not NOT_LINEAR.search(name.removesuffix(".weight"))
+def is_linear_weight(name: str, shape: "tuple | torch.Size") -> bool:
+    return len(shape) == 2 and name.endswith("weight") and not NOT_LINEAR.search(name.removesuffix(".weight"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,11 +110,17 @@ def gaussian_gmse(spec: str, width: int, samples: int) -> float:
     return capacity.gmse(spec, samples=samples, row_length=width).gmse
 
 
+def _row_blocks(weight: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Whole rows of `weight` in fp32, about BLOCK_ENTRIES entries at a time."""
+    step = max(1, BLOCK_ENTRIES // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        yield weight[start:start + step].float()
+
+
 def _outlier_share(weight: torch.Tensor) -> float:
     """The share of entries beyond OUTLIER_RMS times their row's RMS, a block of rows at a time."""
     count = 0
-    for start in range(0, weight.shape[0], ROW_BLOCK):
-        rows = weight[start:start + ROW_BLOCK].float()
+    for rows in _row_blocks(weight):
         count += int((rows.abs() > OUTLIER_RMS * rows.pow(2).mean(-1, keepdim=True).sqrt()).sum())
     return count / weight.numel()
 
@@ -98,8 +129,7 @@ def row_relative_mse(fmt: capacity.Format, weight: torch.Tensor, block: int = 0)
     """Relative MSE of each row of `weight` (rotated by a `block` Hadamard first when block > 0), a block of rows
     at a time."""
     out = []
-    for start in range(0, weight.shape[0], ROW_BLOCK):
-        rows = weight[start:start + ROW_BLOCK].float()
+    for rows in _row_blocks(weight):
         rows = fwht(rows, block) if block else rows
         out.append(((fmt(rows) - rows) ** 2).sum(-1) / (rows ** 2).sum(-1).clamp_min(1e-30))
     return torch.cat(out)
@@ -113,13 +143,18 @@ def diagnose_weights(path: "str | Path", specs: list[str], samples: int = 1 << 1
     files, transposed = _files(Path(path))
     formats = {spec: capacity.parse(spec) for spec in specs}
     rows = []
-    for name, tensor in tqdm(_tensors(files), desc="weights", unit=" tensors", disable=not progress, leave=False):
-        if not is_linear_weight(name, tensor):
+    for name, shape, load in tqdm(_tensors(files), desc="weights", unit=" tensors", disable=not progress, leave=False):
+        if not is_linear_weight(name, shape):
             continue
         # (in, out) storage: a GPT-2 config says so; without one (a lone file) GPT-2's Conv1D names do
         conv1d = transposed or CONV1D_NAMES.search(name.removesuffix(".weight")) is not None
-        weight = tensor.t() if conv1d else tensor
-        width = weight.shape[1]
+        width = shape[0] if conv1d else shape[1]
+        if 0 in shape:
+            raise capacity.InputError(f"{path}: tensor {name} has shape {shape}: no entries to measure")
+        if width > capacity.MAX_ROW_LENGTH:  # refused from the file's header, before the tensor is read
+            raise capacity.InputError(f"{path}: tensor {name} has rows of {width:,} entries; GMSE is measured on "
+                                      f"rows of at most {capacity.MAX_ROW_LENGTH:,}")
+        weight = load().t() if conv1d else load()
         outliers = _outlier_share(weight)
         block = min(max_block, width & -width)
         for spec, fmt in formats.items():
@@ -186,7 +221,7 @@ def diagnose_activations(folder: "str | Path", specs: list[str], calibration: "s
     hooks = [module.register_forward_pre_hook(lambda m, args, name=name: recorded.setdefault(name, []).append(
                  args[0].detach().reshape(-1, args[0].shape[-1])))
              for name, module in model.named_modules()
-             if getattr(module, "weight", None) is not None and is_linear_weight(f"{name}.weight", module.weight)]
+             if getattr(module, "weight", None) is not None and is_linear_weight(f"{name}.weight", module.weight.shape)]
     model.eval()
     for start in range(0, len(ids), context):
         model(input_ids=ids[start:start + context][None])
