@@ -14,6 +14,7 @@ import torch
 from capscale.capacity import InputError
 from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
+from capscale.trainers.threads import MAX_THREADS
 
 from .options import whole
 from capscale.capacity.paths import strict_json
@@ -100,7 +101,7 @@ def add_train_command(sub) -> None:
                         "--gw-format and --gx-format where they are not given)")
     p.add_argument("--runs", help="run table (JSON lines) to append the record to")
     p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
-    p.add_argument("--threads", type=whole(1), default=None, help="CPU threads (default: the cores not busy "
+    p.add_argument("--threads", type=whole(1, MAX_THREADS), default=None, help="CPU threads (default: the cores not busy "
                    "with other work, at most 2 below 300k parameters and 4 below 5M)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_train_command)
@@ -157,7 +158,7 @@ def add_sweep_command(sub) -> None:
                                  "cpu_study, cpu_backward_study, gpu_study: `capscale data list`), whose run table then goes into the "
                                  "working directory")
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
-    p.add_argument("--threads", type=whole(1), default=None, help="torch threads per worker (default: as `train` chooses, "
+    p.add_argument("--threads", type=whole(1, MAX_THREADS), default=None, help="torch threads per worker (default: as `train` chooses, "
                    "within the free cores shared by the workers)")
     p.add_argument("--runs", default=None, help="run table to write (default: the sweep file's `runs`, which must be "
                                                  "inside its folder)")

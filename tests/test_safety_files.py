@@ -541,6 +541,13 @@ def test_malformed_sweep_files_and_stray_settings_are_refused_in_one_line(tmp_pa
         cache_dir()
 
 
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_a_thread_count_no_machine_has_is_refused_before_torch_sees_it(tmp_path, capsys, command):
+    """torch.set_num_threads(100000) is a segmentation fault, not an error."""
+    target = [] if command == "train" else [tmp_path / "none.toml"]
+    assert "in 1..1,024, got 100000" in refused(capsys, command, *target, "--threads", "100000")
+
+
 def _safetensors(path: Path, tensors: dict) -> Path:
     from safetensors.torch import save_file
     save_file(tensors, str(path))

@@ -13,6 +13,7 @@ import os
 # threads, below 5M at most 4. On 2 idle cores two threads were faster at every size measured (20k: 72k vs
 # 53k tokens/s), so the free cores, not the size, decide on small machines.
 SIZE_CAPS = ((3e5, 2), (5e6, 4))
+MAX_THREADS = 1024  # torch crashes (a segmentation fault) when asked for 100,000 threads; no machine has that many
 
 
 def free_cores() -> int:
