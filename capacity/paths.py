@@ -31,7 +31,12 @@ def _temporary(path: Path, write, mode: int = 0o644) -> Path:
 def atomic_write(path: Path, write, mode: int = 0o644) -> None:
     """Create `path` whole or not at all: `write(file)` fills a temporary binary file beside it, which is then
     renamed over `path`. `mode`: its permissions (before the umask)."""
-    os.replace(_temporary(Path(path), write, mode), path)
+    tmp = _temporary(Path(path), write, mode)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_files(folder: Path, contents: dict[str, bytes]) -> None:
@@ -48,8 +53,12 @@ def write_files(folder: Path, contents: dict[str, bytes]) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    try:
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:  # a rename refused (a read-only folder): no temporary file is left behind
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
 
 
 def _named(path: "str | Path", option: str) -> Path:

@@ -161,6 +161,10 @@ def main(argv=None) -> int:
     except InputError as err:
         print(f"capscale {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileNotFoundError) as err:  # a folder or file the
+        # user cannot write or read (read-only, removed under us): where and why, in one line
+        print(f"capscale {args.command}: error: {err.filename or ''}: {err.strerror}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("capscale: interrupted", file=sys.stderr)
         return 130

@@ -104,6 +104,35 @@ def test_report_and_demo_refuse_a_folder_holding_other_files(tmp_path, capsys, t
     assert snapshot(tmp_path) == before
 
 
+def test_a_folder_that_refuses_writes_is_one_line_and_leaves_no_temporary_files(tmp_path, capsys, table,
+                                                                              monkeypatch):
+    """A read-only folder (simulated: root writes anywhere) refuses the renames into it: report and train say
+    where, in one line, and nothing half-written is left behind."""
+    out = tmp_path / "out"
+    real_replace = os.replace
+
+    def read_only(src, dst, *args, **kwargs):
+        if Path(dst).parent in (out, tmp_path / "ro"):
+            raise PermissionError(13, "Permission denied", str(dst))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    assert "Permission denied" in refused(capsys, "report", table, "-o", out, "--bootstrap", "0", "--overwrite")
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    (tmp_path / "ro").mkdir()
+    real_mkdir = os.mkdir
+
+    def no_create(path, *args, **kwargs):  # the run's claim is the first thing it writes beside the table
+        if Path(path).parent == tmp_path / "ro":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", no_create)
+    code, err = run_cli(capsys, "train", *TINY, "--runs", tmp_path / "ro" / "runs.jsonl")
+    assert code == 2 and err[-1].endswith("ro/runs.jsonl.claims: Permission denied")  # after the shape it chose
+    assert list((tmp_path / "ro").iterdir()) == []
+
+
 def test_report_files_are_written_whole_or_not_at_all_and_symlinks_are_replaced_not_followed(tmp_path):
     target = tmp_path / "elsewhere.json"
     target.write_text("the user's own")
