@@ -452,6 +452,58 @@ def test_a_sweep_waits_for_a_run_held_by_a_live_process_then_takes_it_over(tmp_p
     assert sorted(r["key"] for r in read_records(sweep.runs)) == sorted(c.key() for c in sweep.configs)
 
 
+def test_a_claim_whose_owner_dies_while_the_sweep_trains_another_run_is_taken_over(tmp_path, monkeypatch):
+    """The race of issue 35 (4 of 18 kill trials): the owner alive when its run was skipped, dead by the end of the
+    pass. The survivor must take the run over, not end with it pending."""
+    from capscale.trainers import sweep as sweep_module
+    sweep_file = tmp_path / "s.toml"
+    sweep_file.write_text('sizes = [3000, 6000]\ntokens_per_param = [1]\nformats = [{w = "int4"}]\n'
+                          '[train]\nbatch_size = 4\ncontext = 32\neval_tokens = 256\n')
+    sweep = sweep_module.load_sweep(sweep_file)
+    held = max(sweep.configs, key=lambda c: c.params).key()  # the longest run: tried first, skipped
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    folder = tmp_path / "runs.jsonl.claims"
+    folder.mkdir()
+    (folder / f"{held}.claim").write_text(json.dumps({"host": __import__("socket").gethostname(), "pid": holder.pid,
+                                                      "start": process_start(holder.pid), "time": time.time()}))
+    real = sweep_module.train_and_record
+
+    def then_kill_the_owner(cfg, runs, progress):
+        record = real(cfg, runs, progress=progress)
+        if record is not None:  # the other run trained: its owner dies now, before the pass ends
+            holder.kill()
+            holder.wait()
+        return record
+
+    monkeypatch.setattr(sweep_module, "train_and_record", then_kill_the_owner)
+    try:
+        assert sweep_module.run_sweep(sweep, progress=False, poll_s=0.5) == 2
+    finally:
+        holder.kill()
+    assert sorted(r["key"] for r in read_records(sweep.runs)) == sorted(c.key() for c in sweep.configs)
+
+
+@pytest.mark.parametrize("step", ["folder made", "owner record written", "claim linked", "owner record removed"])
+def test_an_owner_killed_at_any_step_of_claiming_leaves_a_claim_the_survivor_takes(tmp_path, step):
+    """What a claimer killed after each step leaves behind (a reaped, dead pid): never a claim that blocks."""
+    import socket
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record = json.dumps({"host": socket.gethostname(), "pid": dead.pid, "start": "gone", "time": time.time()})
+    folder = tmp_path / "runs.jsonl.claims"
+    folder.mkdir()
+    owner = folder / f".k.{socket.gethostname()}.{dead.pid}.tmp"
+    if step != "folder made":
+        owner.write_text(record)
+    if step in ("claim linked", "owner record removed"):
+        os.link(owner, folder / "k.claim")
+    if step == "owner record removed":
+        owner.unlink()
+    held = claim(tmp_path / "runs.jsonl", "k")
+    assert held is not None and json.loads((folder / "k.claim").read_text())["pid"] == os.getpid()
+    held.release()
+
+
 def test_a_torn_run_table_keeps_its_tail_beside_it(tmp_path):
     path = tmp_path / "runs.jsonl"
     append_record(path, {"format": "bf16", "params": 1, "tokens": 1, "loss": 3.0, "status": "ok"})

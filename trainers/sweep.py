@@ -204,17 +204,17 @@ def _check_lists(path: Path, spec: dict) -> None:
         raise InputError(f"{path}: runs must be a file name, got {spec['runs']!r}")
 
 
-def _run_one(job) -> str:
-    """Train one run unless it finished or is claimed elsewhere; its status, or 'skipped'."""
+def _run_one(job) -> tuple[str, str]:
+    """Train one run unless it finished or is claimed elsewhere: (its key, its status or 'skipped')."""
     cfg, runs, checkpoint, threads, plugins = job
     torch.set_num_threads(threads)
     for module in plugins:  # a spawned worker loads the plugins its parent's user asked for
         load_plugin(module)
     record = train_and_record(dataclasses.replace(cfg, checkpoint=checkpoint), runs, progress=False)
     if record is None:
-        return "skipped"
+        return cfg.key(), "skipped"
     Path(checkpoint).unlink(missing_ok=True)
-    return record["status"]
+    return cfg.key(), record["status"]
 
 
 def refuse_unfit(configs: list[TrainConfig], workers: int = 1) -> tuple[list[TrainConfig], list[str]]:
@@ -245,9 +245,11 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
     cores = max(1, free_cores() // workers)
     ran, waited = 0, False
     while todo:
-        ran += _train_all(sweep, todo, workers, threads, cores, progress)
+        statuses = _train_all(sweep, todo, workers, threads, cores, progress)
+        ran += sum(s != "skipped" for s in statuses.values())
         finished = finished_keys(sweep.runs)
-        todo = [c for c in todo if c.key() not in finished and held_elsewhere(sweep.runs, c.key())]
+        # every run skipped for another's claim stays: its owner may have died since (then it is taken over)
+        todo = [c for c in todo if c.key() not in finished and statuses[c.key()] == "skipped"]
         while todo and all(held_elsewhere(sweep.runs, c.key()) for c in todo):
             if not waited:
                 print(f"waiting for {len(todo)} run(s) claimed by another process", file=sys.stderr)
@@ -263,25 +265,27 @@ def run_sweep(sweep: Sweep, workers: int = 1, threads: int | None = None, progre
 
 
 def _train_all(sweep: Sweep, todo: list[TrainConfig], workers: int, threads: int | None, cores: int,
-               progress: bool) -> int:
-    """Threads per worker: `threads` if given, else what each run's model may take of its `cores`."""
+               progress: bool) -> dict[str, str]:
+    """Each run's status by key ('skipped': finished or claimed elsewhere). Threads per worker: `threads` if
+    given, else what each run's model may take of its `cores`."""
     jobs = [(c, sweep.runs, sweep.checkpoint_for(c), threads or default_threads(c.params, cores), loaded_plugins())
             for c in todo]
     bar = tqdm(total=len(jobs), disable=not progress, desc=f"sweep -> {sweep.runs.name}", unit="run",
                file=sys.stderr)
-    statuses = []
+    statuses = {}
     if workers <= 1:
         for job in jobs:
             bar.set_postfix_str(f"{job[0].compression.label} N={job[0].params}")
-            statuses.append(_run_one(job))
+            key, status = _run_one(job)
+            statuses[key] = status
             bar.update()
     else:
         with mp.get_context("spawn").Pool(workers) as pool:
-            for status in pool.imap_unordered(_run_one, jobs):
-                statuses.append(status)
+            for key, status in pool.imap_unordered(_run_one, jobs):
+                statuses[key] = status
                 bar.update()
     bar.close()
-    return sum(s != "skipped" for s in statuses)
+    return statuses
 
 
 def measured_throughput(records: list[dict]):
