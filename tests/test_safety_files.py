@@ -579,6 +579,10 @@ def test_no_code_or_settings_from_the_working_directory(tmp_path, capscale_cli):
     (tmp_path / "evilmod.py").write_text("open('PWNED', 'w').write('x')\ndef register():\n    pass\n")
     out = capscale_cli("gmse", "no_such_format", cwd=tmp_path)
     assert out.returncode == 2 and not (tmp_path / "PWNED").exists()
+    (tmp_path / "torch.py").write_text("open('PWNED', 'w').write('x')\n")  # `python -m` put the folder on sys.path
+    out = capscale_cli("formats", cwd=tmp_path)
+    assert out.returncode == 0 and not (tmp_path / "PWNED").exists(), out.stderr[-500:]
+    (tmp_path / "torch.py").unlink()
     from capscale.capacity import spec
     before = list(sys.path)
     (tmp_path / "myplugin.py").write_text("X = 1\n")
