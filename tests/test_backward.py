@@ -193,6 +193,9 @@ def test_named_recipes_fill_what_is_not_given_and_the_record_names_every_format(
     assert record["status"] == "ok" and record["recipe"] == "nvidia-nvfp4"
     for name in ("w_format", "a_format", "gw_format", "gx_format", "dgrad_format", "wgrad_format"):
         assert record[name] and record[name] in record["format"], name
+    with pytest.raises(capscale.capacity.InputError, match=r"keeps the last ceil\(0.16 x 1\) = 1 of 1 blocks"):
+        train(TrainConfig(Compression(recipe="nvidia-nvfp4"), n_layer=1, n_head=4, n_embd=32, tokens=8192),
+              progress=False)
 
 
 def test_compress_takes_a_recipe_and_lists_the_layers_it_keeps_dense():

@@ -125,6 +125,10 @@ def _blocks_kept_dense(model: nn.Module, fraction: float) -> dict[int, str]:
         return {}
     blocks = max(lists, key=len)
     kept = math.ceil(fraction * len(blocks))
+    if kept >= len(blocks):  # e.g. NVIDIA's recipe (0.16) on a model of one block
+        raise InputError(f"keep_dense={fraction:g} keeps the last ceil({fraction:g} x {len(blocks)}) = {kept} of "
+                         f"{len(blocks)} blocks in high precision: nothing is left to compress; use a model of more "
+                         "blocks")
     why = f"keep_dense={fraction:g}: in the last {kept} of {len(blocks)} blocks, kept in high precision"
     return {id(m): why for block in list(blocks)[len(blocks) - kept:] for m in block.modules() if _is_linear(m)}
 
