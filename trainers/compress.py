@@ -183,7 +183,7 @@ def compress_(model: nn.Module, compression: "Compression | str | None" = None,
                          "that it can be replaced")
     already = [n for n, m in model.named_modules() if isinstance(m, CompressedLinear)]
     if already and not replace:
-        raise InputError(f"compress_: the model is already compressed ({len(already)} layers, e.g. {already[0]}); "
+        raise InputError(f"compress_: the model is already compressed ({len(already)} compressed layer(s), e.g. {already[0]}); "
                          "decompress_ it first, or pass replace=True")
     if already:
         decompress_(model)
