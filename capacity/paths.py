@@ -144,6 +144,28 @@ def save_figure(fig, path: "str | Path", option: str = "--figure", dpi: int = 15
     return path
 
 
+def regular_file(path: Path, what: str = "file") -> Path:
+    """`path` if it is a regular file; a folder, FIFO or device is refused before it is opened (reading a FIFO may
+    never end, a device never stop)."""
+    if not path.exists():
+        raise InputError(f"{path}: no such {what}")
+    if not path.is_file():
+        raise InputError(f"{path}: not a regular file (a folder, a FIFO or a device?): a {what} is never read from one")
+    return path
+
+
+def read_small_text(path: Path, limit: int, what: str) -> str:
+    """The UTF-8 text of a small regular file (a sweep file, a model's config.json), refused in one line when it is
+    not a regular file, larger than `limit` bytes, or not UTF-8."""
+    size = regular_file(path, what).stat().st_size
+    if size > limit:
+        raise InputError(f"{path}: {size:,} bytes; a {what} is at most {limit:,}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a {what} is UTF-8 text") from None
+
+
 def is_json_with(key: str):
     """A `recognise` for output_file: JSON whose top level has `key`."""
     def recognise(text: str) -> bool:

@@ -41,7 +41,7 @@ except ImportError:  # Python 3.10
     import tomli as tomllib
 
 from capscale.capacity import InputError, is_uncompressed, load_plugin
-from capscale.capacity.paths import atomic_write
+from capscale.capacity.paths import atomic_write, read_small_text
 from capscale.capacity.provenance import package_version
 from capscale.capacity.spec import loaded_plugins
 from capscale.capacity.runtable import finished_keys, read_records, require_run_table
@@ -90,16 +90,9 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
     elsewhere). A sweep file shipped inside the package writes into the working directory instead."""
     path = Path(path)
     folder = Path(folder) if folder is not None else path.parent
-    if not path.exists():
-        raise InputError(f"{path}: no such sweep file")
-    if not path.is_file():  # a FIFO would hang the read, a device never end it
-        raise InputError(f"{path}: not a regular file (a folder, a FIFO or a device?): a sweep file is TOML text")
-    if path.stat().st_size > MAX_SWEEP_FILE_BYTES:
-        raise InputError(f"{path}: {path.stat().st_size:,} bytes; a sweep file is at most {MAX_SWEEP_FILE_BYTES:,}")
+    text = read_small_text(path, MAX_SWEEP_FILE_BYTES, "sweep file")
     try:
-        spec = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text (byte {err.start}); a sweep file is TOML in UTF-8") from None
+        spec = tomllib.loads(text)
     except RecursionError:
         raise InputError(f"{path}: nested too deeply to be a sweep file") from None
     except (OSError, tomllib.TOMLDecodeError) as err:

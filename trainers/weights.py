@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import stat
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +19,7 @@ import pandas as pd
 import torch
 
 from capscale import capacity
-from capscale.capacity.paths import save_figure
+from capscale.capacity.paths import read_small_text, regular_file, save_figure
 from capscale.capacity.structure import fwht
 
 BLOCK_ENTRIES = 1 << 22   # entries compressed at once (whole rows, at least one): bounds the memory of the copies
@@ -34,27 +32,14 @@ OUTLIER_RMS = 6.0
 TRANSPOSED_MODELS = ("gpt2",)  # Hugging Face model types whose linear weights are stored (in, out) (Conv1D)
 
 
-def _regular(path: Path) -> Path:
-    """`path` if it is a regular file: a FIFO or a device is refused before it is opened (reading one may never end)."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        raise capacity.InputError(f"{path}: no such file or folder") from None
-    if not stat.S_ISREG(mode):
-        raise capacity.InputError(f"{path}: not a regular file (a FIFO, device or socket is never read)")
-    return path
-
-
 def _model_type(config: Path) -> "str | None":
     """A Hugging Face config's model_type, read only from a small, flat enough, regular file."""
     if not config.exists():
         return None
-    if _regular(config).stat().st_size > MAX_CONFIG_BYTES:
-        raise capacity.InputError(f"{config}: {config.stat().st_size:,} bytes; a config.json is at most "
-                                  f"{MAX_CONFIG_BYTES:,}")
+    text = read_small_text(config, MAX_CONFIG_BYTES, "config.json")
     try:
-        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError, RecursionError):
+        model_type = json.loads(text).get("model_type")
+    except (ValueError, AttributeError, RecursionError):
         raise capacity.InputError(f"{config}: not a readable config.json (a JSON object)") from None
     return model_type if isinstance(model_type, str) else None
 
@@ -65,8 +50,8 @@ def _files(path: Path) -> tuple[list[Path], bool]:
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("pytorch_model*.bin"))
         if not files:
             raise capacity.InputError(f"{path}: no .safetensors or pytorch_model*.bin files in this folder")
-        return [_regular(f) for f in files], _model_type(path / "config.json") in TRANSPOSED_MODELS
-    return [_regular(path)], False
+        return [regular_file(f, "tensor file") for f in files], _model_type(path / "config.json") in TRANSPOSED_MODELS
+    return [regular_file(path, "checkpoint file or folder")], False
 
 
 def _tensors(files: list[Path]) -> Iterator[tuple[str, tuple, Callable[[], torch.Tensor]]]:
