@@ -155,10 +155,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     steps = cfg.steps()
     model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
     start_step, ckpt = 0, Path(cfg.checkpoint) if cfg.checkpoint else None
-    if ckpt:
-        require_checkpoint_path(ckpt)
-    if ckpt and ckpt.exists():
-        start_step = _resume(ckpt, cfg, steps, device, model, optimizer, gen)
+    saved = checkpoint_state(ckpt) if ckpt else None
+    if saved is not None:
+        start_step = _resume(saved, ckpt, cfg, steps, model, optimizer, gen)
         if start_step is None:  # refused and moved aside: start again from scratch, untouched by it
             model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
             start_step = 0
@@ -221,28 +220,28 @@ def _fresh(cfg: TrainConfig, vocab_size: int, device: str):
     return model, _optimizer(model, lr, cfg.weight_decay, cfg.decay), torch.Generator().manual_seed(cfg.seed)
 
 
-def require_checkpoint_path(path: Path) -> None:
-    """A checkpoint path capscale may write: new, or a checkpoint `capscale train` wrote (this run's, or another's,
-    which is then moved aside); never a folder, a symlink, a device, or a user's file (left untouched, refused)."""
+def checkpoint_state(path: Path) -> dict | None:
+    """The state at a checkpoint path capscale may write: None where there is none yet, else a checkpoint `capscale
+    train` wrote (this run's, or another's, which `_resume` moves aside), read once; never a folder, a symlink, a
+    device, or a user's file (left untouched, refused)."""
     if path.is_symlink():
         raise capacity.InputError(f"--checkpoint {path}: is a symbolic link; capscale never writes through one")
     if not path.exists():
-        return
+        return None
     if not path.is_file():
         raise capacity.InputError(f"--checkpoint {path}: exists and is not a regular file (a folder, a device?)")
     try:
-        load_state(path)
+        return load_state(path)
     except capacity.InputError:
         raise capacity.InputError(f"--checkpoint {path}: exists and is not a capscale checkpoint; it is left untouched "
                                   "(name another path, or remove it)") from None
 
 
-def _resume(ckpt: Path, cfg: TrainConfig, steps: int, device: str, model, optimizer, gen) -> int | None:
+def _resume(state: dict, ckpt: Path, cfg: TrainConfig, steps: int, model, optimizer, gen) -> int | None:
     """The step to resume from, after loading the checkpoint's state into the run; None (the checkpoint moved
-    aside with a warning) when it is not this run's: unreadable, of another run's settings, a step outside the
-    run, or tensors that do not fit its model."""
+    aside with a warning) when it is not this run's: of another run's settings, a step outside the run, or tensors
+    that do not fit its model."""
     try:
-        state = load_state(ckpt, device)
         key = state.get("key")
         if key != cfg.key():
             raise capacity.InputError(f"it is of another run (key {str(key)[:16]!r}, this run's is {cfg.key()})")
