@@ -290,8 +290,7 @@ class ScaledQuantizer(Component):
             return x.reshape(1, -1)
         if group == "row":
             return x.reshape(-1, x.shape[-1])
-        if x.shape[-1] % group:
-            raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of group {group}")
+        ScaledQuantizer.check_shape(self, x.shape)  # the group's own check (a subclass may check more up front)
         return x.reshape(-1, group)
 
     def quantize(self, x: torch.Tensor, keep: torch.Tensor | None, unpruned: torch.Tensor | None = None,

@@ -101,6 +101,9 @@ class NVFP4(GridQuantizer):
 
     def check_shape(self, shape):
         super().check_shape(shape)
+        self._check_tiles(shape)
+
+    def _check_tiles(self, shape):
         if self.params["tile"] and (len(shape) != 2 or shape[0] % TILE or shape[1] % TILE):
             raise SpecError(f"{self.spec}: {TILE}x{TILE} tiles need a 2-D tensor whose sides are multiples of {TILE}, "
                             f"got shape {tuple(shape)}")
@@ -109,9 +112,7 @@ class NVFP4(GridQuantizer):
         """(blocks, values) of a tensor: 16 consecutive values, or a 16x16 tile flattened."""
         if not self.params["tile"]:
             return self._groups(t)
-        if t.dim() != 2 or t.shape[0] % TILE or t.shape[1] % TILE:
-            raise SpecError(f"{self.spec}: {TILE}x{TILE} tiles need a 2-D tensor whose sides are multiples of {TILE}, "
-                            f"got shape {tuple(t.shape)}")
+        self._check_tiles(t.shape)
         rows, cols = t.shape
         return t.reshape(rows // TILE, TILE, cols // TILE, TILE).transpose(1, 2).reshape(-1, TILE * TILE)
 
@@ -195,9 +196,7 @@ class Eden(NVFP4):
     def quantize(self, x, keep, unpruned=None, tolerance=True):
         if keep is not None:
             raise SpecError("eden: follows no sparsity step (its correction needs every value of a group)")
-        if x.shape[-1] % self.correction_group:
-            raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of group "
-                            f"{self.correction_group}")
+        self.check_shape(x.shape)
         mult = float(self.params["scale_mult"])
         xg = self._groups(x)
         tensor_scale = self._tensor_scale(x, EDEN_CAP, mult)

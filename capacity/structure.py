@@ -98,8 +98,7 @@ class NMSparse(Component):
             raise SpecError(f"{self.spec}: last dimension {shape[-1]} is not a multiple of {self.m}")
 
     def keep_mask(self, x, keep):
-        if x.shape[-1] % self.m:
-            raise SpecError(f"{self.spec}: last dimension {x.shape[-1]} is not a multiple of {self.m}")
+        self.check_shape(x.shape)
         mag = x.abs() if keep is None else torch.where(keep, x.abs(), torch.zeros_like(x))
         norms = mag.reshape(-1, self.m // self.vector, self.vector).pow(2).sum(-1)
         chosen = torch.zeros_like(norms, dtype=torch.bool)
