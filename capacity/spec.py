@@ -89,11 +89,7 @@ def check_component(example: str) -> None:
         raise SpecError(f"'{example}': prints as '{fmt}', which parses back as '{parse(str(fmt))}'; a spec must "
                         "round-trip (check the `spec` of its components and their `defaults`)")
     for part in fmt.parts:
-        if type(part).bits is Component.bits and not part.keeps_bits:
-            raise SpecError(f"'{example}': {type(part).__name__} implements no bits(), so it would count "
-                            f"{Format([part]).bits_per_value:g} bits per value and break rho per bit and every memory "
-                            "plan; implement bits(self, inner_bits) (storage bits per value, scales included), or set "
-                            "keeps_bits = True for a step that stores nothing (a rotation)")
+        _require_bits(part, example)
     probe = _Probe()
     shape = max((tuple(p.example_shape) for p in fmt.parts), key=lambda s: int(np.prod(s)))
     try:
@@ -112,6 +108,16 @@ def check_component(example: str) -> None:
 def registry() -> list[Entry]:
     _load_entry_points()
     return list(_REGISTRY.values())
+
+
+def _require_bits(part: Component, where: str) -> None:
+    """A component that stores values must say how many bits (`bits`); only a step that stores nothing of its own
+    (`keeps_bits`, a rotation) may inherit them: registered plugins and `module:Class` specs alike."""
+    if type(part).bits is Component.bits and not part.keeps_bits:
+        raise SpecError(f"'{where}': {type(part).__name__} implements no bits(), so it would count "
+                        f"{Format([part]).bits_per_value:g} bits per value and break rho per bit and every memory "
+                        "plan; implement bits(self, inner_bits) (storage bits per value, scales included), or set "
+                        "keeps_bits = True for a step that stores nothing (a rotation)")
 
 
 def load_plugin(module: str) -> None:
@@ -308,9 +314,7 @@ def _plugin_component(name: str, args, kwargs) -> Component:
     if not (isinstance(factory, type) and issubclass(factory, Component)):
         raise SpecError(f"'{name}': not a Component subclass of plugin '{module_name}'")
     component = _call(factory, name, *args, **kwargs)
-    if type(component).bits is Component.bits and not component.keeps_bits:
-        raise SpecError(f"'{name}': {factory.__name__} implements no bits(); implement bits(self, inner_bits) (storage "
-                        "bits per value, scales included), or set keeps_bits = True for a step that stores nothing")
+    _require_bits(component, name)
     if not getattr(component, "spec_override", None):
         inner = ",".join([str(a) for a in args] + [f"{k}={v}" for k, v in kwargs.items()])
         component.spec_override = f"{name}({inner})" if inner else name
