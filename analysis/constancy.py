@@ -17,7 +17,7 @@ A format enters only on cells it shares with the baseline and needs two token bu
 freedom left; otherwise it is listed as not tested, with the reason. The effect size is also given as the change
 of efficiency per doubling, d log eff = -slope L / (alpha A (N eff)^-alpha) at the format's cells (the law's
 local sensitivity of log loss to log efficiency). Its size on tables simulated with a constant efficiency is
-measured in tests/test_constancy.py.
+measured in tests/test_drift.py.
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+
+from capscale.capacity.paths import strict_json
 
 from .laws import DecoupledLaw
 from .runs import run_sides, token_budgets
@@ -86,18 +88,11 @@ class ConstancyTest:
                 + f"; {len(t) - len(drifting)} of {len(t)} tested formats show no drift")
 
     def as_json(self) -> dict:
-        rows = []
-        for r in self.table.itertuples():
-            rows.append({"format": r.format, "cells": int(r.cells), "sizes": int(r.sizes), "ratios": int(r.ratios),
-                         "slope": _num(r.slope), "ci": [_num(r.lo), _num(r.hi)], "p": _num(r.p),
-                         "p_holm": _num(r.p_holm), "eff_change_per_doubling": _num(r.eff_change),
-                         "verdict": r.verdict, "reason": r.reason})
-        return {"test": "paired drift test", "law": self.law, "baseline": self.baseline, "level": self.level,
-                "drifting": self.drifting, "results": rows}
-
-
-def _num(v):
-    return None if v is None or not np.isfinite(v) else float(v)
+        rows = [{"format": r.format, "cells": r.cells, "sizes": r.sizes, "ratios": r.ratios, "slope": r.slope,
+                 "ci": [r.lo, r.hi], "p": r.p, "p_holm": r.p_holm, "eff_change_per_doubling": r.eff_change,
+                 "verdict": r.verdict, "reason": r.reason} for r in self.table.itertuples()]
+        return strict_json({"test": "paired drift test", "law": self.law, "baseline": self.baseline,
+                            "level": self.level, "drifting": self.drifting, "results": rows})
 
 
 def _cell_residuals(runs: pd.DataFrame, residuals) -> pd.DataFrame:
