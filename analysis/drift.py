@@ -30,7 +30,7 @@ from scipy import optimize
 
 from capscale.capacity import BASELINE, InputError
 
-from .laws import DecoupledLaw, huber_total, log_e_floor, single_threaded_blas
+from .laws import DecoupledLaw, huber_total, log_e_floor, logsumexp_terms, single_threaded_blas
 from .runs import run_sides
 
 REFERENCE_RATIO = 100.0  # tokens per parameter at which the token-dependent laws report eff[f]
@@ -43,15 +43,6 @@ def drift_key(label: str) -> str:
 
 def qat_key(label: str) -> str:
     return f"k[{label}]"
-
-
-def _logsumexp(terms: list):
-    """log sum exp over stacked terms and each term's weight (its share of the sum)."""
-    stack = np.vstack(terms)
-    top = stack.max(axis=0)
-    w = np.exp(stack - top)
-    s = w.sum(axis=0)
-    return top + np.log(s), w / s
 
 
 def _saturation_candidates(ratios: np.ndarray) -> list:
@@ -126,7 +117,7 @@ class DriftLaw(_TokenLaw):
         c = np.r_[0.0, theta[k + m + 3:]]
         t1 = la[fi] - alpha * log_n + c[fi] * s
         t2 = lb[gi] - beta * log_d
-        pred, (w1, w2, w3) = _logsumexp([t1, t2, np.full_like(t1, le)])
+        pred, (w1, w2, w3) = logsumexp_terms(t1, t2, np.full_like(t1, le))
         r = pred - log_l
         g = np.clip(r, -self.delta, self.delta)
         grad = np.concatenate([np.bincount(fi, g * w1, minlength=k), np.bincount(gi, g * w2, minlength=m),
@@ -229,7 +220,7 @@ class QATErrorLaw(_TokenLaw):
         t1 = la - alpha * log_n
         t2 = lb[gi] - beta * log_d
         t4 = np.where(compressed, np.r_[0.0, lk][fi] + g_d * log_d - g_n * log_n, -np.inf)
-        pred, (w1, w2, w3, w4) = _logsumexp([t1, t2, np.full_like(t1, le), t4])
+        pred, (w1, w2, w3, w4) = logsumexp_terms(t1, t2, np.full_like(t1, le), t4)
         r = pred - log_l
         g = np.clip(r, -self.delta, self.delta)
         grad = np.concatenate([[np.sum(g * w1)], np.bincount(gi, g * w2, minlength=m),

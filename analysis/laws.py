@@ -75,11 +75,13 @@ def huber_total(r: np.ndarray, delta: float) -> float:
     return float(special.huber(delta, r).sum())
 
 
-def _logsumexp3(t1, t2, t3):
-    m = np.maximum(np.maximum(t1, t2), t3)
-    w1, w2, w3 = np.exp(t1 - m), np.exp(t2 - m), np.exp(t3 - m)
-    s = w1 + w2 + w3
-    return m + np.log(s), (w1 / s, w2 / s, w3 / s)
+def logsumexp_terms(*terms):
+    """log sum exp of the terms of a law in log space, and each term's weight (its share of the sum): the
+    prediction and the chain rule's factors in one pass."""
+    m = functools.reduce(np.maximum, terms)
+    w = [np.exp(t - m) for t in terms]
+    s = sum(w)
+    return m + np.log(s), tuple(x / s for x in w)
 
 
 def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -346,7 +348,7 @@ class DecoupledLaw(ScalingLaw):
         m, gi = len(self.backwards_), self._gi
         la, lb, le, alpha, beta = theta[:k], theta[k:k + m], theta[k + m], theta[-2], theta[-1]
         t1, t2 = la[fi] - alpha * log_n, lb[gi] - beta * log_d
-        pred, (w1, w2, w3) = _logsumexp3(t1, t2, np.full_like(t1, le))
+        pred, (w1, w2, w3) = logsumexp_terms(t1, t2, np.full_like(t1, le))
         r = pred - log_l
         g = np.clip(r, -self.delta, self.delta)
         grad = np.concatenate([np.bincount(fi, g * w1, minlength=k), np.bincount(gi, g * w2, minlength=m),
@@ -438,7 +440,7 @@ class _FormulaLaw(ScalingLaw):
             eff = self.formula(theta[5:], formats)
             if np.any(~np.isfinite(eff)) or np.any(eff <= 0):
                 return 1e6
-            pred, _ = _logsumexp3(la - alpha * (log_n + np.log(eff[fi])), lb - beta * log_d,
+            pred, _ = logsumexp_terms(la - alpha * (log_n + np.log(eff[fi])), lb - beta * log_d,
                                   np.full_like(log_n, le))
             return huber_total(pred - log_l, self.delta)
 
