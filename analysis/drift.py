@@ -164,16 +164,11 @@ class DriftLaw(_TokenLaw):
     def _set(self, runs, res):
         k, m = len(self.formats_), len(self.backwards_)
         self.saturation_ = np.inf if self.saturation in (None, "auto") else float(self.saturation)
-        x = res.x
-        self.theta_ = x
-        la, lb, le, alpha, beta = x[:k], x[k:k + m], x[k + m], x[k + m + 1], x[k + m + 2]
-        self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb[0])), "E": float(np.exp(le)),
-                        "alpha": float(alpha), "beta": float(beta)}
+        self._set_core(res.x)
         if np.isfinite(self.saturation_):
             self.params_["saturation"] = self.saturation_
-        self.eff_ = {f: float(np.exp(-(la[i] - la[0]) / alpha)) for i, f in enumerate(self.formats_)}
-        self.eff_d_ = {g: float(np.exp(-(lb[j] - lb[0]) / beta)) for j, g in enumerate(self.backwards_)}
-        self.drift_ = {f: float(-c / alpha) for f, c in zip(self.formats_, np.r_[0.0, x[k + m + 3:]])}
+        alpha = self.params_["alpha"]
+        self.drift_ = {f: float(-c / alpha) for f, c in zip(self.formats_, np.r_[0.0, res.x[k + m + 3:]])}
         return self._finish(runs, res.fun)
 
     def values(self) -> dict:

@@ -335,14 +335,19 @@ class DecoupledLaw(ScalingLaw):
         return self
 
     def _set(self, runs, res):
+        self._set_core(res.x)
+        return self._finish(runs, res.fun)
+
+    def _set_core(self, x) -> None:
+        """The fitted values from theta = [log A_f (k), log B_g (m), log E, alpha, beta, ...]: what follows beta is a
+        subclass's own (the drift law's drifts)."""
         k, m = len(self.formats_), len(self.backwards_)
-        self.theta_ = res.x
-        la, lb, le, alpha, beta = res.x[:k], res.x[k:k + m], res.x[k + m], res.x[-2], res.x[-1]
+        self.theta_ = x
+        la, lb, le, alpha, beta = x[:k], x[k:k + m], x[k + m], x[k + m + 1], x[k + m + 2]
         self.params_ = {"A": float(np.exp(la[0])), "B": float(np.exp(lb[0])), "E": float(np.exp(le)),
                         "alpha": float(alpha), "beta": float(beta)}
         self.eff_ = {f: float(np.exp(-(la[i] - la[0]) / alpha)) for i, f in enumerate(self.formats_)}
         self.eff_d_ = {g: float(np.exp(-(lb[j] - lb[0]) / beta)) for j, g in enumerate(self.backwards_)}
-        return self._finish(runs, res.fun)
 
     def _objective(self, theta, fi, log_n, log_d, log_l, k):
         m, gi = len(self.backwards_), self._gi
