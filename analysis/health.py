@@ -22,32 +22,32 @@ REPEAT_TOLERANCE = 1e-4  # losses of one cell closer than this are one run recor
 MIN_REPEAT_CELLS = 3      # below this many repeated cells the seed scatter is "not measured"
 
 
-def _repeats(runs: pd.DataFrame):
-    """(log loss, cell groups, mask of runs in genuinely repeated cells): cells (format, N, D) holding two or more
-    runs whose losses are not all identical to REPEAT_TOLERANCE."""
-    log_loss = np.log(runs["loss"].astype(float))
+def _scatter(runs: pd.DataFrame) -> tuple[float, int]:
+    """(pooled standard deviation of log loss over genuine repeats, how many cells hold them): cells (format, N, D)
+    with two or more runs whose losses are not all identical to REPEAT_TOLERANCE. NaN with fewer than
+    MIN_REPEAT_CELLS such cells: too few to compare a misfit with."""
+    loss = runs["loss"].astype(float)
     keys = [runs[c] for c in ("format", "params", "tokens")]
+    log_loss = np.log(loss)
     groups = log_loss.groupby(keys)
-    spread = runs["loss"].astype(float).groupby(keys).transform(lambda v: v.max() - v.min())
-    return log_loss, groups, (groups.transform("size") > 1) & (spread > REPEAT_TOLERANCE)
+    by_loss = loss.groupby(keys)
+    repeated = (groups.transform("size") > 1) & (by_loss.transform("max") - by_loss.transform("min") > REPEAT_TOLERANCE)
+    cells = int(runs[repeated].groupby(["format", "params", "tokens"]).ngroups) if repeated.any() else 0
+    if cells < MIN_REPEAT_CELLS:
+        return float("nan"), cells
+    deviation = (log_loss - groups.transform("mean"))[repeated]
+    return float(np.sqrt(np.sum(deviation ** 2) / (repeated.sum() - cells))), cells
 
 
 def repeat_cells(runs: pd.DataFrame) -> int:
     """How many (format, N, D) cells hold genuine repeats (seeds whose losses differ)."""
-    _, _, repeated = _repeats(runs)
-    return int(runs[repeated].groupby(["format", "params", "tokens"]).ngroups) if repeated.any() else 0
+    return _scatter(runs)[1]
 
 
 def seed_scatter(runs: pd.DataFrame) -> float:
     """Pooled standard deviation of log loss over genuine repeats (`repeat_cells`); NaN with fewer than
     MIN_REPEAT_CELLS such cells: too few to compare a misfit with."""
-    log_loss, groups, repeated = _repeats(runs)
-    cells = repeat_cells(runs)
-    if cells < MIN_REPEAT_CELLS:
-        return float("nan")
-    dof = repeated.sum() - cells
-    deviation = (log_loss - groups.transform("mean"))[repeated]
-    return float(np.sqrt(np.sum(deviation ** 2) / dof))
+    return _scatter(runs)[0]
 
 
 E_PROFILE_SHARES = (0.0, 0.1, 0.2, 0.3, 0.4)  # E held at these shares of the smallest loss, for the profile
@@ -143,7 +143,7 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
     intervals = boot.intervals(law.values()) if boot is not None and len(boot.samples) else None
     rows = [_e_row(law, runs, boot, intervals)]
     pooled = runs if replicates is None else pd.concat([runs, replicates])
-    scatter, cells = seed_scatter(pooled), repeat_cells(pooled)
+    scatter, cells = _scatter(pooled)
     rows.append(("residual RMSE, log loss", f"{law.rmse_log_:.4f}",
                  "reported" if np.isnan(scatter) else ("ok" if law.rmse_log_ <= MISFIT_OVER_SCATTER * scatter else "weak"),
                  f"seed scatter not measured: {cells} cell(s) with genuine repeats (at least {MIN_REPEAT_CELLS} needed)"
