@@ -136,10 +136,8 @@ def _check_sides(frame: pd.DataFrame, where: str) -> None:
             value = frame.at[row, column]
             if value is None or isinstance(value, float) and np.isnan(value):
                 continue
-            if not isinstance(value, str) or not value.strip():
-                raise RunTableError(f"{where}: row {row}, column '{column}': expected a format label (text), got "
-                                    f"{value!r}")
-            same = value.strip() == from_label or is_uncompressed(value) and is_uncompressed(from_label) or \
+            value = _side(value, row, column, where)
+            same = value == from_label or is_uncompressed(value) and is_uncompressed(from_label) or \
                 column == "backward" and is_uncompressed(value) and from_label == NO_BACKWARD
             if label is not None and from_label is not None and not same:
                 raise RunTableError(f"{where}: row {row}, column '{column}': {value!r} disagrees with the label "
