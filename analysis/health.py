@@ -132,6 +132,13 @@ def _mean_residual_row(name: str, by: pd.Series, what: str, scatter: float, labe
             f"{scatter:.4f})")
 
 
+def unphysical_eff_d(law) -> dict:
+    """{backward configuration: effD} of those above 1 (a backward format cannot make tokens worth more than exact
+    gradients), where the law fits more than one; {} otherwise."""
+    eff_d = getattr(law, "eff_d_", {})
+    return {g: v for g, v in eff_d.items() if v > 1.0} if len(eff_d) > 1 else {}
+
+
 def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | None = None,
                level: float = 0.95) -> pd.DataFrame:
     """One row per check: what was measured and a verdict ('ok', 'weak' or 'reported'). `boot` is the
@@ -164,7 +171,7 @@ def fit_health(law, runs: pd.DataFrame, boot=None, replicates: pd.DataFrame | No
     rows.append((drift.check_name(), f"{len(drift.drifting)} of {len(tested)} formats drift" if len(tested) else
                  "not measured", "reported" if not len(tested) else ("weak" if drift.drifting else "ok"),
                  drift.brief()))
-    unphysical = {g: v for g, v in getattr(law, "eff_d_", {}).items() if v > 1.0}
+    unphysical = unphysical_eff_d(law)
     if len(getattr(law, "eff_d_", {})) > 1:
         rows.append(("data efficiencies at most 1", f"{len(unphysical)} above 1", "weak" if unphysical else "ok",
                      ("unphysical: a backward format cannot make tokens worth more than exact gradients; "

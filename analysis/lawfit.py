@@ -18,6 +18,7 @@ import pandas as pd
 from capscale.capacity import BASELINE, InputError
 
 from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
+from .health import unphysical_eff_d
 from .laws import DecoupledLaw, ScalingLaw, eff_d_key, eff_key, exponent_at_edge, make_law
 from .names import LAW_NAMES, FitWarning
 
@@ -113,8 +114,8 @@ class LawFit:
             out.append("efficiency above " + f"{EFF_PLAUSIBLE:g}, implausible (a format worth more parameters than it "
                        "has): " + ", ".join(f"eff[{f}] = {v:.3g}" for f, v in implausible.items())
                        + "; check the table's labels and losses")
-        unphysical = {g: v for g, v in getattr(law, "eff_d_", {}).items() if v > 1.0}
-        if len(getattr(law, "eff_d_", {})) > 1 and unphysical:
+        unphysical = unphysical_eff_d(law)
+        if unphysical:
             out.append("data efficiency above 1, unphysical (a backward format cannot make tokens worth more than exact "
                        "gradients): " + ", ".join(f"effD[{g}] = {v:.3f}" for g, v in unphysical.items())
                        + "; a forward cost that grows with D/N forced into effD, or too few token budgets")
