@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from capscale.analysis.names import TOKEN_LAWS
-from capscale.capacity import InputError
+from capscale.capacity import BASELINE, InputError
 
 from .commands_analysis import _warn, add_fit_file_argument, add_run_arguments, fit_from_args, runs_from_args
 from .options import whole
@@ -29,7 +29,7 @@ def _plan_command(args) -> None:
         from capscale.analysis.constancy import best_supported_law
         from capscale.analysis.studies import STUDIES
         options = STUDIES[args.study].fit_options if getattr(args, "study", None) else {}
-        law, why = best_supported_law(runs, args.baseline or "bf16", args.delta or 1e-3, args.level, **options)
+        law, why = best_supported_law(runs, args.baseline or BASELINE, args.delta or 1e-3, args.level, **options)
         print(f"law: {why}", file=sys.stderr)
     fit = fit_from_args(args, runs, "decoupled" if law == "auto" else law)
     _warn(fit.warnings)
