@@ -80,9 +80,9 @@ def label_points(ax, xs, ys, labels, colors=None, min_gap: float = 13.0, side: s
         width = len(str(labels[i])) * fontsize * 0.62 + 3  # a little more than the glyphs: boxes that touch do not meet
         x0 = pts[i, 0] + 7 if side == "right" else pts[i, 0] - 9 - width
         y = pts[i, 1]
-        while any(x0 < b[1] and b[0] < x0 + width and y - height / 2 < b[3] and b[2] < y + height / 2 for b in placed):
-            y = max(b[3] for b in placed if x0 < b[1] and b[0] < x0 + width and y - height / 2 < b[3]
-                    and b[2] < y + height / 2) + height / 2 + 0.5
+        while hits := [b for b in placed if x0 < b[1] and b[0] < x0 + width and y - height / 2 < b[3]
+                       and b[2] < y + height / 2]:
+            y = max(b[3] for b in hits) + height / 2 + 0.5
         placed.append((x0, x0 + width, y - height / 2, y + height / 2))
         offsets[i] = y - pts[i, 1]
     for i, offset in enumerate(offsets):
