@@ -1,5 +1,5 @@
-"""How commands print tables: text for people, JSON records for programs (non-finite numbers as null, so the
-JSON is valid). Nothing here imports pandas: `capscale gmse` prints without loading it."""
+"""How commands print tables: text for people, one JSON object for programs (`emit_json`; non-finite numbers as
+null, so the JSON is valid). Nothing here imports pandas: `capscale gmse` prints without loading it."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,14 @@ from tabulate import tabulate
 from capscale.capacity.paths import strict_json
 
 
-def print_records(records: list[dict], as_json: bool = False, floatfmt: str = ".4g") -> None:
-    if as_json:
-        print(json.dumps(strict_json(records), indent=1, default=str, allow_nan=False))
-    else:
-        print(tabulate(records, headers="keys", tablefmt="plain", floatfmt=floatfmt, missingval=""))
+def print_records(records: list[dict], floatfmt: str = ".4g") -> None:
+    """Records as a plain text table (`--json` goes through `emit_json`)."""
+    print(tabulate(records, headers="keys", tablefmt="plain", floatfmt=floatfmt, missingval=""))
 
 
-def print_table(frame, as_json: bool = False, floatfmt: str = ".4g") -> None:
+def print_table(frame, floatfmt: str = ".4g") -> None:
     """A pandas DataFrame, printed as `print_records` does."""
-    print_records(frame.to_dict("records"), as_json, floatfmt)
+    print_records(frame.to_dict("records"), floatfmt)
 
 
 # (value column, its interval's ends) in the tables commands print; each becomes {"value": v, "ci": [lo, hi]}
@@ -26,7 +24,6 @@ INTERVAL_COLUMNS = [("fitted", "fitted_lo", "fitted_hi"), ("predicted", "pred_lo
                     ("ratio", "ratio_lo", "ratio_hi"), ("loss", "loss_lo", "loss_hi"), ("eff", "eff_lo", "eff_hi"),
                     ("log_loss_diff", "lo", "hi"), ("mean_log_loss_ratio", "lo", "hi"), ("slope", "lo", "hi"),
                     ("eff_change", "eff_lo", "eff_hi"), ("loss", "lo", "hi")]
-NORMAL_95 = 1.959963984540054
 
 
 def with_intervals(record: dict, level: float = 0.95) -> dict:
