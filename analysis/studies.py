@@ -5,11 +5,11 @@
   in columns of their own: `rotation` (half: the product in the rotated domain, QuEST's main recipe; full:
   rotated and rotated back; none), `estimator` (trust or clip) and `clip_scale`. The class names what a run
   did; its `w_bits`/`a_bits` fields do not always (the fp4 runs say 16).
-- `t5`: the 48 sparse T5 runs of Frantar et al. (google-research/jaxpruner, Apache-2.0): unstructured
-  magnitude sparsity of the weights, `sparse(S)`, against the dense runs.
   QuEST's weight-only runs rotate only the weight (`rotation` = weight: its NoQuantizer returns the activation as it
   is), and its full- and half-rotation W&A runs compute the same function: the published "full" runs differ from the
   half ones in their token budgets (25/50 against 100 tokens per parameter), not in recipe.
+- `t5`: the 48 sparse T5 runs of Frantar et al. (google-research/jaxpruner, Apache-2.0): unstructured
+  magnitude sparsity of the weights, `sparse(S)`, against the dense runs.
 - `quartet`: the 174 MXFP4 scaling runs of Quartet (IST-DASLab/Quartet, MIT license; Llama-style decoders on C4,
   30M-200M with 430M and 800M baselines, 25 to ~1,600 tokens per parameter): forward-only, backward-only and
   crossed. A label-only table: `forward` and `backward` columns name each pass's quantizer (the paper's names,
