@@ -45,6 +45,19 @@ def test_without_backward_formats_the_gradients_are_exactly_todays():
     assert all(torch.allclose(t, u, atol=1e-5) for t, u in zip(today, _grads(layer, x0)))
 
 
+@pytest.mark.parametrize("recipe", ["nvidia-nvfp4", "quartet2"])
+def test_backward_formats_run_under_bf16_autocast_and_return_each_inputs_dtype(recipe):
+    """On CUDA training runs under bf16 autocast: dL/dY arrives in bf16 beside a float32 weight (a mixed product
+    once failed there); CPU autocast takes the same path."""
+    layer = CompressedLinear(128, 128, Compression(recipe=recipe))  # every contraction a multiple of 128
+    x = torch.randn(128, 128, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().pow(2).sum().backward()
+    assert x.grad.dtype == x.dtype and layer.weight.grad.dtype == layer.weight.dtype
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
 def test_stochastic_backward_formats_give_unbiased_gradients_and_nearest_ones_do_not():
     torch.manual_seed(0)
     base = Compression("int4", "int4")

@@ -85,8 +85,9 @@ def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) ->
 def _backward_product(a: torch.Tensor, b: torch.Tensor, fa, fb, block: int) -> torch.Tensor:
     """a @ b^T with both operands through their formats along the shared (last, contraction) dimension, rotated
     there by a block Hadamard first when `block` divides it (H H^T = I: the product is unchanged but the scales
-    see rotated rows)."""
-    a, b = a.contiguous(), b.contiguous()
+    see rotated rows). In float32: under bf16 autocast dL/dY arrives in bf16 beside a float32 W, and the quantized
+    operands (a 4-bit level times its scale) are exact in float32, not always in bf16."""
+    a, b = a.contiguous().float(), b.contiguous().float()
     block = block_dividing(block, a.shape[-1])
     if block > 1 and (fa is not None or fb is not None):
         hadamard = hadamard_matrix(block).to(a.device)
@@ -112,9 +113,9 @@ class _BackwardFormats(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:  # dgrad, (tokens, out) @ (out, in): contraction over the outputs
-            grad_x = _backward_product(g2, w.t(), g_dgrad, w_fmt, block).reshape(x.shape)
+            grad_x = _backward_product(g2, w.t(), g_dgrad, w_fmt, block).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:  # wgrad, (out, tokens) @ (tokens, in): contraction over the tokens
-            grad_w = _backward_product(g2.t(), x.reshape(-1, x.shape[-1]).t(), g_wgrad, x_fmt, block)
+            grad_w = _backward_product(g2.t(), x.reshape(-1, x.shape[-1]).t(), g_wgrad, x_fmt, block).to(w.dtype)
         return grad_x, grad_w, None
 
 
