@@ -23,7 +23,7 @@ def has_backward(law) -> bool:
 def backward_table(fit) -> pd.DataFrame:
     """One row per backward configuration: effD and its interval, the runs, and where its label is one spec (the
     same format for all three operands) that format's GMSE, squared bias and variance on Gaussian data."""
-    intervals = fit.intervals()
+    intervals = fit.conf_int() if fit.has_intervals else None
     _, backward = run_sides(fit.runs)
     rows = []
     for label, value in fit.law.eff_d_.items():
@@ -73,7 +73,7 @@ def efficiency_plane(fit, table: pd.DataFrame):
     from .plots import plt
     forward, backward = run_sides(fit.runs)
     pairs = pd.DataFrame({"forward": forward, "backward": backward}).drop_duplicates()
-    intervals = fit.intervals()
+    intervals = fit.conf_int() if fit.has_intervals else None
     effd = table.set_index("backward")
     fig, ax = plt.subplots(figsize=(10.0, 5.4))
     colours = dict(zip(effd.index, plt.get_cmap("tab10").colors * 3))

@@ -29,6 +29,7 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from capscale.capacity.paths import strict_json
+from capscale.capacity.results import Summary
 
 from .laws import DecoupledLaw
 from .runs import run_sides, token_budgets
@@ -86,6 +87,12 @@ class ConstancyTest:
                 + ("; ".join(f"{r.format} {r.slope:+.4f} log loss per doubling of D/N (p = {format_p(r.p_holm)})"
                              for r in drifting.itertuples()) if len(drifting) else "no format drifts")
                 + f"; {len(t) - len(drifting)} of {len(t)} tested formats show no drift")
+
+    def summary(self) -> Summary:
+        return Summary(f"paired drift test against '{self.baseline}' under the {self.law} law",
+                       [("test", "each format's residual minus the baseline's at shared (N, D) cells, OLS on log2 D/N "
+                                 f"with one intercept per size; Holm-adjusted at {1 - self.level:.0%}"),
+                        ("verdict", self.brief())], self.table)
 
     def as_json(self) -> dict:
         rows = [{"format": r.format, "cells": r.cells, "sizes": r.sizes, "ratios": r.ratios, "slope": r.slope,

@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from capscale.capacity import InputError, gmse_auto, rho
 from capscale.capacity.law import RHO_C, RHO_F, RHO_L
-from capscale.capacity.paths import atomic_write, cache_dir
+from capscale.capacity.paths import atomic_write, cache_dir, strict_json
+from capscale.capacity.results import Summary
 
 from .names import FRONTIER_FAMILIES
 
@@ -133,8 +134,14 @@ class Frontier:
         t = self.table
         return t[(t["bits"] - bits).abs() <= tolerance].sort_values("capacity", ascending=False)
 
+    def summary(self) -> Summary:
+        return Summary("capacity frontier: the designs no fewer bits beat",
+                       [("rho constants", ", ".join(f"{k} = {v:.4g}" for k, v in self.constants.items())),
+                        ("designs", f"{len(self.table)} measured, {int(self.table['on_frontier'].sum())} on the frontier"
+                                    + (f"; {len(self.skipped)} skipped (do not parse)" if self.skipped else ""))],
+                       self.frontier)
+
     def as_json(self) -> dict:
-        from capscale.capacity.paths import strict_json
         return strict_json({"constants": self.constants, "designs": self.table.to_dict(orient="records"),
                             "skipped": self.skipped})
 

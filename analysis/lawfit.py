@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import BASELINE, InputError
+from capscale.capacity.results import Summary
 
 from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
 from .health import unphysical_eff_d
@@ -30,36 +31,6 @@ def _finite(x):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
 
-class Summary:
-    """A fit's summary as text (str), Markdown or HTML, like statsmodels' Summary."""
-
-    def __init__(self, title: str, header: list[tuple[str, str]], table: pd.DataFrame, notes: list[str]):
-        self.title, self.header, self.table, self.notes = title, header, table, notes
-
-    def as_text(self) -> str:
-        head = "\n".join(f"  {k}: {v}" for k, v in self.header)
-        notes = "".join(f"\n  {n}" for n in self.notes)
-        return f"{self.title}\n{head}\n{self.table.to_string(index=False, float_format='{:.4g}'.format)}{notes}"
-
-    def as_markdown(self) -> str:
-        head = "\n".join(f"- {k}: {v}" for k, v in self.header)
-        notes = "".join(f"\n- {n}" for n in self.notes)
-        return (f"**{self.title}**\n\n{head}\n\n{self.table.to_markdown(index=False, floatfmt='.4g')}\n{notes}").rstrip()
-
-    def as_html(self) -> str:
-        from html import escape
-        head = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in self.header)
-        notes = "".join(f"<p>{escape(n)}</p>" for n in self.notes)
-        return (f"<table class='summary'><caption>{escape(self.title)}</caption>{head}</table>"
-                + self.table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0) + notes)
-
-    def __str__(self) -> str:
-        return self.as_text()
-
-    def _repr_html_(self) -> str:
-        return self.as_html()
-
-
 class LawFit:
     """A fitted law with its bootstrap. Build one with `capscale.fit(...)` or `LawFit.load(path, runs)`."""
 
@@ -67,6 +38,7 @@ class LawFit:
                  level: float = 0.95):
         self.runs, self.law, self.boot, self.seed = runs, law, boot, seed
         self.level = boot.level if boot is not None else level
+        self._validations: dict = {}  # rho form -> Validation (leave-one-format-out refits: computed once)
 
     # -- the fitted numbers -----------------------------------------------------------------------------------
     @property
@@ -82,24 +54,19 @@ class LawFit:
     def baseline(self) -> str:
         return self.law.baseline
 
-    def intervals(self, level: float | None = None) -> pd.DataFrame | None:
-        """value, standard error and percentile interval of every fitted number (None without a bootstrap)."""
-        if self.boot is None or not len(self.boot.samples):
-            return None
-        return self.boot.intervals(self.law.values(), level)
+    @property
+    def has_intervals(self) -> bool:
+        return self.boot is not None and len(self.boot.samples) > 0
 
     def conf_int(self, level: float | None = None) -> pd.DataFrame:
-        """Percentile bootstrap intervals, one row per fitted number (`eff[int4]` for efficiencies): lo, hi."""
-        table = self.intervals(level)
-        if table is None:
+        """The one interval accessor: every fitted number (`eff[int4]`, `alpha`, ...) with its value, bootstrap
+        standard error and percentile interval (value, se, lo, hi); refused without bootstrap replicates."""
+        if not self.has_intervals:
             raise InputError("no bootstrap replicates: fit with bootstrap > 0 for intervals")
-        return table[["lo", "hi"]]
+        return self.boot.intervals(self.law.values(), level)
 
-    def eff_interval(self, label: str) -> tuple[float, float]:
-        table = self.intervals()
-        if table is None or eff_key(label) not in table.index:
-            return (np.nan, np.nan)
-        return tuple(table.loc[eff_key(label), ["lo", "hi"]])
+    def _intervals(self) -> pd.DataFrame | None:
+        return self.conf_int() if self.has_intervals else None
 
     @property
     def warnings(self) -> list[str]:
@@ -135,7 +102,7 @@ class LawFit:
         return out
 
     def summary(self) -> Summary:
-        law, table = self.law, self.intervals()
+        law, table = self.law, self._intervals()
         rows = []
         for name, value in law.values().items():
             lo, hi, se = (table.loc[name, ["lo", "hi", "se"]] if table is not None and name in table.index
@@ -159,7 +126,7 @@ class LawFit:
                        [f"warning: {w}" for w in self.warnings])
 
     def as_json(self) -> dict:
-        table = self.intervals()
+        table = self._intervals()
 
         def p(name, value):
             if table is None or name not in table.index:
@@ -192,10 +159,10 @@ class LawFit:
 
     def predict_format(self, spec: str | None, a_format: str | None, params: float, tokens: float,
                        form: str = "tanh") -> dict:
-        """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
-        from .validate import predict_format
-        return predict_format(self.runs, spec, a_format, params, tokens, n_boot=0, seed=self.seed, form=form,
-                              law=self.law, boot=self.boot, level=self.level)
+        """Efficiency and loss of a format never trained: rho fitted on the trained formats (the fit's validation,
+        computed once per form), then the law."""
+        from .validate import predict_from_validation
+        return predict_from_validation(self.validate(form, progress=False), spec, a_format, params, tokens, self.seed)
 
     # -- the questions a fit answers --------------------------------------------------------------------------
     def health(self, replicates: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -203,10 +170,13 @@ class LawFit:
         return fit_health(self.law, self.runs, self.boot, replicates)
 
     def validate(self, form: str = "tanh", progress: bool = True, n_jobs: int | None = None):
-        """Capacity against efficiency: rho fitted to the efficiencies, each format predicted leaving it out."""
+        """Capacity against efficiency: rho fitted to the efficiencies, each format predicted leaving it out.
+        Computed once per form and kept: the fit does not change."""
         from .validate import validate
-        return validate(self.runs, form=form, law=self.law, boot=self.boot, n_boot=0, progress=progress,
-                        n_jobs=n_jobs)
+        if form not in self._validations:
+            self._validations[form] = validate(self.runs, form=form, law=self.law, boot=self.boot, n_boot=0,
+                                               progress=progress, n_jobs=n_jobs)
+        return self._validations[form]
 
     def check_constants(self, constants: str = "published") -> pd.DataFrame:
         """Fitted efficiencies against rho(GMSE) at given constants (no refit: any number of formats)."""

@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 
 from capscale.capacity import InputError, bits_of, pair_rho, spec_gmse
+from capscale.capacity.paths import strict_json
+from capscale.capacity.results import Summary
 from capscale.capacity.runtable import split_label
 
 from .laws import DecoupledLaw, eff_key, law_loss
@@ -157,8 +159,12 @@ class Plan:
             text += f". Extrapolated: {t.iloc[0]['extrapolated']}"
         return text + "."
 
+    def summary(self) -> Summary:
+        return Summary(f"plan at {self.budget.describe()}",
+                       [("verdict", self.verdict()), ("bootstrap", f"{self.replicates} replicates, {self.level:.0%} intervals")],
+                       self.table.reset_index())
+
     def as_json(self) -> dict:
-        from capscale.capacity.paths import strict_json
         return strict_json({"budget": {"memory_bytes": self.budget.memory, "flops": self.budget.flops,
                                        "tokens": self.budget.tokens},
                             "level": self.level, "replicates": self.replicates, "verdict": self.verdict(),

@@ -20,7 +20,7 @@ from . import plots
 from .backward import backward_sentence, backward_table, effd_regression, has_backward
 from .compose import compose_grid, read_grid
 from .families import format_styles
-from .laws import DecoupledLaw
+from .laws import DecoupledLaw, eff_key
 from .report_sections import ReportContext, build_sections
 from .runs import format_table
 from .studies import published_comparison, published_sentence
@@ -88,7 +88,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
         raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.law} law")
     folder = report_folder(folder, overwrite)
     runs, law, boot, level, baseline = fit.runs, fit.law, fit.boot, fit.level, fit.baseline
-    intervals = fit.intervals()
+    intervals = fit.conf_int() if fit.has_intervals else None
     comparison = fit.compare_laws()
     try:
         validation, capacity_omitted = fit.validate(form=form, progress=progress, n_jobs=n_jobs), None
@@ -109,8 +109,10 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
         columns={"w_bits": "bits_per_value"}).assign(
         family=lambda d: styles.loc[d["format"], "family"].to_numpy(),
         capacity=lambda d: pair_rho(d["w_gmse"].to_numpy(), d["a_gmse"].to_numpy()))  # published constants
+    known = intervals.index if intervals is not None else ()  # the baseline's eff is 1 by definition: no interval
     eff_table = pd.DataFrame([{"format": f, "family": styles.at[f, "family"], "eff": v,
-                               "eff_lo": fit.eff_interval(f)[0], "eff_hi": fit.eff_interval(f)[1]}
+                               "eff_lo": intervals.at[eff_key(f), "lo"] if eff_key(f) in known else np.nan,
+                               "eff_hi": intervals.at[eff_key(f), "hi"] if eff_key(f) in known else np.nan}
                               for f, v in fit.eff.items()])
     verdict_lines = verdicts(validation, stats_["calibration"], capacity_omitted, stats_["mixed"], baseline, stats_["wald"],
                             comp, health, fit.warnings, extrap_errors,

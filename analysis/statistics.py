@@ -22,6 +22,8 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from capscale.capacity import BASELINE, InputError
+from capscale.capacity.paths import strict_json
+from capscale.capacity.results import Summary
 from .laws import eff_key
 from .verdicts import format_p
 
@@ -59,10 +61,13 @@ class Calibration:
                              "t": r.tvalues.to_numpy(), "p": r.pvalues.to_numpy(), "lo": ci[0].to_numpy(),
                              "hi": ci[1].to_numpy()})
 
-    def summary(self) -> str:
-        return (f"{self.result.summary(yname='log fitted eff', alpha=1 - self.level)}\n"
-                f"joint F-test of slope = 1, intercept = 0: F = {float(np.squeeze(self.joint.fvalue)):.3g}, "
-                f"p = {format_p(self.joint_p)}")
+    def summary(self) -> Summary:
+        return Summary("calibration regression: log fitted eff on log predicted eff (WLS, bootstrap variances)",
+                       [("formats", int(self.result.nobs)), ("R-squared", f"{self.result.rsquared:.3g}"),
+                        ("joint F-test of slope = 1, intercept = 0",
+                         f"F = {float(np.squeeze(self.joint.fvalue)):.3g}, p = {format_p(self.joint_p)}"),
+                        ("intervals", f"{self.level:.0%}")],
+                       self.coefficients(), [self.verdict()])
 
     def as_json(self) -> dict:
         value_ci = lambda t: {"value": t[0], "ci": [t[1], t[2]]}  # noqa: E731
@@ -89,10 +94,16 @@ class Composability:
     table: pd.DataFrame
     level: float
 
-    def summary(self) -> str:
-        head = (f"Wald tests of log eff(AB) = log eff(A) + log eff(B) (bootstrap covariance), "
-                f"{self.level:.0%} intervals of the ratio eff(AB) / (eff(A) eff(B)):\n")
-        return head + self.table.to_string(index=False, float_format="{:.4g}".format)
+    def summary(self) -> Summary:
+        return Summary("composition: Wald tests of log eff(AB) = log eff(A) + log eff(B)",
+                       [("covariance", "bootstrap replicates of the three log efficiencies"),
+                        ("intervals", f"{self.level:.0%}, of the ratio eff(AB) / (eff(A) eff(B))")], self.table)
+
+    def as_json(self) -> dict:
+        return strict_json({"test": "Wald test of multiplying efficiencies", "level": self.level, "results": [
+            {"combined": r.combined, "part1": r.part1, "part2": r.part2,
+             "ratio": {"value": r.ratio, "ci": [r.ratio_lo, r.ratio_hi]}, "log_ratio_se": r.log_ratio_se,
+             "wald_z": r.wald_z, "p": r.p, "verdict": r.verdict} for r in self.table.itertuples()]})
 
 
 def composability_wald(pairs: list[tuple[str, str, str]], eff: dict, samples: pd.DataFrame,
@@ -121,10 +132,18 @@ class PairedDifferences:
     result: object          # statsmodels MixedLMResults
     level: float
 
-    def summary(self) -> str:
-        return (f"{self.result.summary()}\nper format vs baseline (log-loss difference, {self.level:.0%} interval, "
-                "Holm-adjusted p over the formats, Wilcoxon signed-rank p on cell means beside it):\n"
-                + self.table.to_string(index=False, float_format="{:.4g}".format))
+    def summary(self) -> Summary:
+        return Summary("paired differences against the baseline at shared (N, D) cells (mixed model)",
+                       [("per format", f"log-loss difference, {self.level:.0%} interval, Holm-adjusted p over the "
+                                       "formats, Wilcoxon signed-rank p on cell means beside it")],
+                       self.table, preface=str(self.result.summary()))
+
+    def as_json(self) -> dict:
+        rows = [{"format": r["format"], "log_loss_diff": {"value": r.get("log_loss_diff"),
+                                                          "ci": [r.get("lo"), r.get("hi")]},
+                 **{k: r.get(k) for k in ("p", "p_holm", "wilcoxon_p", "cells", "differs", "note")}}
+                for r in self.table.to_dict(orient="records")]
+        return strict_json({"test": "paired differences (mixed model)", "level": self.level, "results": rows})
 
 
 MIN_SHARED_CELLS = 2  # a format enters a paired comparison on at least this many (N, D) cells shared with the baseline

@@ -33,6 +33,7 @@ from capscale import data
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.runtable import BACKWARD_MARK, NO_BACKWARD, format_label
 
+from .laws import eff_key
 from .names import STUDY_NAMES
 from .verdicts import format_interval
 
@@ -202,7 +203,8 @@ def published_comparison(fit, validation, published: pd.DataFrame) -> pd.DataFra
     for r in published.itertuples():
         if r.format not in fit.eff:
             continue
-        lo, hi = fit.eff_interval(r.format) if fit.boot is not None else (float("nan"), float("nan"))
+        lo, hi = (fit.conf_int().loc[eff_key(r.format), ["lo", "hi"]] if fit.has_intervals and r.format != fit.baseline
+                  else (float("nan"), float("nan")))
         value = fit.eff[r.format]
         has_pred = pred is not None and r.format in pred.index
         rows.append({"format": r.format, "fitted": value, "fitted_lo": lo, "fitted_hi": hi,

@@ -17,6 +17,7 @@ from scipy import optimize
 
 from capscale.capacity.law import RHO_C, RHO_F, RHO_L, pair_rho, rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
+from capscale.capacity.results import Summary
 
 from .bootstrap import BootstrapResult, bootstrap
 from .laws import DecoupledLaw, L_PLAUSIBLE, eff_key, law_loss, single_threaded_blas
@@ -137,14 +138,16 @@ class Validation:
     def warnings(self) -> list[str]:
         return self.law.warnings_ + self.regression.warnings_
 
-    def summary(self) -> str:
+    def summary(self) -> Summary:
         consts = ", ".join(f"{k} = {v:.3g}" + (" " + format_interval(*self.constants_ci[k][:2])
                                                if k in self.constants_ci else "") for k, v in self.constants.items())
         cols = ["format", "w_gmse", "a_gmse", "capacity", "fitted", "fitted_lo", "fitted_hi", "predicted",
                 "pred_lo", "pred_hi", "inside", "overlap"]
-        return (f"capacity regression ({self.form}): {consts}\n"
-                "leave-one-format-out: each format's efficiency predicted from capacity with rho refitted on the others; "
-                f"{self.verdicts()}\n" + self.table[cols].to_string(index=False, float_format="{:.4g}".format))
+        return Summary(f"capacity regression ({self.form})",
+                       [("rho constants", consts),
+                        ("leave-one-format-out", "each format's efficiency predicted from capacity with rho refitted on "
+                                                 f"the others; {self.verdicts()}")],
+                       self.table[cols], [f"warning: {w}" for w in self.warnings])
 
     @property
     def level(self) -> float:
@@ -239,6 +242,12 @@ def predict_format(runs: pd.DataFrame, w_format: str | None, a_format: str | Non
     """Efficiency and loss of a format never trained: rho fitted on the trained formats, then the law."""
     v = validate(runs, n_boot=n_boot, seed=seed, form=form, progress=progress, baseline=baseline, level=level,
                  law=law, boot=boot)
+    return predict_from_validation(v, w_format, a_format, params, tokens, seed)
+
+
+def predict_from_validation(v: Validation, w_format: str | None, a_format: str | None, params: float, tokens: float,
+                            seed: int = 0) -> dict:
+    """`predict_format` on a validation already computed (a LawFit keeps one per rho form)."""
     w_format, a_format = (None if is_uncompressed(s) else s for s in (w_format, a_format))
     new = pd.DataFrame({"w_format": [w_format], "a_format": [a_format], "w_gmse": [spec_gmse(w_format)],
                         "a_gmse": [spec_gmse(a_format)]})
@@ -270,7 +279,7 @@ def check_constants(fit, constants: str = "published") -> pd.DataFrame:
     require_capacity(info.drop(index=fit.baseline, errors="ignore"), "checking against the published constants")
     rows = []
     for name, r in info.drop(index=fit.baseline, errors="ignore").iterrows():
-        lo, hi = fit.eff_interval(name) if fit.boot is not None else (np.nan, np.nan)
+        lo, hi = fit.conf_int().loc[eff_key(name), ["lo", "hi"]] if fit.has_intervals else (np.nan, np.nan)
         predicted = pair_rho(r["w_gmse"], r["a_gmse"])
         rows.append({"format": name, "w_gmse": r["w_gmse"], "a_gmse": r["a_gmse"], "fitted": fit.eff[name],
                      "fitted_lo": lo, "fitted_hi": hi, "predicted": predicted,

@@ -17,6 +17,7 @@ import torch
 
 from .formats import Format, InputError
 from .law import rho as rho_law
+from .paths import strict_json
 from .spec import is_uncompressed, parse
 
 if TYPE_CHECKING:
@@ -39,8 +40,16 @@ class GMSEResult:
     samples: int         # 0 for exact
     shape: tuple         # the tensor shape Monte Carlo measured on
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_json(self) -> dict:
+        return strict_json(asdict(self))
+
+    def summary(self):
+        """A `capacity.results.Summary` (text, Markdown, HTML)."""
+        return _summary(f"Gaussian MSE of {self.spec}",
+                        [("method", self.method + (f", {self.samples:,} samples on {self.shape} tensors"
+                                                   if self.samples else ""))],
+                        {"gmse": self.gmse, "s.e.": self.stderr, "bits per value": self.bits_per_value,
+                         "rho(GMSE)": self.rho})
 
 
 def gmse(spec: "str | Format", samples: int = DEFAULT_SAMPLES, seed: int = 0, exact: bool = False,
@@ -94,8 +103,21 @@ class ErrorSplit:
     stderr: float        # of gmse
     samples: int
 
-    def as_dict(self) -> dict:
-        return asdict(self)
+    def as_json(self) -> dict:
+        return strict_json(asdict(self))
+
+    def summary(self):
+        """A `capacity.results.Summary` (text, Markdown, HTML)."""
+        return _summary(f"bias and variance of {self.spec} on N(0, 1) data",
+                        [("method", f"two independent roundings of {self.samples:,} samples")],
+                        {"gmse": self.gmse, "s.e.": self.stderr, "bias^2": self.bias_sq, "variance": self.variance,
+                         "mean error": self.mean_error})
+
+
+def _summary(title: str, header: list, row: dict):
+    import pandas as pd
+    from .results import Summary
+    return Summary(title, header, pd.DataFrame([row]))
 
 
 @torch.inference_mode()
@@ -143,7 +165,7 @@ def spec_gmse(spec: str | None) -> float:
 
 def compare(specs, samples: int = DEFAULT_SAMPLES, seed: int = 0) -> "pd.DataFrame":
     """A table of formats: bits/value, GMSE, rho, rho per bit and the rate-distortion bound 2^(-2R)."""
-    rows = [gmse_auto(s, samples=samples, seed=seed).as_dict() for s in specs]
+    rows = [gmse_auto(s, samples=samples, seed=seed).as_json() for s in specs]
     import pandas as pd
     table = pd.DataFrame(rows)[["spec", "bits_per_value", "gmse", "stderr", "rho", "method"]]
     table["rho_per_bit"] = table["rho"] / table["bits_per_value"]

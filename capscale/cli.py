@@ -48,16 +48,16 @@ def _gmse_command(args) -> None:
         from capscale.capacity.gmse import error_split
         if args.exact:
             raise InputError("--bias is measured by Monte Carlo: drop --exact")
-        rows = [error_split(s, samples=args.samples, seed=args.seed).as_dict() for s in args.specs]
+        rows = [error_split(s, samples=args.samples, seed=args.seed).as_json() for s in args.specs]
         emit_json("gmse", rows, 0.95) if args.json else print_records(rows, floatfmt=".6g")
         return
     results = [gmse(s, samples=args.samples, seed=args.seed, exact=args.exact, row_length=args.row_length)
                for s in args.specs]
     if args.json:
-        emit_json("gmse", [{k: r.as_dict()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho", "method")}
+        emit_json("gmse", [{k: r.as_json()[k] for k in ("spec", "gmse", "stderr", "bits_per_value", "rho", "method")}
                            for r in results], 0.95)
     else:
-        print_records([{k: v for k, v in r.as_dict().items() if k != "shape"} for r in results], floatfmt=".6g")
+        print_records([{k: v for k, v in r.as_json().items() if k != "shape"} for r in results], floatfmt=".6g")
 
 
 def add_gmse_command(sub) -> None:

@@ -155,7 +155,7 @@ def _validate_command(args) -> None:
     if args.json:
         emit_json("validate", {**v.as_json(), "calibration": None if cal is None else cal.as_json()}, v.level)
     else:
-        print(v.summary() + ("" if cal is None else "\n\n" + cal.summary()))
+        print(v.summary(), *([] if cal is None else ["", cal.summary()]), sep="\n")
 
 
 def add_validate_command(sub) -> None:

@@ -352,7 +352,7 @@ def test_calibration_regression_recovers_slope_1_when_capacity_predicts_efficien
     v = validate(runs, n_boot=24, seed=0, progress=False)
     cal = calibration(v.table, v.boot.samples)
     slope, lo, hi = cal.slope
-    assert lo <= 1 <= hi and cal.joint_p > 0.05 and "slope" in cal.summary()
+    assert lo <= 1 <= hi and cal.joint_p > 0.05 and "slope" in str(cal.summary())
 
 
 def test_composability_wald_detects_a_pair_that_does_not_multiply():

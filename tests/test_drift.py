@@ -104,9 +104,9 @@ def test_drifting_tables_are_found_and_the_drift_law_recovers_the_drift():
     fit = capscale.fit(runs, law="drift", bootstrap=60, progress=False, n_jobs=1)
     intervals = fit.conf_int()
     for label, value in truth.items():
-        lo, hi = intervals.loc[f"drift[{label}]"]
+        lo, hi = intervals.loc[f"drift[{label}]", ["lo", "hi"]]
         assert lo <= value <= hi, (label, lo, hi)
-    lo, hi = intervals.loc["eff[int4]"]
+    lo, hi = intervals.loc["eff[int4]", ["lo", "hi"]]
     assert lo <= 0.8 <= hi  # the efficiency at the reference 100 tokens per parameter
     assert fit.drift_test().drifting == []  # nothing left for the drift law's residuals
 

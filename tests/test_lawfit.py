@@ -98,3 +98,35 @@ def test_a_weak_fit_warns_in_python_too():
         law = capscale.fit(data.path("study_runs.jsonl"), bootstrap=0, progress=False)
     texts = [str(w.message) for w in caught if issubclass(w.category, FitWarning)]
     assert texts and texts == law.law.warnings_
+
+
+def test_every_results_object_follows_one_protocol(fitted):
+    """summary() -> Summary in three renderings; as_json() -> one strict-JSON object, intervals as ci."""
+    import json
+
+    from capscale.analysis.constancy import constancy_test
+    from capscale.analysis.frontier import frontier
+    from capscale.capacity.gmse import error_split, gmse
+    from capscale.capacity.results import Summary
+    effs = {"bf16": 1.0, "int8": 0.97, "bf16/int8": 0.96, "int8/int8": 0.93, "int4": 0.8, "int2": 0.4}
+    specs = {"bf16": ("bf16", None), "int8": ("int8", None), "bf16/int8": (None, "int8"),
+             "int8/int8": ("int8", "int8"), "int4": ("int4", None), "int2": ("int2", None)}
+    fit = capscale.fit(load_runs(simulate_runs(effs, noise=0.003, specs=specs)), bootstrap=20, progress=False,
+                       n_jobs=1)
+    validation = fit.validate(progress=False)
+    assert fit.validate(progress=False) is validation  # computed once per fit
+    _, wald = fit.compose()
+    results = [fit, validation, fit.calibration(validation), wald, fit.paired_mixed(),
+               constancy_test(fit.law, fit.runs), fit.plan(flops=1e19),
+               frontier(["{int2,int4}"], samples=1 << 14, cache=False, progress=False),
+               gmse("int4", samples=1 << 14), error_split("int4(rounding=stochastic)", samples=1 << 14)]
+    assert all(r is not None for r in results)
+    for result in results:
+        summary = result.summary()
+        assert isinstance(summary, Summary), type(result)
+        text, markdown, html = str(summary), summary.as_markdown(), summary.as_html()
+        assert summary.title in text and summary.title in markdown and "<caption>" in html
+        json.dumps(result.as_json(), allow_nan=False)
+    ratios = wald.as_json()["results"]
+    assert ratios and all(len(r["ratio"]["ci"]) == 2 for r in ratios)
+    assert set(fit.conf_int().columns) == {"value", "se", "lo", "hi"}
