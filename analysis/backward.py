@@ -10,7 +10,7 @@ from capscale.capacity import InputError
 from capscale.capacity.gmse import error_split
 from capscale.capacity.runtable import NO_BACKWARD
 
-from .laws import eff_d_key, eff_key
+from .names import eff_d_key, eff_key
 from .runs import run_sides
 
 SPLIT_SAMPLES = 1 << 18

@@ -20,7 +20,7 @@ from capscale.capacity.runtable import format_label, split_label
 
 from .bootstrap import BootstrapResult
 from .runs import RunTableError
-from .laws import eff_key
+from .names import eff_key
 
 
 def composite_parts(label: str, labels: set) -> tuple[str, str] | None:

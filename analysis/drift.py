@@ -30,7 +30,8 @@ from scipy import optimize
 
 from capscale.capacity import BASELINE, InputError
 
-from .laws import DecoupledLaw, huber_total, log_e_floor, logsumexp_terms, single_threaded_blas
+from .laws import DecoupledLaw
+from .solver import huber_total, log_e_floor, logsumexp_terms, single_threaded_blas
 from .runs import run_sides
 
 REFERENCE_RATIO = 100.0  # tokens per parameter at which the token-dependent laws report eff[f]

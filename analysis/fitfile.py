@@ -27,7 +27,8 @@ from capscale.capacity.paths import atomic_write, is_json_with, output_file
 from capscale.capacity.provenance import invoked_command, package_version
 
 from .bootstrap import BootstrapResult, refit_replicates
-from .laws import EXPONENT_GRID, DecoupledLaw, make_law
+from .laws import DecoupledLaw, make_law
+from .solver import EXPONENT_GRID
 from .names import MAX_REPLICATES, RESAMPLING_UNITS
 
 FORMAT_VERSION = 3        # 3: replicate indices and unit, verified by refitting; earlier files are refused (refit)

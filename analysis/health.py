@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .laws import E_AT_BOUND, eff_key
+from .laws import E_AT_BOUND
+from .names import eff_key
 from .runs import token_budgets
 from .verdicts import format_interval
 

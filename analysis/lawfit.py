@@ -20,8 +20,9 @@ from capscale.capacity.results import Summary
 
 from .bootstrap import BootstrapResult, bootstrap as run_bootstrap, prediction_interval
 from .health import unphysical_eff_d
-from .laws import DecoupledLaw, ScalingLaw, eff_d_key, eff_key, exponent_at_edge, make_law
-from .names import LAW_NAMES, FitWarning
+from .laws import DecoupledLaw, ScalingLaw, make_law
+from .names import LAW_NAMES, FitWarning, eff_d_key, eff_key
+from .solver import exponent_at_edge
 
 
 EFF_PLAUSIBLE = 1.5  # a fitted efficiency above this is warned about: more likely a table's mistake than a format

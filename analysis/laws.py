@@ -7,109 +7,32 @@ Huber(delta) over log residuals. The decoupled law has one eff per format (basel
 fixed (alpha, beta) it is linear in (E, A_f = A eff_f^-alpha, B), so a weighted non-negative least
 squares solves that part exactly on a 2-D grid of exponents (variable projection), and the best grid
 points are polished jointly with L-BFGS and the analytic gradient. The other laws replace the free
-eff_f by a formula and start from the decoupled solution.
+eff_f by a formula and start from the decoupled solution (`formula_laws.py`); the drift laws, in `drift.py`, let
+it change with tokens per parameter. `make_law` finds each by its name. The shared machinery is in `solver.py`.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, special
-from threadpoolctl import threadpool_limits
 
-from capscale.capacity import BASELINE, InputError, is_uncompressed, parse, rho
-from capscale.capacity.law import RHO_C, RHO_F, RHO_L
+from capscale.capacity import BASELINE, InputError
 from capscale.capacity.runtable import NO_BACKWARD, RunTableError
 
-from .names import LAW_NAMES
-from .runs import check_identifiable, format_table, require_capacity, run_sides
+from .names import LAW_NAMES, eff_d_key, eff_key
+from .runs import check_identifiable, run_sides
+from .solver import (EXPONENT_GRID, GRID_CHUNK_BYTES, POLISH_STARTS, ROUGH_TOLERANCE, exponent_at_edge, huber_total,
+                     log_e_floor, logsumexp_terms, nonnegative_least_squares, single_threaded_blas)
 
-EXPONENT_GRID = np.geomspace(0.03, 2.0, 36)
-POLISH_STARTS = 4
-GRID_CHUNK_BYTES = 64 << 20  # the exponent grid's designs are solved this many bytes at a time (200k runs: ~1 GB peak)
-E_SEARCH_FLOOR = 1e-6  # the fit's lower bound on E, relative to the smallest loss: changes no prediction
 E_AT_BOUND = 0.01  # a fitted E below this fraction of the smallest loss is reported as at its bound 0
 L_PLAUSIBLE = 1.2  # rho's limit L at GMSE -> 0 above this is flagged
-ROUGH_TOLERANCE = 1e-10  # relative objective change that ends a start's first, rough descent
-
-
-def exponent_at_edge(values):
-    """Whether exponents (alpha, beta) lie at the edge of the range the fit searches: not identified there."""
-    values = np.asarray(values, float)
-    return (values <= EXPONENT_GRID[0] * 1.05) | (values >= EXPONENT_GRID[-1] * 0.95)
-
-
-def log_e_floor(loss) -> float:
-    """The lower bound on log E in a fit. Without it L-BFGS walks log E towards -inf along the flat ridge where
-    the runs do not identify E (thousands of steps)."""
-    return float(np.log(E_SEARCH_FLOOR * np.min(loss)))
-
-
-def single_threaded_blas(fit):
-    """Fits solve many tiny problems: threaded BLAS only adds overhead (30x slower with 2 threads here)."""
-    @functools.wraps(fit)
-    def wrapper(*args, **kwargs):
-        with threadpool_limits(limits=1, user_api="blas"):
-            return fit(*args, **kwargs)
-    return wrapper
-
-
-def eff_key(label: str) -> str:
-    """The name of a format's efficiency among a fit's values and bootstrap columns: `eff[int4]`."""
-    return f"eff[{label}]"
-
-
-def eff_d_key(label: str) -> str:
-    """The name of a backward configuration's data efficiency among a fit's values: `effD[int8]`."""
-    return f"effD[{label}]"
 
 
 def law_loss(p, n, d, eff=1.0):
     """loss = A (N eff)^-alpha + B D^-beta + E, for constants `p` from a fit or a bootstrap replicate."""
     return p["A"] * (n * eff) ** -p["alpha"] + p["B"] * d ** -p["beta"] + p["E"]
-
-
-def huber_total(r: np.ndarray, delta: float) -> float:
-    return float(special.huber(delta, r).sum())
-
-
-def logsumexp_terms(*terms):
-    """log sum exp of the terms of a law in log space, and each term's weight (its share of the sum): the
-    prediction and the chain rule's factors in one pass."""
-    m = functools.reduce(np.maximum, terms)
-    w = [np.exp(t - m) for t in terms]
-    s = sum(w)
-    return m + np.log(s), tuple(x / s for x in w)
-
-
-def _nonnegative_least_squares(design: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """min ||X c - y|| subject to c >= 0 for a stack of designs X (g, n, p) sharing y: batched unconstrained
-    solves where every coefficient comes out nonnegative, then with the last column (E) at 0 where the KKT
-    condition shows that is optimal; only the remaining problems go to scipy's active-set NNLS, one by one."""
-    def solve(x):  # normal equations on unit-norm columns (they span ten orders of magnitude)
-        xt = x.transpose(0, 2, 1)
-        gram = xt @ x
-        scale = np.sqrt(np.diagonal(gram, axis1=1, axis2=2))
-        gram = gram / (scale[:, :, None] * scale[:, None, :])
-        rhs = ((xt @ target) / scale)[..., None]
-        try:
-            return np.linalg.solve(gram, rhs)[..., 0] / scale
-        except np.linalg.LinAlgError:  # a degenerate design somewhere in the stack: the least-squares solution
-            return (np.linalg.pinv(gram) @ rhs)[..., 0] / scale
-
-    coef = solve(design)
-    pending = np.flatnonzero(np.any(coef < 0, axis=1))
-    if len(pending):
-        reduced = solve(design[pending, :, :-1])
-        residual = target - (design[pending, :, :-1] @ reduced[..., None])[..., 0]
-        optimal = np.all(reduced >= 0, axis=1) & (np.sum(design[pending, :, -1] * residual, axis=1) <= 0)
-        coef[pending[optimal]] = np.column_stack([reduced[optimal], np.zeros(optimal.sum())])
-        for g in pending[~optimal]:
-            coef[g] = optimize.nnls(design[g], target)[0]
-    return coef
-
 
 class ScalingLaw:
     """Common machinery: data arrays, the Huber objective, prediction, summaries."""
@@ -292,7 +215,7 @@ class DecoupledLaw(ScalingLaw):
             design[:, rows, k + gi] = np.exp(-np.outer(b, log_d)) / loss
             if self.fix_E is None:
                 design[:, :, k + m] = 1 / loss
-            part = _nonnegative_least_squares(design, (loss - fixed_e) / loss)
+            part = nonnegative_least_squares(design, (loss - fixed_e) / loss)
             pred = (design @ part[..., None])[..., 0] * loss + fixed_e
             with np.errstate(invalid="ignore", divide="ignore"):
                 value = special.huber(self.delta, np.log(pred) - log_l).sum(axis=1)
@@ -393,186 +316,10 @@ class DecoupledLaw(ScalingLaw):
         return {**super().values(), **extra}
 
 
-def format_arrays(info: pd.DataFrame) -> dict:
-    """What the formula laws read of formats (rows of `format_table`, or run rows), as arrays."""
-    out = {f"{side}_compressed": ~info[f"{side}_format"].map(is_uncompressed).to_numpy(bool) for side in "wa"}
-    return out | {c: info[c].to_numpy(float) for c in ("w_gmse", "a_gmse", "w_bits", "a_bits")}
-
-
-class _FormulaLaw(ScalingLaw):
-    """A law whose efficiencies come from a formula with a few constants, fitted jointly with A..beta."""
-
-    constant_names: tuple = ()
-    constant_bounds: tuple = ()
-
-    def constant_starts(self, decoupled: DecoupledLaw) -> list:
-        raise NotImplementedError
-
-    def formula(self, constants, formats: dict) -> np.ndarray:
-        """Efficiencies of formats given as arrays (`format_arrays`)."""
-        raise NotImplementedError
-
-    def require(self, info: pd.DataFrame) -> None:
-        """What the formula needs of every format (its GMSE by default), with the formats that lack it named."""
-        require_capacity(info, f"the {self.law} law")
-
-    def efficiency(self, label, row=None):
-        if label in self.eff_:
-            return self.eff_[label]
-        return float(self.formula([self.params_[c] for c in self.constant_names], format_arrays(pd.DataFrame([row])))[0])
-
-    @single_threaded_blas
-    def fit(self, runs: pd.DataFrame):
-        compressed = set(runs["format"]) - {self.baseline}
-        if len(compressed) < len(self.constant_names):
-            raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
-                             f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
-                             f"format(s) besides '{self.baseline}': train more formats")
-        info = format_table(runs, f"the {self.law} law")
-        self.require(info)
-        decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
-        fi, log_n, log_d, log_l = self._prepare(runs)
-        formats = format_arrays(info.loc[self.formats_])
-        p = decoupled.params_
-        mean_n, mean_d = log_n.mean(), log_d.mean()  # centred, as in the decoupled fit
-        log_n, log_d = log_n - mean_n, log_d - mean_d
-        core0 = [np.log(p["A"]) - p["alpha"] * mean_n, np.log(p["B"]) - p["beta"] * mean_d, np.log(p["E"]), p["alpha"],
-                 p["beta"]]
-        core_bounds = [(None, None)] * 2 + [(log_e_floor(np.exp(log_l)), None)] + [(1e-3, 5.0)] * 2
-
-        def objective(theta):
-            la, lb, le, alpha, beta = theta[:5]
-            eff = self.formula(theta[5:], formats)
-            if np.any(~np.isfinite(eff)) or np.any(eff <= 0):
-                return 1e6
-            pred, _ = logsumexp_terms(la - alpha * (log_n + np.log(eff[fi])), lb - beta * log_d,
-                                  np.full_like(log_n, le))
-            return huber_total(pred - log_l, self.delta)
-
-        best = None
-        for start in self.constant_starts(decoupled):
-            res = optimize.minimize(objective, np.array(core0 + list(start)), method="L-BFGS-B",
-                                    bounds=core_bounds + list(self.constant_bounds),
-                                    options={"maxiter": 5000, "ftol": 1e-14, "gtol": 1e-10})
-            if best is None or res.fun < best.fun:
-                best = res
-        la, lb, le, alpha, beta = best.x[:5]
-        la, lb = la + alpha * mean_n, lb + beta * mean_d
-        self.params_ = {"A": float(np.exp(la)), "B": float(np.exp(lb)), "E": float(np.exp(le)),
-                        "alpha": float(alpha), "beta": float(beta),
-                        **{c: float(v) for c, v in zip(self.constant_names, best.x[5:])}}
-        self.eff_ = dict(zip(self.formats_, map(float, self.formula(best.x[5:], formats))))
-        return self._finish(runs, best.fun)
-
-
-class UnifiedLaw(_FormulaLaw):
-    """eff = rho(GMSE_w) rho(GMSE_a), rho = L tanh(F log_1/4 GMSE)^C; uncompressed parts count 1 ([U])."""
-
-    law = "unified"
-    constant_names = ("L", "F", "C")
-    constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
-
-    def formula(self, c, formats):
-        part = lambda side: np.where(formats[f"{side}_compressed"], rho(formats[f"{side}_gmse"], *c), 1.0)  # noqa: E731
-        return part("w") * part("a")
-
-    def constant_starts(self, decoupled):
-        return [(RHO_L, RHO_F, RHO_C), (0.9, 0.6, 1.0), (1.0, 0.25, 2.0)]
-
-
-class KumarLaw(_FormulaLaw):
-    """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value
-    (a run table's w_bits/a_bits or `bits` columns, else the specs')."""
-
-    law = "kumar"
-    constant_names = ("g_w", "g_a")
-    constant_bounds = ((0.05, 20.0), (0.05, 20.0))
-
-    def formula(self, c, formats):
-        return (1 - np.exp(-formats["w_bits"] / c[0])) * (1 - np.exp(-formats["a_bits"] / c[1]))
-
-    def constant_starts(self, decoupled):
-        return [(2.6745, 2.2102), (1.0, 1.0), (5.0, 5.0)]
-
-    def require(self, info):
-        unknown = info[info["w_bits"].isna() | info["a_bits"].isna()]
-        if len(unknown):
-            raise InputError(f"the kumar law needs each format's bits per value, unknown for {list(unknown.index)}: "
-                             "give numeric bits (or w_bits/a_bits) columns, or w_format/a_format specs capscale "
-                             "can parse")
-
-
-def sparsity_of(spec) -> float | None:
-    """Fraction of zeros of a pure-sparsity spec (0 for uncompressed); None for anything else."""
-    if is_uncompressed(spec):
-        return 0.0
-    parts = parse(spec).parts
-    if len(parts) != 1:
-        return None
-    part = parts[0]
-    if part.name == "sparse":
-        return float(part.params["fraction"])
-    return 1 - part.n / part.m if hasattr(part, "m") else None
-
-
-class FrantarLaw(ScalingLaw):
-    """Frantar et al.'s sparsity law on the pure-sparsity and dense runs:
-    loss = (a_S (1 - S)^b_S + c_S) N_nz^-b_N + (a_D / D)^b_D + c, N_nz = N (1 - S)."""
-
-    law = "frantar"
-    formula_text = "loss = (a_S (1-S)^b_S + c_S) (N (1-S))^-b_N + (a_D / D)^b_D + c"
-    names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
-
-    def _sparse_rows(self, runs):
-        if "w_format" not in runs or "a_format" not in runs:
-            raise InputError("the frantar law needs each run's weight sparsity: w_format/a_format spec columns "
-                             "(sparse(f) or N:M weights), absent from this label-only table")
-        s = runs["w_format"].map(sparsity_of)
-        keep = s.notna() & runs["a_format"].isna()
-        if keep.sum() < 4:
-            raise InputError("the Frantar law needs dense and pure-sparsity runs (sparse(f) or N:M weights)")
-        return runs[keep], s[keep].to_numpy(float)
-
-    @single_threaded_blas
-    def fit(self, runs):
-        runs, s = self._sparse_rows(runs)
-        check_identifiable(runs)
-        self.formats_ = [self.baseline] + sorted(set(runs["format"]) - {self.baseline})
-        n, d, log_l = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float), np.log(runs["loss"].to_numpy(float))
-        decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
-        p = decoupled.params_
-
-        def log_pred(t):
-            a_s, b_s, c_s, b_n, a_d, b_d, c = np.exp(t[0]), t[1], np.exp(t[2]), t[3], np.exp(t[4]), t[5], np.exp(t[6])
-            return np.log((a_s * (1 - s) ** b_s + c_s) * (n * (1 - s)) ** -b_n + (a_d / d) ** b_d + c)
-
-        best = None
-        for split in (0.5, 0.9, 0.1):
-            t0 = [np.log(split * p["A"]), 1.0, np.log((1 - split) * p["A"]), p["alpha"],
-                  np.log(p["B"]) / p["beta"], p["beta"], np.log(p["E"])]
-            res = optimize.minimize(lambda t: huber_total(log_pred(t) - log_l, self.delta), t0, method="L-BFGS-B",
-                                    bounds=[(None, None), (-5, 10), (None, None), (1e-3, 5), (None, None), (1e-3, 5),
-                                            (None, None)], options={"maxiter": 5000, "ftol": 1e-14})
-            if best is None or res.fun < best.fun:
-                best = res
-        t = best.x
-        self.params_ = dict(zip(self.names, [np.exp(t[0]), t[1], np.exp(t[2]), t[3], np.exp(t[4]), t[5], np.exp(t[6])]))
-        self.params_ = {k: float(v) for k, v in self.params_.items()}
-        by_format = dict(zip(runs["format"], s))
-        q = self.params_
-        coef = lambda sp: q["a_S"] * (1 - sp) ** q["b_S"] + q["c_S"]  # noqa: E731
-        self.eff_ = {f: float((1 - sp) * (coef(sp) / coef(0.0)) ** (-1 / q["b_N"])) for f, sp in by_format.items()}
-        return self._finish(runs, best.fun)
-
-    def predict(self, runs):
-        q, s = self.params_, runs["w_format"].map(sparsity_of).to_numpy(float)
-        n, d = runs["params"].to_numpy(float), runs["tokens"].to_numpy(float)
-        return (q["a_S"] * (1 - s) ** q["b_S"] + q["c_S"]) * (n * (1 - s)) ** -q["b_N"] + (q["a_D"] / d) ** q["b_D"] + q["c"]
-
-
 def make_law(name: str, **kwargs) -> ScalingLaw:
     """A law by its name (`names.LAW_NAMES`); each class registers under its own `law` attribute."""
     from .drift import DriftLaw, QATErrorLaw
+    from .formula_laws import FrantarLaw, KumarLaw, UnifiedLaw
     laws = {cls.law: cls for cls in (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw, DriftLaw, QATErrorLaw)}
     assert tuple(laws) == LAW_NAMES
     if name not in laws:

@@ -22,3 +22,13 @@ MAX_REPLICATES = 100_000  # bootstrap replicates: the most a command runs and a 
 
 class FitWarning(UserWarning):
     """A fit whose numbers should not be read as they stand: a constant at its bound, an unidentified term."""
+
+
+def eff_key(label: str) -> str:
+    """The name of a format's efficiency among a fit's values and bootstrap columns: `eff[int4]`."""
+    return f"eff[{label}]"
+
+
+def eff_d_key(label: str) -> str:
+    """The name of a backward configuration's data efficiency among a fit's values: `effD[int8]`."""
+    return f"effD[{label}]"

@@ -32,7 +32,8 @@ from capscale.capacity.paths import strict_json
 from capscale.capacity.results import Summary
 from capscale.capacity.runtable import split_label
 
-from .laws import DecoupledLaw, eff_key, law_loss
+from .laws import DecoupledLaw, law_loss
+from .names import eff_key
 
 FITTED, PUBLISHED_RHO = "fitted", "rho(GMSE), published constants"
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15, "e": 1e18,

@@ -20,7 +20,8 @@ from . import plots
 from .backward import backward_sentence, backward_table, effd_regression, has_backward
 from .compose import compose_grid, read_grid
 from .families import format_styles
-from .laws import DecoupledLaw, eff_key
+from .laws import DecoupledLaw
+from .names import eff_key
 from .report_sections import ReportContext, build_sections
 from .runs import format_table
 from .studies import published_comparison, published_sentence

@@ -24,7 +24,7 @@ from statsmodels.stats.multitest import multipletests
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.paths import strict_json
 from capscale.capacity.results import Summary
-from .laws import eff_key
+from .names import eff_key
 from .verdicts import format_p
 
 

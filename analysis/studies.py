@@ -33,8 +33,7 @@ from capscale import data
 from capscale.capacity import BASELINE, InputError
 from capscale.capacity.runtable import BACKWARD_MARK, NO_BACKWARD, format_label
 
-from .laws import eff_key
-from .names import STUDY_NAMES
+from .names import STUDY_NAMES, eff_key
 from .verdicts import format_interval
 
 # QuEST quantizer class -> (rotation, estimator, scalar format given the bits); fp4 ignores the bits.

@@ -20,10 +20,11 @@ from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 from capscale.capacity.results import Summary
 
 from .bootstrap import BootstrapResult, bootstrap
-from .laws import DecoupledLaw, L_PLAUSIBLE, eff_key, law_loss, single_threaded_blas
-from .names import RHO_FORMS
+from .laws import DecoupledLaw, L_PLAUSIBLE, law_loss
+from .names import RHO_FORMS, eff_key
 from .parallel import chunked_map
 from .runs import format_table, require_capacity
+from .solver import single_threaded_blas
 from .verdicts import format_interval
 
 FORMS = {  # name (RHO_FORMS, in order): (function of gmse and constants, constant names, starts, bounds)

@@ -23,7 +23,8 @@ from threadpoolctl import threadpool_limits
 
 from capscale import data
 from capscale.analysis.bootstrap import bootstrap
-from capscale.analysis.laws import EXPONENT_GRID, DecoupledLaw, huber_total, single_threaded_blas
+from capscale.analysis.laws import DecoupledLaw
+from capscale.analysis.solver import EXPONENT_GRID, huber_total, single_threaded_blas
 from capscale.analysis.runs import load_runs
 
 DEFAULT = data.path("reference", "chinchilla_epoch_240.csv")

@@ -1,8 +1,9 @@
 """FP4 round trips at the speed of int4: each format's compress-decompress of a 4096x4096 fp32 tensor on 2 threads,
 as a ratio to a `clone` (the out-of-place floor) and to capscale's per-row int4, with torchao's reference NVFP4 and
-MXFP4 round trips beside them where torchao is installed. Median of 5 interleaved rounds.
+MXFP4 round trips beside them where torchao is installed. Median of 5 interleaved rounds. `--compiled` adds each
+format through torch.compile (one fused loop; what `capscale train --compile` runs), its compile time untimed.
 
-Run: python benchmarks/bench_fp4.py [--threads 2] [--size 4096]
+Run: python benchmarks/bench_fp4.py [--threads 2] [--size 4096] [--compiled]
 """
 import argparse
 import statistics
@@ -32,10 +33,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--size", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--compiled", action="store_true", help="also each format through torch.compile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     x = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0))
     jobs = {"clone": torch.clone, **{f: capacity.parse(f) for f in FORMATS}, **torchao_round_trips()}
+    if args.compiled:  # every Format shares Format.__call__'s frame: one compile each, past dynamo's default limit of 8
+        torch._dynamo.config.recompile_limit = 64
+        jobs.update({f"{f} (compiled)": torch.compile(capacity.parse(f), dynamic=False) for f in FORMATS})
     times = {name: [] for name in jobs}
     for name, fn in jobs.items():  # warm-up: first-call allocations and codebook set-up
         fn(x)

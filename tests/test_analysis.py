@@ -11,7 +11,8 @@ from capscale.analysis.bootstrap import bootstrap, prediction_interval
 from capscale.analysis.extrapolation import extrapolation_check
 from capscale.analysis.compose import compose_grid, compose_runs, read_grid
 from capscale.analysis.health import disjoint, fit_health, resolved_chain, seed_scatter
-from capscale.analysis.laws import DecoupledLaw, FrantarLaw, KumarLaw, UnifiedLaw
+from capscale.analysis.formula_laws import FrantarLaw, KumarLaw, UnifiedLaw
+from capscale.analysis.laws import DecoupledLaw
 from capscale.analysis.report import markdown_text
 from capscale.analysis.runs import RunTableError, load_runs
 from capscale.analysis.simulate import simulate_runs
