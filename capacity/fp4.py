@@ -27,7 +27,9 @@ import torch
 
 from . import grids
 from .grids import round_e2m1
-from .formats import Component, GridQuantizer, SpecError
+from .errors import SpecError
+from .formats import Component
+from .quantizers import GridQuantizer
 from .structure import fwht
 
 E4M3_MAX = 448.0

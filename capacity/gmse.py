@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .formats import Format, InputError
+from .errors import InputError
+from .formats import Format
 from .law import rho as rho_law
 from .paths import strict_json
 from .spec import is_uncompressed, parse

@@ -10,7 +10,7 @@ import math
 import os
 from pathlib import Path
 
-from .formats import InputError
+from .errors import InputError
 
 REPORT_MARKER = ".capscale-report"  # in a folder capscale wrote a report into: it may write there again
 

@@ -17,7 +17,7 @@ import json
 import warnings
 from pathlib import Path
 
-from .formats import InputError
+from .errors import InputError
 from .spec import BASELINE, is_uncompressed
 
 REQUIRED = ("format", "params", "tokens", "loss")

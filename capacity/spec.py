@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from . import grids
-from .formats import Component, Format, GridQuantizer, Identity, SpecError
+from .errors import SpecError
+from .formats import Component, Format, Identity
+from .quantizers import GridQuantizer
 from .structure import Hadamard, NMSparse, Outliers, Sparse
 from .vq import VectorQuantizer
 from .fp4 import NVFP4, Eden, RandomHadamard

@@ -12,7 +12,8 @@ import math
 import torch
 
 from . import grids
-from .formats import Component, SpecError
+from .errors import SpecError
+from .formats import Component
 
 INDEX_BITS = 32     # position of an outlier
 OUTLIER_BITS = 16   # value of an outlier (fp16)

@@ -7,7 +7,8 @@ import sys
 import numpy as np
 import torch
 
-from .formats import ScaledQuantizer, SpecError
+from .errors import SpecError
+from .quantizers import ScaledQuantizer
 from .paths import atomic_write, cache_dir
 
 MAX_CODEWORDS = 1024  # a 1024-word codebook takes ~1-2 min to build on 2 cores (once; cached), 4096 ~10 min

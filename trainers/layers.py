@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from capscale import capacity
-from capscale.capacity.formats import row_rms
+from capscale.capacity.quantizers import row_rms
 from capscale.capacity.structure import NMSparse, Sparse, hadamard_matrix
 
 from .compression import Compression, block_dividing
