@@ -89,7 +89,7 @@ def bootstrap(law, runs: pd.DataFrame, n_boot: int = 200, seed: int = 0, n_jobs:
     if unit not in RESAMPLING_UNITS:
         raise ValueError(f"resampling unit must be one of {RESAMPLING_UNITS}, got {unit!r}")
     work = partial(_refit, type(law), law.bootstrap_params(), runs, seed, start, unit)
-    bar = tqdm(total=n_boot, desc=f"bootstrap {law.law}", disable=not progress, leave=False)
+    bar = tqdm(total=n_boot, desc=f"bootstrap {law.name}", disable=not progress, leave=False)
     values = chunked_map(work, range(n_boot), n_jobs, n_chunks=n_jobs * 4, done=bar.update)
     bar.close()
     rows = [v for v in values if v is not None]

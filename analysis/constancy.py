@@ -56,7 +56,7 @@ class ConstancyTest:
         return list(t.loc[t["p_holm"] < 1 - self.level, "format"])
 
     def check_name(self) -> str:
-        return CHECK_NAME if self.law == DecoupledLaw.law else CHECK_NAME_TOKEN_LAW
+        return CHECK_NAME if self.law == DecoupledLaw.name else CHECK_NAME_TOKEN_LAW
 
     def sentence(self) -> str:
         t = self.tested
@@ -167,7 +167,7 @@ def constancy_test(law, runs: pd.DataFrame, level: float = 0.95) -> ConstancyTes
     if tested.any():
         table.loc[tested, "p_holm"] = multipletests(table.loc[tested, "p"], method="holm")[1]
         table.loc[tested, "verdict"] = np.where(table.loc[tested, "p_holm"] < 1 - level, "drifts", "no drift detected")
-    return ConstancyTest(table, level, law.law, baseline)
+    return ConstancyTest(table, level, law.name, baseline)
 
 
 def best_supported_law(runs: pd.DataFrame, baseline: str, delta: float = 1e-3, level: float = 0.95,

@@ -72,7 +72,7 @@ class _TokenLaw(DecoupledLaw):
     def _check_tokens(self, runs: pd.DataFrame) -> None:
         ratios = (runs["tokens"] / runs["params"]).round(6)
         if ratios.nunique() < 3:
-            raise InputError(f"the {self.law} law needs runs at 3 or more token budgets per parameter to tell a "
+            raise InputError(f"the {self.name} law needs runs at 3 or more token budgets per parameter to tell a "
                              f"token-dependent cost from the D term; these have {ratios.nunique()}")
 
     def _polish(self, theta0, arrays, bounds):
@@ -87,7 +87,7 @@ class _TokenLaw(DecoupledLaw):
 
 
 class DriftLaw(_TokenLaw):
-    law = "drift"
+    name = "drift"
     formula_text = ("loss = A (N eff_f(r))^-alpha + B (D effD)^-beta + E, log eff_f(r) = log eff_f + drift_f "
                     "log2(min(r, r_sat) / r0), r = D/N")
 
@@ -190,7 +190,7 @@ class DriftLaw(_TokenLaw):
 
 
 class QATErrorLaw(_TokenLaw):
-    law = "qat-error"
+    name = "qat-error"
     formula_text = "loss = A N^-alpha + B (D effD)^-beta + E + k_f D^gD / N^gN (Chen et al. 2025)"
 
     def __init__(self, baseline: str = BASELINE, delta: float = 1e-3, fix_E: float | None = None,

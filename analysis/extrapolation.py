@@ -69,7 +69,7 @@ def extrapolation_check(law, runs: pd.DataFrame, hold_out: str = "params") -> pd
     cell = pd.MultiIndex.from_arrays([out["params"], out["tokens"]])
     out["gap_error"] = np.where(out["format"] == law.baseline, np.nan,
                                 out["log_error"].to_numpy() - base.reindex(cell).to_numpy())
-    out.attrs.update(hold_out=hold_out, what=what, baseline=law.baseline, law=law.law, n_fitted=len(train))
+    out.attrs.update(hold_out=hold_out, what=what, baseline=law.baseline, law=law.name, n_fitted=len(train))
     return out
 
 

@@ -57,11 +57,11 @@ def save_fit(path: "str | Path", law: DecoupledLaw, boot: BootstrapResult | None
              seed: int = 0, overwrite: bool = False) -> Path:
     """Write the fit to `path`: a new file, a fit capscale saved before, or (`overwrite`) any file."""
     if not isinstance(law, DecoupledLaw):
-        raise InputError(f"the {law.law} law's fit cannot be saved and reused: save a decoupled, drift or qat-error fit")
+        raise InputError(f"the {law.name} law's fit cannot be saved and reused: save a decoupled, drift or qat-error fit")
     path = output_file(path, is_json_with("capscale_fit"), overwrite)
     content = {
         "capscale_fit": FORMAT_VERSION, "fingerprint": fingerprint(runs), "n_runs": len(runs),
-        "law": {"name": law.law, "settings": law.bootstrap_params(), "params": law.params_, "eff": law.eff_,
+        "law": {"name": law.name, "settings": law.bootstrap_params(), "params": law.params_, "eff": law.eff_,
                 "formats": law.formats_, "theta": [float(v) for v in law.theta_], "objective": law.objective_},
         "bootstrap": None if boot is None else {"samples": boot.samples.to_dict("list"), "n_failed": boot.n_failed,
                                                  "level": boot.level, "seed": seed,
@@ -156,7 +156,7 @@ def _is_an_optimum(law, runs: pd.DataFrame, need) -> None:
     for name in ("alpha", "beta"):
         value = law.params_[name]
         need(EXPONENT_GRID[0] * 0.5 <= value <= 5.0, f"{name} = {value:.4g} lies outside the range the fitter searches")
-    refit = make_law(law.law, **law.bootstrap_params()).fit(runs, start=law.theta_)
+    refit = make_law(law.name, **law.bootstrap_params()).fit(runs, start=law.theta_)
     need(refit.objective_ >= law.objective_ * (1 - REFIT_TOLERANCE) - 1e-12,
          f"its constants are not a fit of these runs: refitted from them the objective falls from {law.objective_:.6g} "
          f"to {refit.objective_:.6g}")

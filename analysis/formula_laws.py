@@ -8,7 +8,7 @@ import pandas as pd
 from scipy import optimize
 
 from capscale.capacity import InputError, is_uncompressed, parse, rho
-from capscale.capacity.law import RHO_C, RHO_F, RHO_L
+from capscale.capacity.rho import RHO_C, RHO_F, RHO_L
 
 from .laws import DecoupledLaw, ScalingLaw
 from .runs import check_identifiable, format_table, require_capacity
@@ -36,7 +36,7 @@ class _FormulaLaw(ScalingLaw):
 
     def require(self, info: pd.DataFrame) -> None:
         """What the formula needs of every format (its GMSE by default), with the formats that lack it named."""
-        require_capacity(info, f"the {self.law} law")
+        require_capacity(info, f"the {self.name} law")
 
     def efficiency(self, label, row=None):
         if label in self.eff_:
@@ -47,10 +47,10 @@ class _FormulaLaw(ScalingLaw):
     def fit(self, runs: pd.DataFrame):
         compressed = set(runs["format"]) - {self.baseline}
         if len(compressed) < len(self.constant_names):
-            raise InputError(f"the {self.law} law has {len(self.constant_names)} constants "
+            raise InputError(f"the {self.name} law has {len(self.constant_names)} constants "
                              f"({', '.join(self.constant_names)}) but the runs have {len(compressed)} compressed "
                              f"format(s) besides '{self.baseline}': train more formats")
-        info = format_table(runs, f"the {self.law} law")
+        info = format_table(runs, f"the {self.name} law")
         self.require(info)
         decoupled = DecoupledLaw(self.baseline, self.delta).fit(runs)
         fi, log_n, log_d, log_l = self._prepare(runs)
@@ -90,7 +90,7 @@ class _FormulaLaw(ScalingLaw):
 class UnifiedLaw(_FormulaLaw):
     """eff = rho(GMSE_w) rho(GMSE_a), rho = L tanh(F log_1/4 GMSE)^C; uncompressed parts count 1 ([U])."""
 
-    law = "unified"
+    name = "unified"
     constant_names = ("L", "F", "C")
     constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
 
@@ -106,7 +106,7 @@ class KumarLaw(_FormulaLaw):
     """Kumar et al.'s precision law: eff = (1 - exp(-P_w / g_w)) (1 - exp(-P_a / g_a)), P = bits per value
     (a run table's w_bits/a_bits or `bits` columns, else the specs')."""
 
-    law = "kumar"
+    name = "kumar"
     constant_names = ("g_w", "g_a")
     constant_bounds = ((0.05, 20.0), (0.05, 20.0))
 
@@ -141,7 +141,7 @@ class FrantarLaw(ScalingLaw):
     """Frantar et al.'s sparsity law on the pure-sparsity and dense runs:
     loss = (a_S (1 - S)^b_S + c_S) N_nz^-b_N + (a_D / D)^b_D + c, N_nz = N (1 - S)."""
 
-    law = "frantar"
+    name = "frantar"
     formula_text = "loss = (a_S (1-S)^b_S + c_S) (N (1-S))^-b_N + (a_D / D)^b_D + c"
     names = ("a_S", "b_S", "c_S", "b_N", "a_D", "b_D", "c")
 

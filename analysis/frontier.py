@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from capscale.capacity import InputError, gmse_auto, rho
-from capscale.capacity.law import RHO_C, RHO_F, RHO_L
+from capscale.capacity.rho import RHO_C, RHO_F, RHO_L
 from capscale.capacity.paths import atomic_write, cache_dir, strict_json
 from capscale.capacity.results import Summary
 

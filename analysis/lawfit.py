@@ -93,7 +93,7 @@ class LawFit:
                        f"`drift_test()`): their loss gap to '{self.baseline}' changes with tokens per parameter in a way the "
                        + ("constant-efficiency law cannot express, so its efficiencies mislead where it extrapolates in "
                           "D/N; compare the drift and qat-error laws (compare_laws)"
-                          if self.law.law == DecoupledLaw.law else f"{self.law.law} law does not model"))
+                          if self.law.name == DecoupledLaw.name else f"{self.law.name} law does not model"))
         if boot is not None and len(boot.samples) and {"alpha", "beta"} <= set(boot.samples):
             edge = exponent_at_edge(boot.samples[["alpha", "beta"]]).any(axis=1).mean()
             if edge > 0.05:
@@ -116,14 +116,14 @@ class LawFit:
         if len(getattr(law, "eff_d_", {})) > 1:
             formula = ("loss = A (N effN)^-alpha + B (D effD)^-beta + E (eff[f]: effN per forward pair; effD[g] per "
                        "backward configuration, exact gradients 1)")
-        header = [("law", f"{law.law}: {formula}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
+        header = [("law", f"{law.name}: {formula}, Huber (delta {law.delta:g}) on log loss"), ("runs", law.n_runs_), ("objective (Huber on log loss)", f"{law.objective_:.6g}"),
                   ("residual RMSE, log loss", f"{law.rmse_log_:.4g}"), ("baseline", law.baseline),
                   *([("irreducible loss E", f"held at {law.fix_E:g} (fix_E), not fitted")]
                     if getattr(law, "fix_E", None) is not None else []),
                   ("bootstrap", "none" if self.boot is None else
                    f"{len(self.boot.samples)} refits ({self.boot.n_failed} failed), seed {self.seed}, "
                    f"{self.level:.0%} percentile intervals")]
-        return Summary(f"capscale {law.law} law fit", header, pd.DataFrame(rows),
+        return Summary(f"capscale {law.name} law fit", header, pd.DataFrame(rows),
                        [f"warning: {w}" for w in self.warnings])
 
     def as_json(self) -> dict:
@@ -135,7 +135,7 @@ class LawFit:
             row = table.loc[name]
             return {"value": float(value), "se": _finite(row["se"]), "ci": [_finite(row["lo"]), _finite(row["hi"])]}
         law, boot = self.law, self.boot
-        return {"law": law.law, "n_runs": law.n_runs_, "objective": law.objective_, "rmse_log_loss": law.rmse_log_,
+        return {"law": law.name, "n_runs": law.n_runs_, "objective": law.objective_, "rmse_log_loss": law.rmse_log_,
                 "rmse_loss": law.rmse_loss_, "level": self.level,
                 "params": {k: p(k, v) for k, v in law.params_.items()},
                 "eff": {k: p(eff_key(k), v) for k, v in self.eff.items()},
@@ -153,7 +153,7 @@ class LawFit:
             return point
         if self.boot is None or not hasattr(self.law, "predict_values"):
             raise InputError(f"prediction intervals need bootstrap > 0 and a law that predicts from its replicates "
-                             f"(decoupled, drift, qat-error); this is the {self.law.law} law"
+                             f"(decoupled, drift, qat-error); this is the {self.law.name} law"
                              + ("" if self.boot is None else " (refit with --law decoupled)"))
         table = prediction_interval(self.law, self.boot, new, self.level, self.seed)
         return pd.DataFrame({"loss": point, "lo": table["lo"], "hi": table["hi"]}, index=new.index)
@@ -214,7 +214,7 @@ class LawFit:
             row = {"law": name, "parameters": np.nan, "runs": np.nan, "same_rows": False, "objective": np.nan,
                    "rmse_log_loss": np.nan, "rmse_loss": np.nan, "note": ""}
             try:
-                fitted = self.law if name == self.law.law else make_law(
+                fitted = self.law if name == self.law.name else make_law(
                     name, baseline=self.baseline, delta=self.law.delta).fit(self.runs)
             except InputError as err:  # no sparsity runs for Frantar's, labels without capacity, too few budgets
                 rows.append({**row, "note": f"not fitted: {err}"})
@@ -294,7 +294,7 @@ class LawFit:
 
     def __repr__(self) -> str:
         boot = "no bootstrap" if self.boot is None else f"{len(self.boot.samples)} bootstrap refits"
-        return f"<LawFit {self.law.law}: {self.law.n_runs_} runs, {len(self.eff)} formats, {boot}>"
+        return f"<LawFit {self.law.name}: {self.law.n_runs_} runs, {len(self.eff)} formats, {boot}>"
 
 
 def _n_constants(law) -> int:

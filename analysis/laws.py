@@ -37,7 +37,7 @@ def law_loss(p, n, d, eff=1.0):
 class ScalingLaw:
     """Common machinery: data arrays, the Huber objective, prediction, summaries."""
 
-    law = "base"
+    name = "base"
     formula_text = "loss = A (N eff)^-alpha + B D^-beta + E"
 
     def __init__(self, baseline: str = BASELINE, delta: float = 1e-3):
@@ -112,7 +112,7 @@ class ScalingLaw:
 
     def efficiency(self, label: str, row=None) -> float:
         if label not in self.eff_:
-            raise InputError(f"format '{label}' was not in the fitted runs; the {self.law} law cannot predict it")
+            raise InputError(f"format '{label}' was not in the fitted runs; the {self.name} law cannot predict it")
         return self.eff_[label]
 
     def predict(self, runs: pd.DataFrame) -> np.ndarray:
@@ -139,7 +139,7 @@ class DecoupledLaw(ScalingLaw):
     it is still linear in (A_f, B_g, E), so the same exact inner solve applies. Without backward formats it is
     the decoupled law exactly."""
 
-    law = "decoupled"
+    name = "decoupled"
 
     def __init__(self, baseline: str = BASELINE, delta: float = 1e-3, fix_E: float | None = None):
         super().__init__(baseline, delta)
@@ -246,7 +246,7 @@ class DecoupledLaw(ScalingLaw):
         self._prepare_extra(runs)
         theta = np.asarray(theta, float)
         if theta.shape != (self._size(),) or not np.all(np.isfinite(theta)):
-            raise InputError(f"a {self.law} fit of {len(self.formats_)} formats has {self._size()} finite constants; "
+            raise InputError(f"a {self.name} fit of {len(self.formats_)} formats has {self._size()} finite constants; "
                              f"got {theta.size}")
         with np.errstate(over="ignore"):
             self._set(runs, optimize.OptimizeResult(x=theta, fun=np.nan))
@@ -320,7 +320,7 @@ def make_law(name: str, **kwargs) -> ScalingLaw:
     """A law by its name (`names.LAW_NAMES`); each class registers under its own `law` attribute."""
     from .drift import DriftLaw, QATErrorLaw
     from .formula_laws import FrantarLaw, KumarLaw, UnifiedLaw
-    laws = {cls.law: cls for cls in (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw, DriftLaw, QATErrorLaw)}
+    laws = {cls.name: cls for cls in (DecoupledLaw, UnifiedLaw, KumarLaw, FrantarLaw, DriftLaw, QATErrorLaw)}
     assert tuple(laws) == LAW_NAMES
     if name not in laws:
         raise InputError(f"unknown law '{name}'; choose from {', '.join(laws)}")

@@ -194,7 +194,7 @@ def plan(fit, budget: Budget, formats=None, speedup: dict | None = None) -> Plan
     law = fit.law
     if not hasattr(law, "predict_values"):
         raise InputError(f"plan needs a law that predicts any (N, D) of a format (decoupled, drift, qat-error); this "
-                         f"fit is of the {law.law} law")
+                         f"fit is of the {law.name} law")
     closed_form = type(law) is DecoupledLaw
     speedup = dict(speedup or {})
     formats = list(formats) if formats else list(law.eff_)
@@ -207,7 +207,7 @@ def plan(fit, budget: Budget, formats=None, speedup: dict | None = None) -> Plan
     for label in formats:
         fitted = label in law.eff_
         if not fitted and not closed_form:
-            raise InputError(f"format {label!r} is not in the fit: the {law.law} law plans only the formats it fitted "
+            raise InputError(f"format {label!r} is not in the fit: the {law.name} law plans only the formats it fitted "
                              "(their cost's dependence on D/N is fitted, not known for others)")
         eff = law.eff_[label] if fitted else _published_eff(label)
         bits = float(bits_by_label.get(label, np.nan)) if fitted else bits_of(split_label(label)[0])
@@ -228,7 +228,7 @@ def plan(fit, budget: Budget, formats=None, speedup: dict | None = None) -> Plan
             else:
                 draws[label] = numeric_optimum(law, [r for _, r in samples.iterrows()], label, bits, s, budget)[2]
             lo, hi = np.nanquantile(draws[label], fit.boot.tails())
-        rows.append({"format": label, "law": law.law, "efficiency_from": FITTED if fitted else PUBLISHED_RHO, "eff": eff,
+        rows.append({"format": label, "law": law.name, "efficiency_from": FITTED if fitted else PUBLISHED_RHO, "eff": eff,
                      "bits": bits, "speedup": s, "params": n, "tokens": d, "memory_bytes": n * bits / 8,
                      "flops": 6 * n * d / s, "loss": loss, "loss_lo": lo, "loss_hi": hi,
                      "extrapolated": _range_note(n, d, fit.runs)})

@@ -174,7 +174,7 @@ def parity(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure:
                    s=34, edgecolor="white", linewidth=0.4)
     lims = [min(runs["loss"].min(), pred.min()) * 0.98, max(runs["loss"].max(), pred.max()) * 1.02]
     ax.plot(lims, lims, color="grey", ls="--", lw=1)
-    ax.set(xlim=lims, ylim=lims, xlabel=f"observed {LOSS_LABEL}", ylabel=f"predicted by the {law.law} law",
+    ax.set(xlim=lims, ylim=lims, xlabel=f"observed {LOSS_LABEL}", ylabel=f"predicted by the {law.name} law",
            title=f"Parity: {len(runs)} runs, RMSE {law.rmse_log_:.4f} in log loss")
     family_legend(ax, styles.loc[styles.index.isin(runs["format"])], loc="upper left")
     fig.tight_layout()
@@ -200,7 +200,7 @@ def residuals_vs_nd(runs: pd.DataFrame, law, styles: pd.DataFrame) -> plt.Figure
         ax.set(xscale="log", xlabel=label)
         ax.legend(fontsize=9, loc="lower right")
     axes[0].set_ylabel("log(observed / predicted loss)")
-    fig.suptitle(f"Residuals of the {law.law} fit against model size and tokens per parameter (a trend with D/N: a "
+    fig.suptitle(f"Residuals of the {law.name} fit against model size and tokens per parameter (a trend with D/N: a "
                  "cost the law misses)", fontsize=10.5)
     fig.tight_layout()
     return fig

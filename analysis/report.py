@@ -86,7 +86,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
     its seed bars; `published` (format, published_lo, published_hi, note: a published study's efficiencies)
     are compared with the fit and the capacity predictions, first in the summary."""
     if not isinstance(fit.law, DecoupledLaw):
-        raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.law} law")
+        raise InputError(f"the report reads a decoupled fit (one efficiency per format), got the {fit.law.name} law")
     folder = report_folder(folder, overwrite)
     runs, law, boot, level, baseline = fit.runs, fit.law, fit.boot, fit.level, fit.baseline
     intervals = fit.conf_int() if fit.has_intervals else None

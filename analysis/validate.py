@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity.law import RHO_C, RHO_F, RHO_L, pair_rho, rho
+from capscale.capacity.rho import RHO_C, RHO_F, RHO_L, pair_rho, rho
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 from capscale.capacity.results import Summary
 

@@ -166,7 +166,7 @@ def provenance(runs: pd.DataFrame, seed: int, law, boot, level: float, command: 
         "data": source,
         "data_sha256": hashlib.sha256(path.read_bytes()).hexdigest() if path and path.is_file() else None,
         "fitted_rows_fingerprint": fingerprint(runs), "runs": len(runs),
-        "law": law.law, "delta": law.delta, "baseline": law.baseline,
+        "law": law.name, "delta": law.delta, "baseline": law.baseline,
         "bootstrap_replicates": 0 if boot is None else len(boot.samples) + boot.n_failed,
         "bootstrap_failed": None if boot is None else boot.n_failed, "seed": seed, "level": level,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

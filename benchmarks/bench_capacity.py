@@ -13,7 +13,7 @@ import numpy as np
 from scipy import integrate, optimize, stats
 
 from capscale import capacity
-from capscale.capacity import grids
+from capscale.capacity import level_sets
 
 
 def quad_grid_mse(levels, scale):
@@ -47,8 +47,8 @@ def startup(repeats: int = 5) -> None:
 
 def main():
     startup()
-    levels = grids.uniform_levels(8)
-    grids._optimal_scale_cached.cache_clear()
+    levels = level_sets.uniform_levels(8)
+    level_sets._optimal_scale_cached.cache_clear()
     exact, t_exact = timed(lambda: capacity.gmse("int8", exact=True).gmse)
     res, t_quad = timed(lambda: optimize.minimize_scalar(lambda c: quad_grid_mse(levels, c / 127.5),
                                                         bounds=(3.5, 4.5), method="bounded",

@@ -19,11 +19,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from capscale import capacity
 from capscale.trainers.compress import compressed_decoder
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.layers import rotate
 from capscale.capacity.structure import hadamard_matrix
-from capscale.trainers.train import _optimizer, _step, plan_for
+from capscale.trainers.train import _optimizer, _step, memory_plan
 
 SHAPES = {"30M": dict(n_layer=6, n_head=5, n_embd=640, lr=1.2e-3), "100M": dict(n_layer=8, n_head=8, n_embd=1024, lr=6e-4)}
 QUICK = {"tiny": dict(n_layer=2, n_head=2, n_embd=128, lr=1e-3)}
@@ -46,7 +46,7 @@ def training_steps(name: str, shape: dict, label: str, comp: Compression, compil
     # cannot shrink a later one's plan
     cfg = TrainConfig(comp, **MODEL, **shape, params=1, batch_size=batch, micro_batch_size=micro_batch, device=device,
                       compile=compiled)
-    plan = plan_for(cfg)
+    plan = memory_plan(cfg)
     model = compressed_decoder(cfg.model_config(cfg.vocab_size), comp).to(device)
     optimizer = _optimizer(model, shape["lr"], 0.1, "linear")
     torch._dynamo.reset()  # each model compiles from cold, as `capscale train --compile` does in its own process

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.data import load_tokens, random_batch
 from capscale.trainers.compress import compressed_decoder
 from capscale.trainers.model import config_for_params

@@ -26,13 +26,13 @@ import torch
 from scipy.linalg import hadamard
 
 from capscale.capacity.structure import fwht
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.data import load_tokens, random_batch
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.memory import GIB
 from capscale.trainers.compress import compressed_decoder
 from capscale.trainers.model import Decoder, config_for_params, flops_per_token
-from capscale.trainers.train import _optimizer, _step, plan_for, train
+from capscale.trainers.train import _optimizer, _step, memory_plan, train
 
 QUEST_SHAPES = {"30M": dict(n_layer=6, n_head=5, n_embd=640, lr=1.2e-3),
                 "100M": dict(n_layer=8, n_head=8, n_embd=1024, lr=6e-4)}
@@ -117,7 +117,7 @@ def memory_one(name: str, w: str, a: str, batch: int) -> None:
     /proc/self/clear_refs resets the peak); the second step is the steady state, AdamW's moments allocated."""
     cfg = TrainConfig(Compression(w, None if a == "none" else a), **QUEST_MODEL, **QUEST_SHAPES[name], params=1,
                       batch_size=batch, micro_batch_size=2)
-    plan = plan_for(cfg)
+    plan = memory_plan(cfg)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = _rss("VmRSS")

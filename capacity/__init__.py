@@ -3,7 +3,7 @@ from .errors import InputError, SpecError
 from .formats import Component, Format
 from .quantizers import GridQuantizer, ScaledQuantizer
 from .gmse import MAX_ROW_LENGTH, MEASURE_SHAPE, GMSEResult, compare, gmse, gmse_auto, spec_gmse
-from .law import pair_rho, rho
+from .rho import pair_rho, rho
 from .spec import BASELINE, UNCOMPRESSED_BITS, bits_of, is_uncompressed, load_plugin, parse, register, registry
 
 __all__ = ["Component", "Format", "GridQuantizer", "InputError", "ScaledQuantizer", "SpecError", "MAX_ROW_LENGTH", "MEASURE_SHAPE",

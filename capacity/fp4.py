@@ -25,8 +25,8 @@ import math
 
 import torch
 
-from . import grids
-from .grids import round_e2m1
+from . import level_sets
+from .level_sets import round_e2m1
 from .errors import SpecError
 from .formats import Component
 from .quantizers import GridQuantizer
@@ -77,7 +77,7 @@ class NVFP4(GridQuantizer):
     def __init__(self, name: str = "nvfp4", extra: dict | None = None, **kw):
         defaults = {"group": 16, "scale": "absmax", "scale_format": "e4m3", "four_over_six": False, "tile": None,
                     "scale_mult": 1.0, **(extra or {})}
-        super().__init__(name, grids.minifloat_levels("e2m1"), 4, defaults, params=kw)
+        super().__init__(name, level_sets.minifloat_levels("e2m1"), 4, defaults, params=kw)
         p = self.params
         if not isinstance(p["four_over_six"], bool):
             raise SpecError(f"{name}: four_over_six must be true or false, got {p['four_over_six']!r}")

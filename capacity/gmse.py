@@ -17,7 +17,7 @@ import torch
 
 from .errors import InputError
 from .formats import Format
-from .law import rho as rho_law
+from .rho import rho as rho_law
 from .paths import strict_json
 from .spec import is_uncompressed, parse
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import torch
 
-from . import grids
+from . import level_sets
 from .errors import SpecError
 from .formats import Component
 
@@ -203,14 +203,14 @@ class GridQuantizer(ScaledQuantizer):
         self.midpoints = (self.levels[1:] + self.levels[:-1]) / 2
         self._device_levels: dict = {}
         self.element_bits, self.cast, self.uniform = element_bits, cast, uniform
-        self.e2m1 = np.array_equal(self.levels_np, grids.minifloat_levels("e2m1"))  # rounded by arithmetic
+        self.e2m1 = np.array_equal(self.levels_np, level_sets.minifloat_levels("e2m1"))  # rounded by arithmetic
         self.top = float(np.abs(self.levels_np).max())
         self.half_gap = float(np.diff(np.sort(self.levels_np)).max()) / 2 if len(self.levels_np) > 1 else None
         super().__init__(**(params or {}))
         if rms_scale is not None and self.params["scale"] == "rms":
             self.gaussian_scale = rms_scale
         elif self.params["scale"] in ("opt", "rms"):
-            self.gaussian_scale = grids.optimal_scale(self.levels_np)[0]
+            self.gaussian_scale = level_sets.optimal_scale(self.levels_np)[0]
         else:
             self.gaussian_scale = 1.0
 
@@ -222,7 +222,7 @@ class GridQuantizer(ScaledQuantizer):
         if self.cast is not None:
             return u.clamp(-self.top, self.top).to(self.cast).float()
         if self.e2m1:
-            return grids.round_e2m1(u)
+            return level_sets.round_e2m1(u)
         levels, mids = self._levels_on(u.device)
         return levels[torch.bucketize(u, mids)]
 
@@ -263,7 +263,7 @@ class GridQuantizer(ScaledQuantizer):
             raise SpecError(f"exact GMSE of '{self.spec}' does not model its {self.scale_format} scale's rounding: "
                             "use Monte Carlo (without --exact)")
         if self.params.get("group") in SCALE_UNITS and self.params["scale"] == "rms":
-            return grids.grid_mse(self.levels_np, self.gaussian_scale)
+            return level_sets.grid_mse(self.levels_np, self.gaussian_scale)
         if self.params["scale"] == "none":
-            return grids.grid_mse(self.levels_np, 1.0)
+            return level_sets.grid_mse(self.levels_np, 1.0)
         return super().exact_mse()

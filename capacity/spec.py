@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from . import grids
+from . import level_sets
 from .errors import SpecError
 from .formats import Component, Format, Identity
 from .quantizers import GridQuantizer
@@ -358,9 +358,9 @@ def _int(match, grid="midrise", **kw):
         raise SpecError(f"int{bits}: grid must be midrise or signed, got {grid!r}")
     defaults = {**SCALED, "grid": "midrise"}
     if grid == "midrise":
-        levels = grids.uniform_levels(bits)
+        levels = level_sets.uniform_levels(bits)
         return GridQuantizer(f"int{bits}", levels, bits, defaults, uniform=True,
-                             rms_scale=grids.QUEST_CLIP[bits] / levels.max(), params=kw)
+                             rms_scale=level_sets.QUEST_CLIP[bits] / levels.max(), params=kw)
     if bits == 1:
         raise SpecError("int1: the signed grid needs at least 2 bits")
     half = 2 ** (bits - 1) - 1
@@ -369,15 +369,15 @@ def _int(match, grid="midrise", **kw):
 
 def _lloydmax(match, **kw):
     bits = _bits_from(match, family="lloydmax")
-    return GridQuantizer(f"lloydmax{bits}", grids.lloyd_max_levels(bits), bits, dict(SCALED), params=kw)
+    return GridQuantizer(f"lloydmax{bits}", level_sets.lloyd_max_levels(bits), bits, dict(SCALED), params=kw)
 
 
 def _minifloat(kind: str, name: str):
     bits = {"e2m1": 4, "e2m3": 6, "e3m2": 6, "e4m3": 8, "e5m2": 8}[kind]
 
     def factory(**kw):
-        return GridQuantizer(name, grids.minifloat_levels(kind), bits, dict(SCALED), cast=grids.TORCH_FLOAT8.get(kind),
-                             rms_scale=grids.QUEST_FP4_SCALE if kind == "e2m1" else None, params=kw)
+        return GridQuantizer(name, level_sets.minifloat_levels(kind), bits, dict(SCALED), cast=level_sets.TORCH_FLOAT8.get(kind),
+                             rms_scale=level_sets.QUEST_FP4_SCALE if kind == "e2m1" else None, params=kw)
     return factory
 
 
@@ -386,14 +386,14 @@ def _mx(kind: str, name: str):
 
     def factory(**kw):
         defaults = {"group": 32, "scale": "absmax", "scale_format": "e8m0"}
-        return GridQuantizer(name, grids.minifloat_levels(kind), bits, defaults,
-                             cast=grids.TORCH_FLOAT8.get(kind), params=kw)
+        return GridQuantizer(name, level_sets.minifloat_levels(kind), bits, defaults,
+                             cast=level_sets.TORCH_FLOAT8.get(kind), params=kw)
     return factory
 
 
 def _nf4(**kw):
     defaults = {"group": 64, "scale": "absmax", "scale_format": "fp32"}
-    return GridQuantizer("nf4", grids.NF4_CODEBOOK, 4, defaults, params=kw)
+    return GridQuantizer("nf4", level_sets.NF4_CODEBOOK, 4, defaults, params=kw)
 
 
 def _ternary(**kw):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import grids
+from . import level_sets
 from .errors import SpecError
 from .formats import Component
 
@@ -72,7 +72,7 @@ class Sparse(_FractionComponent):
         return _binary_entropy(s) + (1 - s) * inner_bits
 
     def exact_mse(self):
-        return grids.sparsity_mse(self.params["fraction"])
+        return level_sets.sparsity_mse(self.params["fraction"])
 
 
 MAX_GROUP = 1024  # N:M groups beyond this are unstructured sparsity in practice (and their index bits explode)

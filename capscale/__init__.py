@@ -25,7 +25,7 @@ _API = {
     ".analysis.runs": ("load_runs",),
     ".analysis.validate": ("validate",),
     ".trainers.compress": ("compress_", "decompress_"),
-    ".trainers.compression": ("Compression",),
+    ".trainers.compression_config": ("Compression",),
     ".trainers.diagnose": ("diagnose",),
     ".trainers.train": ("TrainConfig", "train"),
 }

@@ -35,7 +35,7 @@ def _say_shape(cfg: TrainConfig) -> None:
 
 def _train_command(args) -> None:
     from capscale.capacity.runtable import require_run_table
-    from capscale.trainers.train import plan_for, require_device, train_and_record, train_or_fail
+    from capscale.trainers.train import memory_plan, require_device, train_and_record, train_or_fail
     from capscale.trainers.threads import default_threads
     for name in ("g_format", "gw_format", "gx_format"):  # --bwd-format: all three backward operands, unless given
         if args.bwd_format and getattr(args, name) is None:
@@ -45,7 +45,7 @@ def _train_command(args) -> None:
         torch.set_num_threads(args.threads or default_threads(cfg.params))
     if args.plan:
         _say_shape(cfg)
-        print(plan_for(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
+        print(memory_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
         return
     require_device(cfg.device)  # refusals first: the shape line below is said only for a run that starts
     if args.runs:

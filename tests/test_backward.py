@@ -11,7 +11,7 @@ import capscale
 from capscale.analysis.runs import load_runs
 from capscale.analysis.simulate import simulate_runs
 from capscale.capacity.runtable import RunTableError, run_label, split_run_label
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.layers import CompressedLinear, _backward_product
 from capscale.trainers.train import train

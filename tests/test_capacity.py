@@ -288,7 +288,7 @@ def test_plugins_declare_bits_and_shapes_and_take_quoted_lists_and_booleans(monk
 
 def test_a_user_format_trains_under_trust_through_its_tolerance(monkeypatch):
     from capscale.capacity import spec
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     from capscale.trainers.layers import compress_with_mask
     from capscale.trainers.train import TrainConfig, train
     monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
@@ -316,7 +316,7 @@ def test_a_plugin_quantizer_trains_under_the_recipe_as_the_builtin_does(monkeypa
     """An nvfp4-like plugin was trained unrotated (block 0) where the built-in nvfp4 is rotated (128) under the same
     recipe; a component that rounds is now rotated and trusted alike, unless it says it rotates itself."""
     from capscale.capacity import spec
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     monkeypatch.setattr(spec, "_REGISTRY", dict(spec._REGISTRY))
     builtin = parse("nvfp4").parts[0]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from capscale import capacity
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.train import train
 

@@ -6,7 +6,7 @@ import torch
 from capscale import capacity
 from capscale.capacity import SpecError, gmse, parse
 from capscale.capacity.gmse import error_split
-from capscale.capacity.grids import minifloat_levels, round_e2m1
+from capscale.capacity.level_sets import minifloat_levels, round_e2m1
 
 QUARTET2_GMSE = {"nvfp4": 0.0090, "nvfp4(four_over_six=true)": 0.0076, "nvfp4(tile=16x16)": 0.0124,
                  "rht(block=128)+eden": 0.0098, "nvfp4(rounding=stochastic,scale_mult=1.0625)": 0.0235}

@@ -16,7 +16,7 @@ from capscale import data
 from capscale.analysis.laws import DecoupledLaw
 from capscale.analysis.simulate import simulate_runs
 from capscale.capacity import UNCOMPRESSED_BITS, bits_of, is_uncompressed, spec_gmse
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.layers import CompressedLinear
 
 ROOT = Path(__file__).resolve().parents[1]

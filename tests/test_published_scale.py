@@ -18,16 +18,16 @@ import torch
 from scipy import integrate, stats
 
 from capscale import capacity
-from capscale.capacity.grids import quest_fp4_trust_as_run
+from capscale.capacity.level_sets import quest_fp4_trust_as_run
 from capscale.capacity.runtable import read_records
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.layers import CompressedLinear, compress_with_mask, rotate
 from capscale.trainers.memory import GIB, step_bytes
 from capscale.trainers.compress import compressed_decoder
 from capscale.trainers.model import Decoder, ModelConfig
 from capscale.trainers.sweep import load_sweep, run_sweep
-from capscale.trainers.train import _lr_at, _step, plan_for, train, train_and_record
+from capscale.trainers.train import _lr_at, _step, memory_plan, train, train_and_record
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -105,10 +105,10 @@ def test_the_gpu_study_plans_every_run_within_an_80_gb_device():
     sweep = load_sweep(DATA / "gpu_study.toml")
     assert len(sweep.configs) == 4 * 3 * 13
     for cfg in sweep.configs:
-        plan = plan_for(dataclasses.replace(cfg, memory=80.0))
+        plan = memory_plan(dataclasses.replace(cfg, memory=80.0))
         assert plan.fits and plan.peak < 80 * GIB and plan.micro_batch_size * plan.accumulation_steps == 512
         assert cfg.resolved_batch_size() * cfg.context == 262_144
-    largest = plan_for(dataclasses.replace(sweep.configs[-1], memory=80.0))
+    largest = memory_plan(dataclasses.replace(sweep.configs[-1], memory=80.0))
     assert largest.accumulation_steps > 1  # the published batch does not fit one pass at 200M
 
 
@@ -122,12 +122,12 @@ def test_a_run_that_cannot_fit_is_refused_before_it_starts(tmp_path):
     sweep_file.write_text('runs = "runs.jsonl"\nsizes = [6000]\ntokens_per_param = [3]\n'
                           'formats = [{w = "int4", a = "int4"}]\n[train]\nmemory = 0.001\n')
     assert run_sweep(load_sweep(sweep_file), progress=False) == 0 and read_records(runs) == []
-    roomy = plan_for(dataclasses.replace(cfg, memory=1.0))
+    roomy = memory_plan(dataclasses.replace(cfg, memory=1.0))
     assert roomy.micro_batch_size == 16  # the whole batch in one pass where it fits
     tight = dataclasses.replace(cfg, memory=(roomy.resident + roomy.per_pass + 5 * roomy.per_sequence) / 0.9 / GIB)
-    assert plan_for(tight).micro_batch_size == 4  # the largest divisor of 16 that fits 5 sequences
+    assert memory_plan(tight).micro_batch_size == 4  # the largest divisor of 16 that fits 5 sequences
     with pytest.raises(capacity.InputError, match="does not fit"):
-        plan_for(dataclasses.replace(tight, micro_batch_size=8))  # an explicit micro-batch is checked too
+        memory_plan(dataclasses.replace(tight, micro_batch_size=8))  # an explicit micro-batch is checked too
 
 
 def quest_foureight(x: torch.Tensor, bits: int = 4):
@@ -265,7 +265,7 @@ NAN_ON_RANK_1 = """
 import os, sys, torch
 from capscale.trainers import model, train
 from capscale.trainers.config import TrainConfig
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 forward = model.Decoder.forward
 calls = {"n": 0}
 def poisoned(self, idx, targets=None):

@@ -9,7 +9,7 @@ import torch
 
 from capscale import capacity
 from capscale.capacity.structure import fwht
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.layers import CompressedLinear, compress_with_mask
 
 VECTORS = np.load(Path(__file__).parent / "data" / "quest_parity.npz")

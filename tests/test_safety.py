@@ -167,7 +167,7 @@ def test_two_concurrent_sweeps_train_each_run_once(tmp_path):
 
 
 def test_rerunning_a_finished_train_says_so_and_appends_nothing(tmp_path, capscale_cli):
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     from capscale.trainers.train import TrainConfig, train_and_record
     runs = tmp_path / "r.jsonl"
     cfg = TrainConfig(Compression("int4"), params=3000, tokens=8000, batch_size=4, context=32)

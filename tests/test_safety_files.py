@@ -167,7 +167,7 @@ def test_fit_output_never_replaces_a_file_capscale_did_not_write(tmp_path, capsy
 # -- checkpoints are data, not instructions -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     from capscale.trainers.train import TrainConfig, train
     path = tmp_path_factory.mktemp("ck") / "int4.pt"
     train(TrainConfig(Compression("int4"), params=3000, tokens=4000, batch_size=4, context=32, eval_tokens=256,
@@ -218,7 +218,7 @@ def test_diagnose_checks_a_checkpoints_settings_like_the_command_line(tmp_path, 
                                   lambda s: s.update(step=2.5), lambda s: s.update(key="0123456789abcdef")],
                          ids=["negative step", "step past the run", "fractional step", "another run's key"])
 def test_a_foreign_resume_checkpoint_is_moved_aside_and_the_run_trains_from_scratch(tmp_path, checkpoint, edit):
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     from capscale.trainers.train import TrainConfig, train
     path = _edited(checkpoint, tmp_path, edit)
     cfg = TrainConfig(Compression("int4"), params=3000, tokens=4000, batch_size=4, context=32, eval_tokens=256)
@@ -230,7 +230,7 @@ def test_a_foreign_resume_checkpoint_is_moved_aside_and_the_run_trains_from_scra
 
 
 def test_an_int4_checkpoint_does_not_resume_an_int2_run(tmp_path, checkpoint):
-    from capscale.trainers.compression import Compression
+    from capscale.trainers.compression_config import Compression
     from capscale.trainers.train import TrainConfig, train
     path = tmp_path / "ck.pt"
     path.write_bytes(checkpoint.read_bytes())

@@ -20,7 +20,7 @@ from capscale import capacity
 from capscale.capacity.runtable import REQUIRED, read_records
 from capscale.capacity.structure import fwht
 from capscale.trainers.data import load_tokens
-from capscale.trainers.compression import Compression
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.layers import CompressedLinear, compress_with_mask
 from capscale.trainers.model import Decoder, config_for_params, count_non_embedding
 from capscale.trainers.sweep import load_sweep, run_sweep

@@ -22,7 +22,7 @@ from capscale.capacity.runtable import split_label
 
 from capscale.capacity.provenance import package_version
 
-from .compression import Compression
+from .compression_config import Compression
 from .layers import CompressedLinear, SharedInput
 
 

@@ -17,7 +17,7 @@ from dataclasses import MISSING, dataclass, field, fields
 
 from capscale import capacity
 
-from .compression import Compression
+from .compression_config import Compression
 from .model import ModelConfig, config_for_params
 
 DECAY_RULES = ("matrices", "linear")

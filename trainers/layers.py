@@ -31,7 +31,7 @@ from capscale import capacity
 from capscale.capacity.quantizers import row_rms
 from capscale.capacity.structure import NMSparse, Sparse, hadamard_matrix
 
-from .compression import Compression, block_dividing
+from .compression_config import Compression, block_dividing
 
 
 def compress_with_mask(v: torch.Tensor, fmt: capacity.Format, comp: Compression):
@@ -78,7 +78,8 @@ class _Estimate(torch.autograd.Function):
         return (grad * mask if ctx.has_mask else grad), None, None
 
 
-def compress(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) -> torch.Tensor:
+def through_format(v: torch.Tensor, fmt: capacity.Format | None, comp: Compression) -> torch.Tensor:
+    """v through its format in the forward pass, the gradient through the scheme's estimator in the backward."""
     return v if fmt is None else _Estimate.apply(v, fmt, comp)
 
 
@@ -214,7 +215,7 @@ class CompressedLinear(nn.Linear):
         return self
 
     def _compress_input(self, x):
-        return compress(rotate(x, self.hadamard) if self.hadamard_block else x.float(), self.comp.a_fmt, self.comp)
+        return through_format(rotate(x, self.hadamard) if self.hadamard_block else x.float(), self.comp.a_fmt, self.comp)
 
     def forward(self, x):
         """Formats quantize in float32 (a bf16 or fp16 model's tensors are upcast first); the product is taken in the
@@ -227,7 +228,7 @@ class CompressedLinear(nn.Linear):
             w = w.float()
         rotate_input = self.hadamard_block and self.comp.rotates_activation_only_with_weights() is not False
         x = self.shared_input(x, self._compress_input, self) if rotate_input or self.comp.a_fmt else x
-        w = compress(w, self.comp.w_fmt, self.comp)
+        w = through_format(w, self.comp.w_fmt, self.comp)
         x, w = x.to(dtype), w.to(dtype)
         if self.comp.bwd_fmts is None:
             return F.linear(x, w, self.bias)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from capscale.capacity import InputError
 
-from .compression import Compression
+from .compression_config import Compression
 from .model import ModelConfig
 
 GIB = 1024 ** 3

@@ -53,7 +53,7 @@ from .config import TrainConfig
 from .memory import GIB, device_budget
 from .model import count_non_embedding, flops_per_token
 from .threads import default_threads, free_cores
-from .train import plan_for, train_and_record
+from .train import memory_plan, train_and_record
 
 GPU_TFLOPS = 300.0  # assumed sustained bf16 model TFLOP/s of one GPU for --dry-run (an H100/H200 at ~35-40% MFU)
 
@@ -219,7 +219,7 @@ def refuse_unfit(configs: list[TrainConfig], workers: int = 1) -> tuple[list[Tra
         if share is not None and cfg.memory is None and not cfg.device.startswith("cuda"):
             cfg = dataclasses.replace(cfg, memory=share)
         try:
-            plan_for(cfg)
+            memory_plan(cfg)
             fitting.append(cfg)
         except InputError as err:
             refused.append(f"refused, N~{cfg.params:,} D={cfg.tokens:,} seed {cfg.seed}: {err}")
@@ -321,7 +321,7 @@ def describe_plan(sweep: Sweep, workers: int = 1) -> str:
              "memory: peak per process of the planned step (micro-batch x accumulation = sequences per step)"]
     for c in todo:
         try:
-            memory = plan_for(c, assume_missing_gpu=True).describe()
+            memory = memory_plan(c, assume_missing_gpu=True).describe()
         except InputError as err:
             memory = f"DOES NOT FIT: {err}"
         model = c.model_config(c.vocab_size or 256)

@@ -35,7 +35,7 @@ from .data import BYTE_VOCAB, epoch_batch, load_tokens, random_batch, validation
 from .memory import MemoryPlan, plan_memory
 from .compress import compressed_decoder
 
-__all__ = ["TrainConfig", "train", "train_or_fail", "train_and_record", "plan_for"]
+__all__ = ["TrainConfig", "train", "train_or_fail", "train_and_record", "memory_plan"]
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine", whole: bool = False) -> float:
@@ -62,7 +62,7 @@ def _optimizer(model, lr, weight_decay, rule):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
-def plan_for(cfg: TrainConfig, world_size: int = 1, assume_missing_gpu: bool = False) -> MemoryPlan:
+def memory_plan(cfg: TrainConfig, world_size: int = 1, assume_missing_gpu: bool = False) -> MemoryPlan:
     """The memory plan of a run (raises InputError when it cannot fit), from its settings alone."""
     model = cfg.model_config(cfg.vocab_size or BYTE_VOCAB)
     return plan_memory(model, cfg.compression, device=cfg.device, batch_size=cfg.resolved_batch_size(),
@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     batch = cfg.resolved_batch_size()
     if batch % world:
         raise capacity.InputError(f"batch size {batch} is not divisible by the {world} processes")
-    plan = plan_for(cfg, world)  # before any work: a run that cannot fit is refused here
+    plan = memory_plan(cfg, world)  # before any work: a run that cannot fit is refused here
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         if device.startswith("cuda"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 from capscale import capacity
 from capscale.capacity import BASELINE, InputError, is_uncompressed
 from capscale.capacity.quantizers import ScaledQuantizer
-from capscale.capacity.grids import quest_fp4_trust_as_run
+from capscale.capacity.level_sets import quest_fp4_trust_as_run
 from capscale.capacity.runtable import backward_label, format_label, run_label
 from capscale.capacity.structure import Hadamard, NMSparse, Sparse
 

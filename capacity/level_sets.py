@@ -1,4 +1,5 @@
-"""Scalar grids (the level sets of elementwise formats) and their exact Gaussian MSE.
+"""Level sets (the scalar grids of elementwise formats) and their exact Gaussian MSE. ("Grid" elsewhere in
+capscale means a capacity grid: a table of efficiencies over format pairs, `analysis/compose.py`.)
 
 Every elementwise format is a sorted set of levels times a scale. For x ~ N(0, 1) the MSE of rounding
 to the nearest level has a closed form through the Gaussian partial moments, so the MSE-optimal scale
