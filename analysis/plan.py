@@ -73,7 +73,7 @@ class Budget:
 
     def __post_init__(self):
         if self.flops is None and (self.memory is None or self.tokens is None):
-            raise InputError("a budget needs compute (--flops), or memory and tokens (--memory with --tokens): a "
+            raise InputError("a budget needs compute (--flops), or memory and tokens (--weight-memory with --tokens): a "
                              "memory budget alone leaves the number of training tokens free")
         for name in ("memory", "flops", "tokens"):
             value = getattr(self, name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from capscale.analysis.names import DEFAULT_STUDY, LAW_NAMES, TOKEN_LAWS, MAX_REPLICATES, RESAMPLING_UNITS, RHO_FORMS, STUDY_NAMES
 from capscale.capacity import BASELINE, InputError
 
-from .options import level, nonnegative, positive, whole
+from .options import level, nonnegative, positive, renamed, whole
 
 MAX_JOBS = 256
 from .output import emit_json, print_table
@@ -211,11 +211,11 @@ def add_predict_command(sub) -> None:
 
 
 def _compose_command(args) -> None:
-    if args.grid:
-        if args.runs is None:
-            raise InputError("--grid reads a capacity grid CSV: give its path as RUNS")
+    if args.capacity_grid:
+        if args.runs is not None:
+            raise InputError("give a run table (RUNS) or --capacity-grid CSV, not both")
         from capscale.analysis.compose import compose_grid, grid_summary, read_grid
-        result = compose_grid(read_grid(args.runs), args.edge_row, args.edge_col)
+        result = compose_grid(read_grid(args.capacity_grid), args.edge_row, args.edge_col)
         if args.json:
             emit_json("compose", {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in result.items()})
         else:
@@ -236,9 +236,11 @@ def _compose_command(args) -> None:
 def add_compose_command(sub) -> None:
     p = sub.add_parser("compose", help="test whether capacities multiply (runs or a capacity grid)",
                        description="eff(combined) / (eff(part1) eff(part2)) with bootstrap intervals, or with "
-                                   "--grid a capacity table predicted from its uncompressed edges.")
+                                   "--capacity-grid a capacity table predicted from its uncompressed edges.")
     add_run_arguments(p, bootstrap_default=200)
-    p.add_argument("--grid", action="store_true", help="RUNS is a capacity grid CSV (row labels, column labels)")
+    p.add_argument("--capacity-grid", metavar="CSV", help="a capacity grid CSV (row labels, column labels) instead of "
+                                                          "a run table")
+    renamed(p, "--grid", "--capacity-grid CSV")
     p.add_argument("--edge-row", default=None, help="grid row where the other part is uncompressed")
     p.add_argument("--edge-col", default=None, help="grid column where the other part is uncompressed")
     add_fit_file_argument(p)
@@ -250,7 +252,7 @@ def _report_command(args) -> None:
     from capscale.capacity.paths import report_folder
     report_folder(args.output, args.overwrite)  # before any work that would be lost
     runs = runs_from_args(args)
-    grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.grid or [])
+    grids = dict(g.split("=", 1) if "=" in g else (Path(g).stem, g) for g in args.capacity_grid or [])
     replicates = (load_runs(args.replicates, mapping=args.map, baseline=args.baseline or BASELINE)
                   if args.replicates else None)
     report = fit_from_args(args, runs).report(args.output, grids=grids, n_jobs=args.jobs, replicates=replicates,
@@ -270,7 +272,8 @@ def add_report_command(sub) -> None:
     p.add_argument("-o", "--output", default="capscale-report",
                    help="output folder: new, empty, or holding a previous capscale report")
     p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
-    p.add_argument("--grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    p.add_argument("--capacity-grid", action="append", metavar="[NAME=]CSV", help="also analyse a capacity grid CSV")
+    renamed(p, "--grid", "--capacity-grid [NAME=]CSV")
     p.add_argument("--title", default="capscale report", help="the report's title (default: %(default)s)")
     p.add_argument("--form", default="tanh", choices=RHO_FORMS,
                    help="rho form of the capacity regression (default: %(default)s)")

@@ -8,7 +8,7 @@ from capscale.analysis.names import TOKEN_LAWS
 from capscale.capacity import BASELINE, InputError
 
 from .commands_analysis import _warn, add_fit_file_argument, add_run_arguments, fit_from_args, runs_from_args
-from .options import whole
+from .options import renamed, whole
 from .output import emit_json
 
 CURVE_SPAN = (-1.5, 1.5, 25)  # the figure's budgets: 10^-1.5 to 10^1.5 times the one asked, 25 points
@@ -20,7 +20,7 @@ def _plan_command(args) -> None:
         figure_file(args.figure)  # before any fitting
     import numpy as np
     from capscale.analysis.plan import Budget, parse_amount, parse_speedups, plan, plan_curves
-    budget = Budget(memory=parse_amount(args.memory, "--memory") if args.memory else None,
+    budget = Budget(memory=parse_amount(args.weight_memory, "--weight-memory") if args.weight_memory else None,
                     flops=parse_amount(args.flops, "--flops") if args.flops else None,
                     tokens=parse_amount(args.tokens, "--tokens") if args.tokens else None)
     runs = runs_from_args(args)
@@ -66,9 +66,11 @@ def add_plan_command(sub) -> None:
                     "constants. Optima outside the fitted sizes or token counts are flagged as extrapolated.")
     add_run_arguments(p, bootstrap_default=200)
     add_fit_file_argument(p)
-    p.add_argument("--memory", metavar="BYTES", help="weight memory budget: bytes, or with a unit (4GB, 512MiB)")
+    p.add_argument("--weight-memory", metavar="BYTES", help="the model weights' memory budget: bytes, or with a unit "
+                                                           "(4GB, 512MiB)")
+    renamed(p, "--memory", "--weight-memory (bytes of the weights; train's budget is --device-memory)")
     p.add_argument("--flops", metavar="F", help="training compute budget in FLOPs (6 N D), e.g. 1e20")
-    p.add_argument("--tokens", metavar="D", help="training tokens available (needed with --memory alone)")
+    p.add_argument("--tokens", metavar="D", help="training tokens available (needed with --weight-memory alone)")
     p.add_argument("--law", default="auto", choices=("auto", "decoupled", *TOKEN_LAWS),
                    help="the law to plan under; auto (default): the decoupled law unless the paired drift test finds a "
                         "format whose cost changes with tokens per parameter, then the token-dependent law that best "

@@ -16,7 +16,7 @@ from capscale.capacity.provenance import invoked_command
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.threads import MAX_THREADS
 
-from .options import whole
+from .options import renamed, whole
 from capscale.capacity.paths import strict_json
 
 from .output import emit_json, print_table
@@ -48,14 +48,14 @@ def _train_command(args) -> None:
         print(memory_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")), assume_missing_gpu=True).describe())
         return
     require_device(cfg.device)  # refusals first: the shape line below is said only for a run that starts
-    if args.runs:
-        require_run_table(args.runs)
+    if args.output:
+        require_run_table(args.output)
     _say_shape(cfg)
-    if args.runs:
-        record = train_and_record(cfg, args.runs, progress=not args.quiet)
+    if args.output:
+        record = train_and_record(cfg, args.output, progress=not args.quiet)
         if record is None:
             print(f"run {cfg.key()} ({cfg.compression.label}, N={cfg.params}, D={cfg.tokens}, seed {cfg.seed}) has "
-                  f"already finished in {args.runs}, or another process is training it: nothing to do",
+                  f"already finished in {args.output}, or another process is training it: nothing to do",
                   file=sys.stderr)
             return
     else:
@@ -63,8 +63,8 @@ def _train_command(args) -> None:
     if int(record.get("world_size", 1)) > 1 and torch.distributed.get_rank() != 0:
         return
     print(json.dumps(strict_json(record), allow_nan=False))  # a diverged run's NaN loss as null: strict JSON
-    if args.runs:
-        print(f"run appended to {args.runs}", file=sys.stderr)
+    if args.output:
+        print(f"run appended to {args.output}", file=sys.stderr)
     if record["status"] != "ok":
         sys.exit(1)
 
@@ -92,14 +92,16 @@ def add_train_command(sub) -> None:
     p = sub.add_parser("train", help="train one model over a format and append its run record",
                        description="Train a Llama-style model whose linear layers pass weights (--w-format) and "
                                    "input activations (--a-format) through capscale formats; print the run record "
-                                   "and append it to --runs (JSON lines). Every training setting is an option "
+                                   "and append it to --output (JSON lines). Every training setting is an option "
                                    "below (the same names, with underscores, are a sweep file's [train] keys). "
                                    "Multi-GPU: torchrun --nproc-per-node K -m capscale train ... --device cuda")
     TrainConfig.add_options(p)
     p.add_argument("--bwd-format", metavar="SPEC", default=None,
                    help="backward pass: one format for dL/dY and both re-quantized operands (sets --g-format, "
                         "--gw-format and --gx-format where they are not given)")
-    p.add_argument("--runs", help="run table (JSON lines) to append the record to")
+    p.add_argument("-o", "--output", metavar="RUNS", help="run table (JSON lines) to append the record to")
+    renamed(p, "--runs", "-o/--output (the run table train appends to)")
+    renamed(p, "--memory", "--device-memory (GiB per process)")
     p.add_argument("--plan", action="store_true", help="print the memory plan of the step and exit")
     p.add_argument("--threads", type=whole(1, MAX_THREADS), default=None, help="CPU threads (default: the cores not busy "
                    "with other work, at most 2 below 300k parameters and 4 below 5M)")
@@ -116,7 +118,7 @@ def _sweep_command(args) -> None:
         if shipped.is_file():
             path, folder = shipped, Path.cwd()
             print(f"the shipped sweep file {shipped} (its run table goes into this directory)", file=sys.stderr)
-    sweep = load_sweep(path, args.shard, args.runs, folder)
+    sweep = load_sweep(path, args.shard, args.output, folder)
     if args.dry_run:
         print(describe_plan(sweep, args.workers))
         return
@@ -160,8 +162,9 @@ def add_sweep_command(sub) -> None:
     p.add_argument("--workers", type=whole(1), default=1, help="parallel training processes on this machine")
     p.add_argument("--threads", type=whole(1, MAX_THREADS), default=None, help="torch threads per worker (default: as `train` chooses, "
                    "within the free cores shared by the workers)")
-    p.add_argument("--runs", default=None, help="run table to write (default: the sweep file's `runs`, which must be "
-                                                 "inside its folder)")
+    p.add_argument("-o", "--output", metavar="RUNS", default=None, help="run table to write (default: the sweep file's "
+                                                                          "`runs`, which must be inside its folder)")
+    renamed(p, "--runs", "-o/--output (the run table the sweep writes)")
     p.add_argument("--shard", default=None, help="i/n: run only every n-th run starting at i")
     p.add_argument("--dry-run", action="store_true",
                    help="print each pending run's memory plan (peak, micro-batch), steps, FLOPs and estimated time; "

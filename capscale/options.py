@@ -48,3 +48,12 @@ def level(text: str) -> float:
     if not 0.5 <= value < 1:
         raise argparse.ArgumentTypeError(f"expected a confidence level in [0.5, 1), such as 0.9, got {text}")
     return value
+
+
+def renamed(parser, old: str, new: str) -> None:
+    """`old` was an option name that meant two things across commands: refused, pointing to `new` (exit 2)."""
+    class Refuse(argparse.Action):
+        def __call__(self, parser_, namespace, values, option_string=None):
+            parser_.error(f"{old} was renamed {new} (one name had two meanings across commands)")
+
+    parser.add_argument(old, nargs="?", action=Refuse, help=argparse.SUPPRESS)

@@ -62,3 +62,13 @@ def test_an_empty_result_is_an_empty_list_with_its_reason(capsys, tmp_path):
     simulate_runs({"bf16": 1.0, "int4": 0.84}, noise=0.003).to_csv(path, index=False)
     out = printed(capsys, "compose", str(path), "--bootstrap", "4", "--jobs", "1", "--json")
     assert out["results"] == [] and "no combined format" in out["reason"]
+
+
+@pytest.mark.parametrize("command, old, new", [
+    (["train"], "--runs", "-o/--output"), (["train"], "--memory", "--device-memory"),
+    (["sweep", "demo_small"], "--runs", "-o/--output"), (["plan", "--study", "quest"], "--memory", "--weight-memory"),
+    (["compose"], "--grid", "--capacity-grid"), (["report", "--study", "quest"], "--grid", "--capacity-grid")])
+def test_an_option_name_that_meant_two_things_is_refused_with_its_new_name(capsys, command, old, new):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, old, "x"])
+    assert exit_.value.code == 2 and f"{old} was renamed {new}" in capsys.readouterr().err

@@ -154,5 +154,5 @@ def test_frontier_cli_and_plan_cli(capscale_cli, tmp_path):
     plan = json.loads(out.stdout)
     assert plan["command"] == "plan" and plan["results"][0]["format"] == "int4/int4"
     assert plan["results"][0]["loss"]["ci"][0] <= plan["results"][0]["loss"]["value"] <= plan["results"][0]["loss"]["ci"][1]
-    out = capscale_cli("plan", str(runs), "--memory", "1GB", env=env)
+    out = capscale_cli("plan", str(runs), "--weight-memory", "1GB", env=env)
     assert out.returncode == 2 and "memory budget alone" in out.stderr

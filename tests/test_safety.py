@@ -174,7 +174,7 @@ def test_rerunning_a_finished_train_says_so_and_appends_nothing(tmp_path, capsca
     assert train_and_record(cfg, runs, progress=False)["status"] == "ok"
     assert train_and_record(cfg, runs, progress=False) is None  # finished: not trained again
     again = capscale_cli("train", "--w-format", "int4", "--params", "3000", "--tokens", "8000", "--batch-size", "4",
-                         "--context", "32", "--runs", str(runs), "--quiet")
+                         "--context", "32", "--output", str(runs), "--quiet")
     assert again.returncode == 0 and "already finished" in again.stderr
     assert len(read_records(runs)) == 1
 
@@ -257,7 +257,7 @@ BAD_COMMANDS = [
     ["fit", "{table}", "--delta", "0"], ["fit", "{table}", "--delta", "nan"], ["fit", "{table}", "--bootstrap", "-5"],
     ["fit", "{table}", "--jobs", "-1"], ["fit", "{table}", "--fix-E", "100"], ["fit", "{dir}"], ["fit", "{empty}"],
     ["fit", "{garbage}"], ["predict", "int4", "--params", "-1", "--tokens", "1e6", "--runs", "{table}"],
-    ["compose", "--grid", "{grid}", "--edge-row", "nonexistent"], ["train", "--lr", "nan"], ["train", "--lr", "-1"],
+    ["compose", "--capacity-grid", "{grid}", "--edge-row", "nonexistent"], ["train", "--lr", "nan"], ["train", "--lr", "-1"],
     ["train", "--lr", "0"], ["report", "{table}", "-o", "{table}"],
 ]
 

@@ -74,7 +74,7 @@ def test_train_refuses_a_runs_file_that_is_not_a_run_table(tmp_path, capsys, nam
     path = tmp_path / name
     path.write_text(text)
     before = snapshot(tmp_path)
-    message = refused(capsys, "train", *TINY, "--runs", path)
+    message = refused(capsys, "train", *TINY, "--output", path)
     assert snapshot(tmp_path) == before, message
 
 
@@ -128,7 +128,7 @@ def test_a_folder_that_refuses_writes_is_one_line_and_leaves_no_temporary_files(
         return real_mkdir(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "mkdir", no_create)
-    code, err = run_cli(capsys, "train", *TINY, "--runs", tmp_path / "ro" / "runs.jsonl")
+    code, err = run_cli(capsys, "train", *TINY, "--output", tmp_path / "ro" / "runs.jsonl")
     assert code == 2 and err[-1].endswith("ro/runs.jsonl.claims: Permission denied")  # after the shape it chose
     assert list((tmp_path / "ro").iterdir()) == []
 
@@ -329,7 +329,7 @@ def test_a_jsonl_line_of_nested_brackets_is_one_line(tmp_path, capsys):
 def test_a_malformed_capacity_grid_is_one_line(tmp_path, capsys, text, expected):
     grid = tmp_path / "grid.csv"
     grid.write_text(text)
-    assert expected in refused(capsys, "compose", "--grid", grid)
+    assert expected in refused(capsys, "compose", "--capacity-grid", grid)
 
 
 # -- saved fits are verified ----------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def test_markdown_escapes_labels_like_the_html():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu"])
 def test_a_device_this_machine_lacks_is_one_line_and_no_record(tmp_path, capsys, device):
-    assert "--device" in refused(capsys, "train", "--device", device, *TINY, "--runs", tmp_path / "runs.jsonl")
+    assert "--device" in refused(capsys, "train", "--device", device, *TINY, "--output", tmp_path / "runs.jsonl")
     assert list(tmp_path.iterdir()) == []
 
 

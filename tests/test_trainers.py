@@ -137,7 +137,7 @@ def test_corpus_split_is_deterministic_and_custom_text_works(tmp_path):
 def test_tiny_w4a4_run_appends_a_valid_record(tmp_path, capscale_cli):
     runs = tmp_path / "runs.jsonl"
     out = capscale_cli("train", "--w-format", "int4", "--a-format", "int4", "--params", "20000", "--tokens", "60000",
-                 "--runs", str(runs), "--quiet", timeout=300)
+                 "--output", str(runs), "--quiet", timeout=300)
     assert out.returncode == 0, out.stderr
     (record,) = read_records(runs)
     assert set(REQUIRED) <= set(record) and record["status"] == "ok"

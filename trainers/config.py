@@ -55,7 +55,7 @@ class TrainConfig:
         "below 30M, else 64)", type=int))
     micro_batch_size: int | None = field(default=None, metadata=_option(
         "sequences per forward/backward pass on one process; the step accumulates gradients over "
-        "micro-batches, so the recipe does not depend on device memory (default: the largest that fits --memory)",
+        "micro-batches, so the recipe does not depend on device memory (default: the largest that fits --device-memory)",
         type=_optional_int))
     lr: float | None = field(default=None, metadata=_option(
         "peak learning rate (default: 3e-3 x (N / 1e6)^-0.2, at most 6e-3)", type=float))
@@ -98,7 +98,8 @@ class TrainConfig:
         "the width's power-of-two factor (at most 128)", type=int))
     device: str = field(default="cpu", metadata=_option("cpu, cuda or cuda:K"))
     memory: float | None = field(default=None, metadata=_option(
-        "memory budget per process in GiB for the micro-batch choice (default: the device's free memory)",
+        "memory budget per process in GiB for the micro-batch choice (default: the device's free memory; a sweep "
+        "file's key: memory)", flag="--device-memory", metavar="GIB",
         type=float))
     compile: bool = field(default=False, metadata=_option("torch.compile the model", action="store_true"))
     checkpoint: str | None = field(default=None, metadata=_option(
@@ -227,7 +228,8 @@ class TrainConfig:
                 meta["help"] = re.sub(r"%(?!\()", "%%", meta["help"])  # a literal "10%" is not a format
                 if default not in (None, False) and "default" not in meta["help"]:
                     meta["help"] += " (default: %(default)s)"
-                groups[f.name].add_argument("--" + f.name.replace("_", "-"), default=default, **meta)
+                flag = meta.pop("flag", "--" + f.name.replace("_", "-"))  # a flag other than the field's name
+                groups[f.name].add_argument(flag, dest=f.name, default=default, **meta)
 
     @classmethod
     def from_options(cls, args) -> "TrainConfig":

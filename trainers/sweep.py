@@ -153,7 +153,7 @@ def load_sweep(path: "str | Path", shard: str | None = None, runs: "str | Path |
         if not runs.resolve().is_relative_to(folder.resolve()) or runs.is_symlink():
             where = "the sweep file's folder" if folder == path.parent else str(folder)
             raise InputError(f"{path}: runs = {spec.get('runs')!r} is outside {where}; a sweep file writes only "
-                             "beside itself (give another place with --runs)")
+                             "beside itself (give another place with --output)")
     runs = Path(runs)
     if runs.is_dir() or not runs.name:
         raise InputError(f"{path}: runs = {str(runs)!r} names a folder; expected a run table file (.jsonl)")
