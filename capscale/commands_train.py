@@ -24,11 +24,10 @@ from .output import emit_json, print_table
 
 def _say_shape(cfg: TrainConfig) -> None:
     """--params picks the closest shape: say which, and how far it is from the request, before training."""
-    from capscale.trainers.model import count_non_embedding
     if cfg.n_layer is not None or os.environ.get("RANK", "0") != "0":
         return
     model = cfg.model_config(cfg.vocab_size or 256)
-    trained = count_non_embedding(model.n_layer, model.n_embd, model.mlp_multiple)
+    trained = model.non_embedding_params
     print(f"--params {cfg.params:,}: training N = {trained:,} non-embedding parameters ({trained / cfg.params - 1:+.1%}), "
           f"the closest shape: {model.n_layer} layers, width {model.n_embd}, {model.n_head} heads", file=sys.stderr)
 

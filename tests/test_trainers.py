@@ -31,8 +31,10 @@ from capscale.trainers.train import TrainConfig, train
 def test_size_helper_builds_close_to_target_and_reports_exact_count(target):
     cfg = config_for_params(target)
     model = Decoder(cfg)
-    assert model.non_embedding_params() == count_non_embedding(cfg.n_layer, cfg.n_embd)
-    assert abs(math.log(model.non_embedding_params() / target)) < 0.3  # widths come in steps of 64 (16 below)
+    built = sum(p.numel() for p in model.parameters())  # what the model holds, against the config's count
+    assert built == cfg.n_params and cfg.non_embedding_params == count_non_embedding(cfg.n_layer, cfg.n_embd)
+    assert cfg.n_params - cfg.non_embedding_params == model.embed.weight.numel()  # tied head
+    assert abs(math.log(cfg.non_embedding_params / target)) < 0.3  # widths come in steps of 64 (16 below)
     assert cfg.n_embd % cfg.n_head == 0 and (cfg.n_embd // cfg.n_head) % 2 == 0
     assert cfg.n_embd in (16, 32, 48) or cfg.n_embd % 64 == 0
     assert cfg.mlp_hidden % min(128, cfg.n_embd & -cfg.n_embd) == 0  # the down-projection takes the same block

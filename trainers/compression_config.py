@@ -18,6 +18,8 @@ from capscale.capacity.level_sets import quest_fp4_trust_as_run
 from capscale.capacity.runtable import backward_label, format_label, run_label
 from capscale.capacity.structure import Hadamard, NMSparse, Sparse
 
+from .recorded_before import RECORDED_BEFORE
+
 ESTIMATORS = ("ste", "clipped", "trust")
 BACKWARD_MASKS = ("masked", "dense", "rbbm")
 SPARSE_QUANTIZED = ("quest", "unrotated")
@@ -101,11 +103,6 @@ class Compression:
         "backward pass: block Hadamard rotation of both operands of each backward product along its contraction "
         "dimension (it cancels in the product); 0 for none", type=int))
 
-    # Settings added after runs were recorded, with the behaviour of those runs: they enter the run's key only
-    # when they differ from it, and a record without them was trained that way.
-    RECORDED_BEFORE = {"sparse_quantized": "unrotated", "fp4_trust": "intended", "g_format": None, "gw_format": None,
-                       "gx_format": None, "bwd_hadamard_block": 0, "dgrad_format": None, "wgrad_format": None,
-                       "keep_dense": 0.0, "recipe": None, "weight_only_rotation": "both"}
     BACKWARD = ("g_format", "gw_format", "gx_format", "dgrad_format", "wgrad_format")
 
     def __post_init__(self):
@@ -257,7 +254,7 @@ class Compression:
                 "weight_only_rotation": self.rotates_activation_only_with_weights() is not None,
                 "fp4_trust": self.estimator == "trust" and self.trust is None and any(map(self._is_fp4, formats))}
         return {k: v for k, v in self.settings().items() if k != "recipe"  # a name for settings that are keyed anyway
-                and (k not in self.RECORDED_BEFORE or acts.get(k, True) and v != self.RECORDED_BEFORE[k])}
+                and (k not in RECORDED_BEFORE or acts.get(k, True) and v != RECORDED_BEFORE[k])}
 
     def trust_radius(self, fmt: capacity.Format) -> float | None:
         """The trust radius in row-RMS units for this format, or None for its own (half its largest gap)."""
@@ -276,9 +273,10 @@ class Compression:
     @classmethod
     def from_record(cls, record: dict) -> "Compression":
         """The settings a run record was trained with (the inverse of `to_record`); a record older than a setting
-        was trained with that setting's RECORDED_BEFORE behaviour."""
-        values = {**cls.RECORDED_BEFORE, **{f.name: record[f.name] for f in fields(cls) if f.name in record}}
-        return cls(**values)
+        was trained with that setting's behaviour in RECORDED_BEFORE."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in RECORDED_BEFORE.items() if k in names},
+                      **{k: record[k] for k in names if k in record}})
 
     @classmethod
     def add_options(cls, parser) -> None:

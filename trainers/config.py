@@ -19,6 +19,7 @@ from capscale import capacity
 
 from .compression_config import Compression
 from .model import ModelConfig, config_for_params
+from .recorded_before import RECORDED_BEFORE
 
 DECAY_RULES = ("matrices", "linear")
 EXACT_PARAMS_TOLERANCE = 0.05
@@ -110,10 +111,6 @@ class TrainConfig:
     RESULT_FIELDS = ("params", "n_layer", "n_head", "n_embd", "tokens", "seed", "context", "batch_size", "lr",
                      "warmup", "schedule", "weight_decay", "grad_clip", "eval_tokens", "data", "vocab_size", "decay",
                      "tie_embeddings", "init", "norm_eps", "mlp_multiple", "sampling", "data_seed", "step_rounding")
-    # Settings added after runs were recorded: they enter the key only when they differ from the behaviour of
-    # those runs, so every recorded run keeps its key (and a sweep does not train it again).
-    KEYED_WHEN_CHANGED = {"schedule": "cosine", "decay": "matrices", "tie_embeddings": True, "init": "fan_in", "norm_eps": 1e-6,
-                          "mlp_multiple": 0, "sampling": "random", "data_seed": None, "step_rounding": "ceil"}
 
     # Whole-number settings and their bounds: past these the work or memory would not be finite in practice.
     BOUNDS = {"params": (1, 10 ** 12), "tokens": (1, 10 ** 14), "context": (2, 1 << 16), "eval_tokens": (0, 1 << 30),
@@ -159,8 +156,7 @@ class TrainConfig:
             return ModelConfig(*shape, **model)
         chosen = config_for_params(self.params, **model)
         if self.exact_params:
-            from .model import count_non_embedding
-            trained = count_non_embedding(chosen.n_layer, chosen.n_embd, chosen.mlp_multiple)
+            trained = chosen.non_embedding_params
             if abs(trained / self.params - 1) > EXACT_PARAMS_TOLERANCE:
                 raise capacity.InputError(
                     f"--exact-params: no shape has within {EXACT_PARAMS_TOLERANCE:.0%} of {self.params:,} non-embedding "
@@ -181,7 +177,7 @@ class TrainConfig:
     def key(self) -> str:
         """Content key of the run: what determines its result (not where or how fast it runs)."""
         run = {f: getattr(self, f) for f in self.RESULT_FIELDS
-               if f not in self.KEYED_WHEN_CHANGED or getattr(self, f) != self.KEYED_WHEN_CHANGED[f]}
+               if f not in RECORDED_BEFORE or getattr(self, f) != RECORDED_BEFORE[f]}
         payload = {**self.compression.key_settings(), **run}
         return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

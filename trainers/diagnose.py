@@ -21,7 +21,7 @@ from .data import load_tokens, validation_batches
 from .layers import CompressedLinear
 from .memory import GIB, HEADROOM, device_budget
 from .compress import compressed_decoder
-from .model import Decoder, ModelConfig, count_non_embedding
+from .model import Decoder, ModelConfig
 from .train import TrainConfig, load_state
 from .weights import gaussian_gmse, row_relative_mse
 
@@ -74,8 +74,7 @@ def is_capscale_checkpoint(path: "str | Path") -> bool:
 
 def parameter_bytes(cfg: ModelConfig) -> int:
     """fp32 bytes of a model's parameters (what building it allocates)."""
-    embeddings = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
-    return 4 * (count_non_embedding(cfg.n_layer, cfg.n_embd, cfg.mlp_multiple) + embeddings)
+    return 4 * cfg.n_params
 
 
 @torch.inference_mode()

@@ -44,32 +44,19 @@ def _saves_mask(fmt, comp: Compression) -> bool:
     return sparse or fmt.rounds_values()
 
 
-def _linears(cfg: ModelConfig) -> list[tuple[int, int]]:
-    """(in, out) of each compressed linear of one block: qkv, proj, gate_up, down."""
-    d, h = cfg.n_embd, cfg.mlp_hidden
-    return [(d, 3 * d), (d, d), (d, 2 * h), (h, d)]
-
-
-def n_parameters(cfg: ModelConfig) -> int:
-    """Every parameter: blocks, final norm, embedding and (untied) head."""
-    block = sum(i * o for i, o in _linears(cfg)) + 2 * cfg.n_embd
-    embeddings = cfg.vocab_size * cfg.n_embd * (1 if cfg.tie_embeddings else 2)
-    return cfg.n_layer * block + cfg.n_embd + embeddings
-
-
 def step_bytes(cfg: ModelConfig, comp: Compression, autocast: bool, world_size: int = 1) -> dict:
     """The plan's terms in bytes: `resident`, `per_pass` (once per forward) and `per_token` (saved for backward)
     `loss_per_token` (the loss's transient) and `accumulation` (added when a step accumulates), for one process."""
     a = 2 if autocast else 4                      # bytes of an activation entering a matmul
     d, h, heads, vocab = cfg.n_embd, cfg.mlp_hidden, cfg.n_head, cfg.vocab_size
-    params = n_parameters(cfg)
-    hadamard = sum(4 * comp.block_for(i) ** 2 for i, _ in _linears(cfg)) * cfg.n_layer
+    params = cfg.n_params
+    hadamard = sum(4 * comp.block_for(i) ** 2 for i, _ in cfg.linear_shapes) * cfg.n_layer
     rotary = 4 * cfg.context * (d // heads)
     resident = 4 * params + hadamard + rotary + 4 * params + 8 * params + (4 * params if world_size > 1 else 0)
 
     weight_copy = 2 if autocast else 4            # the compressed (or bf16-cast) weight the matmul saves
     per_pass, work = 0, 0
-    for i, o in _linears(cfg):
+    for i, o in cfg.linear_shapes:
         rotated_or_compressed = comp.w_fmt is not None or comp.block_for(i) > 0
         copy = weight_copy if autocast or rotated_or_compressed else 0
         per_pass += cfg.n_layer * i * o * (copy + _saves_mask(comp.w_fmt, comp))

@@ -57,6 +57,26 @@ class ModelConfig:
         unit = min(128, self.n_embd & -self.n_embd)
         return unit * math.ceil(8 * self.n_embd / 3 / unit)
 
+    # The parameter counts, in one home (the model, the memory plan, the size search and diagnose read these).
+    @property
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of each linear of one block: qkv, proj, gate_up, down."""
+        d, h = self.n_embd, self.mlp_hidden
+        return [(d, 3 * d), (d, d), (d, 2 * h), (h, d)]
+
+    @property
+    def non_embedding_params(self) -> int:
+        """The N of a scaling law: every block's linears and norms, and the final norm."""
+        return self.n_layer * (sum(i * o for i, o in self.linear_shapes) + 2 * self.n_embd) + self.n_embd
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.n_embd * (1 if self.tie_embeddings else 2)
+
+    @property
+    def n_params(self) -> int:
+        return self.non_embedding_params + self.embedding_params
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
@@ -163,9 +183,6 @@ class Decoder(nn.Module):
         layers = {"qkv": first.attn.qkv, "proj": first.attn.proj, "gate_up": first.mlp.gate_up, "down": first.mlp.down}
         return {name: getattr(layer, "hadamard_block", 0) for name, layer in layers.items()}
 
-    def non_embedding_params(self) -> int:
-        return sum(p.numel() for p in self.blocks.parameters()) + sum(p.numel() for p in self.norm.parameters())
-
     def forward(self, idx, targets=None):
         x = self.embed(idx)
         for block in self.blocks:
@@ -179,14 +196,13 @@ class Decoder(nn.Module):
 def flops_per_token(cfg: ModelConfig) -> float:
     """Training FLOPs per token (forward and backward): 6 x (matrix parameters, output head included) plus the
     attention scores, 12 x layers x width x context (PaLM's model-FLOPs convention, used for MFU)."""
-    matrices = count_non_embedding(cfg.n_layer, cfg.n_embd, cfg.mlp_multiple) + cfg.vocab_size * cfg.n_embd
+    matrices = cfg.non_embedding_params + cfg.vocab_size * cfg.n_embd
     return 6.0 * matrices + 12.0 * cfg.n_layer * cfg.n_embd * cfg.context
 
 
 def count_non_embedding(n_layer: int, n_embd: int, mlp_multiple: int = 0) -> int:
-    cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1, mlp_multiple=mlp_multiple)
-    per_block = 4 * n_embd * n_embd + 3 * n_embd * cfg.mlp_hidden + 2 * n_embd
-    return n_layer * per_block + n_embd
+    """N of a shape before its heads are chosen (heads do not change it)."""
+    return ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=1, mlp_multiple=mlp_multiple).non_embedding_params
 
 
 WIDTHS = (16, 32, 48, *range(64, 4097, 64))

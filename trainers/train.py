@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
         if start_step is None:  # refused and moved aside: start again from scratch, untouched by it
             model, optimizer, gen = _fresh(cfg, data.vocab_size, device)
             start_step = 0
-    n_params = model.non_embedding_params()
+    n_params = model.cfg.non_embedding_params
     lr = cfg.resolved_lr(n_params)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     step_fn = torch.compile(net) if cfg.compile else net
@@ -216,7 +216,7 @@ def _fresh(cfg: TrainConfig, vocab_size: int, device: str):
     """The run's model, optimizer and batch-order generator at step 0, from its seed."""
     torch.manual_seed(cfg.seed)
     model = compressed_decoder(cfg.model_config(vocab_size), cfg.compression).to(device)
-    lr = cfg.resolved_lr(model.non_embedding_params())
+    lr = cfg.resolved_lr(model.cfg.non_embedding_params)
     return model, _optimizer(model, lr, cfg.weight_decay, cfg.decay), torch.Generator().manual_seed(cfg.seed)
 
 
