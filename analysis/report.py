@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
@@ -22,6 +23,7 @@ from .compose import compose_grid, read_grid
 from .families import format_styles
 from .laws import DecoupledLaw
 from .names import eff_key
+from .parallel import chunked_map
 from .report_sections import ReportContext, build_sections
 from .runs import format_table
 from .studies import published_comparison, published_sentence
@@ -44,12 +46,35 @@ class Report:
 
 
 def _figure_files(fig) -> tuple[bytes, bytes]:
-    """(PNG at 150 dpi, embedded in the pages; SVG, for papers) of a figure, which is then closed."""
+    """(PNG at 150 dpi, embedded in the pages; SVG, for papers) of a figure. The tight box is found once for both
+    (savefig's "tight" finds it per file, with the padding savefig adds)."""
     png, svg = io.BytesIO(), io.BytesIO()
-    fig.savefig(png, format="png", dpi=150, bbox_inches="tight")
-    fig.savefig(svg, format="svg", bbox_inches="tight")
-    plots.plt.close(fig)
+    box = fig.get_tightbbox(fig.canvas.get_renderer()).padded(plots.plt.rcParams["savefig.pad_inches"])
+    fig.savefig(png, format="png", dpi=150, bbox_inches=box)
+    fig.savefig(svg, format="svg", bbox_inches=box)
     return png.getvalue(), svg.getvalue()
+
+
+_FIGURES: dict = {}  # the figures forked workers save: set before the fork copies them (nothing is pickled)
+
+
+def _save_figures(keys: list) -> list:
+    return [_figure_files(_FIGURES[key]) for key in keys]
+
+
+def _all_figure_files(figures: dict, n_jobs: int | None) -> dict:
+    """Every figure's files, saved by forked workers side by side (rendering is most of a report's time), then
+    closed."""
+    keys = list(figures)
+    _FIGURES.update({key: fig for key, (_, fig) in figures.items()})
+    n_jobs = max(1, min(n_jobs or os.cpu_count() or 1, len(keys)))
+    try:
+        files = chunked_map(_save_figures, keys, n_jobs, n_chunks=n_jobs)
+    finally:
+        _FIGURES.clear()
+        for _, fig in figures.values():
+            plots.plt.close(fig)
+    return dict(zip(keys, files))
 
 
 def _table_html(frame: pd.DataFrame, caption: str) -> str:
@@ -160,7 +185,7 @@ def build_report(fit, folder: "str | Path", grids: dict | None = None, title: st
                             extrap_tokens_errors=extrap_tokens_errors, drift=drift, grid_results=grid_results, replicates=replicates,
                             published=against, decision=decision, backward=backward, fit=fit)
     sections, figures = build_sections(context)
-    files = {key: _figure_files(fig) for key, (_, fig) in figures.items()}
+    files = _all_figure_files(figures, n_jobs)
     images = {key: png for key, (png, _) in files.items()}
     pages = _render(title, verdict_lines, sections, figures, images, origin)
     write_files(folder, {"results.json": json.dumps(strict_json(results), indent=1, default=str,
