@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -335,3 +336,13 @@ def test_dry_run_time_comes_from_the_tables_own_throughput():
     assert rate(TrainConfig.from_flat(params=60_000, w_format="int4")) == pytest.approx(24_000, rel=1e-6)
     assert rate(TrainConfig(params=60_000)) == pytest.approx(24_000, rel=1e-6)  # dense unmeasured: the other fit
     assert measured_throughput(records[:1]) is None
+
+
+def test_compiled_fp4_training_on_cuda_is_said_to_be_unverified():
+    from capscale.trainers.train import _warn_compiled_nvfp4_on_cuda
+    with pytest.warns(UserWarning, match="unverified"):
+        _warn_compiled_nvfp4_on_cuda(TrainConfig(Compression("nvfp4", "nvfp4"), compile=True, device="cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_compiled_nvfp4_on_cuda(TrainConfig(Compression("int4", "int4"), compile=True, device="cuda"))
+        _warn_compiled_nvfp4_on_cuda(TrainConfig(Compression("nvfp4", "nvfp4"), compile=True))
