@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity import InputError, is_uncompressed, parse, rho
-from capscale.capacity.rho import RHO_C, RHO_F, RHO_L
+from capscale.capacity import InputError, is_uncompressed, parse
+from capscale.capacity.rho import RHO_C, RHO_F, RHO_L, quarter_log, rho_of_quarter_log
 
 from .laws import DecoupledLaw, ScalingLaw
 from .runs import check_identifiable, format_table, require_capacity
@@ -18,6 +18,7 @@ from .solver import huber_total, log_e_floor, logsumexp_terms, single_threaded_b
 def format_arrays(info: pd.DataFrame) -> dict:
     """What the formula laws read of formats (rows of `format_table`, or run rows), as arrays."""
     out = {f"{side}_compressed": ~info[f"{side}_format"].map(is_uncompressed).to_numpy(bool) for side in "wa"}
+    out |= {f"{side}_quarter_log": quarter_log(info[f"{side}_gmse"].to_numpy(float)) for side in "wa"}
     return out | {c: info[c].to_numpy(float) for c in ("w_gmse", "a_gmse", "w_bits", "a_bits")}
 
 
@@ -95,7 +96,8 @@ class UnifiedLaw(_FormulaLaw):
     constant_bounds = ((0.05, 5.0), (0.01, 5.0), (0.05, 10.0))
 
     def formula(self, c, formats):
-        part = lambda side: np.where(formats[f"{side}_compressed"], rho(formats[f"{side}_gmse"], *c), 1.0)  # noqa: E731
+        part = lambda side: np.where(formats[f"{side}_compressed"],  # noqa: E731
+                                     rho_of_quarter_log(formats[f"{side}_quarter_log"], *c), 1.0)
         return part("w") * part("a")
 
     def constant_starts(self, decoupled):
