@@ -95,8 +95,8 @@ def test_bad_budgets_say_what_is_needed():
     with pytest.raises(InputError, match="memory budget alone"):
         Budget(memory=1e9)
     with pytest.raises(InputError, match="4GB"):
-        parse_amount("four", "--memory")
-    assert parse_amount("4GB", "--memory") == 4e9 and parse_amount("1 GiB", "--memory") == 2 ** 30
+        parse_amount("four", "--weight-memory")
+    assert parse_amount("4GB", "--weight-memory") == 4e9 and parse_amount("1 GiB", "--weight-memory") == 2 ** 30
     assert parse_speedups(["4:8(vector=2)+int4(scale_from=row)/int4=2"]) == {"4:8(vector=2)+int4(scale_from=row)/int4": 2}
     with pytest.raises(InputError, match="FORMAT=FACTOR"):
         parse_speedups(["int4"])

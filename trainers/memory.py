@@ -126,7 +126,7 @@ def plan_memory(model: ModelConfig, comp: Compression, *, device: str, batch_siz
     process's share of the batch whose peak fits the budget (`memory_gib`, else the device's free memory).
     Raises InputError, in one line, when the given or the smallest micro-batch does not fit."""
     if memory_gib is not None:
-        budget, source = int(memory_gib * GIB), "--memory"
+        budget, source = int(memory_gib * GIB), "--device-memory"
     else:
         budget, source = device_budget(device)
         if budget is None and assume_missing_gpu:
@@ -145,5 +145,5 @@ def plan_memory(model: ModelConfig, comp: Compression, *, device: str, batch_siz
     if not plan.fits:
         raise InputError(f"{comp.label} at {model.n_layer}x{model.n_embd} (context {model.context}) does not fit: "
                          f"{plan.describe()}; the plan keeps {1 - HEADROOM:.0%} free. Give a smaller "
-                         "--micro-batch-size, more processes, or a larger --memory")
+                         "--micro-batch-size, more processes, or a larger --device-memory")
     return plan
