@@ -18,14 +18,19 @@ FORMATS = ["int4", "fp4_e2m1", "mxfp4", "nvfp4", "nvfp4(four_over_six=true)", "n
 
 
 def torchao_round_trips() -> dict:
-    """torchao's reference NVFP4 / MXFP4 quantize-dequantize, where installed (else none)."""
+    """torchao's emulated NVFP4 (with its per-tensor scale) / MXFP4 quantize-dequantize, where installed (else none);
+    both equal capscale's values (tests/test_fp4.py)."""
     try:
-        from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+        from torchao.prototype.mx_formats import nvfp4_tensor
         from torchao.prototype.mx_formats.mx_tensor import MXTensor
     except ImportError:
         return {}
-    return {"torchao nvfp4": lambda x: NVFP4Tensor.to_nvfp4(x).to_dtype(torch.float32),
-            "torchao mxfp4": lambda x: MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).to_dtype(torch.float32)}
+
+    def nvfp4(x):
+        scale = nvfp4_tensor.per_tensor_amax_to_scale(x.abs().amax())
+        return nvfp4_tensor.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=scale).dequantize(torch.float32)
+    return {"torchao nvfp4": nvfp4,
+            "torchao mxfp4": lambda x: MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)}
 
 
 def main() -> None:

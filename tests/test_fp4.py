@@ -76,3 +76,16 @@ def test_rht_redraws_its_signs_and_inverts_exactly():
     rht.apply(x, None, lambda t, keep: seen.append(t) or t)
     assert not torch.allclose(seen[0], seen[1])  # new signs every call
     assert capacity.parse("rht(block=16)+nvfp4").rotates_itself
+
+
+def test_nvfp4_and_mxfp4_equal_torchaos_reference_round_trips():
+    """torchao's emulated NVFP4 (with its per-tensor scale) and MXFP4 (floor scales) as the public reference; not a
+    dependency: skipped where it is not installed. torchao 0.18 gave 0 differing values of 131,072 for both."""
+    nvfp4_tensor = pytest.importorskip("torchao.prototype.mx_formats.nvfp4_tensor")
+    from torchao.prototype.mx_formats.mx_tensor import MXTensor
+    x = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    scale = nvfp4_tensor.per_tensor_amax_to_scale(x.abs().amax())
+    reference = nvfp4_tensor.NVFP4Tensor.to_nvfp4(x, per_tensor_scale=scale).dequantize(torch.float32)
+    assert torch.equal(capacity.parse("nvfp4")(x), reference)
+    reference = MXTensor.to_mx(x, torch.float4_e2m1fn_x2, 32).dequantize(torch.float32)
+    assert torch.equal(capacity.parse("mxfp4")(x), reference)
