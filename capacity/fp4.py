@@ -29,7 +29,7 @@ from . import level_sets
 from .level_sets import round_e2m1
 from .errors import SpecError
 from .formats import Component
-from .quantizers import GridQuantizer
+from .quantizers import GridQuantizer, divide
 from .structure import fwht
 
 E4M3_MAX = 448.0
@@ -125,7 +125,7 @@ class NVFP4(GridQuantizer):
         return b.reshape(rows // TILE, cols // TILE, TILE, TILE).transpose(1, 2).reshape(rows, cols)
 
     def _tensor_scale(self, x: torch.Tensor, cap: float, mult: float) -> torch.Tensor:
-        return (absmax(x) * mult / (self.top * cap)).clamp_min(1e-30)
+        return divide(absmax(x) * mult, self.top * cap).clamp_min(1e-30)
 
     def _encode(self, xg, wanted, tensor_scale, up: bool):
         """(values, per-block scale) for block scales `wanted`, stored as E4M3 codes under `tensor_scale`."""
@@ -152,9 +152,9 @@ class NVFP4(GridQuantizer):
         amax = absmax(source, dim=-1)
         # stochastic rounding rounds a plain scale up (no value clips); with scale_mult the headroom is the user's
         up = self.params["rounding"] == "stochastic" and mult == 1.0
-        y, scale = self._encode(xg, amax * mult / self.top, tensor_scale, up)
+        y, scale = self._encode(xg, divide(amax * mult, self.top), tensor_scale, up)
         if four_six:  # the block's maximum mapped to 4 instead of 6: the scale times 1.5, kept where it errs less
-            y4, scale4 = self._encode(xg, amax * mult * 1.5 / self.top, tensor_scale, up)
+            y4, scale4 = self._encode(xg, divide(amax * mult * 1.5, self.top), tensor_scale, up)
             ones = torch.ones(xg.shape[-1], 1, dtype=xg.dtype, device=xg.device)  # block sums as a matrix product:
             err6, err4 = (((v - xg).square_() if w is None else (v - xg).square_() * w) @ ones for v in (y, y4))
             better = err4 < err6  # torch's sum along a dimension of 16 is several times slower
@@ -203,7 +203,7 @@ class Eden(NVFP4):
         xg = self._groups(x)
         tensor_scale = self._tensor_scale(x, EDEN_CAP, mult)
         amax = absmax(xg, dim=-1)
-        _, scale = self._encode(xg, amax * mult / self.top, tensor_scale, up=False)
+        _, scale = self._encode(xg, divide(amax * mult, self.top), tensor_scale, up=False)
         u = xg / scale
         q = round_e2m1(u.clone())
         per = self.correction_group // 16

@@ -20,6 +20,13 @@ SCALE_FROM = ("kept", "row")  # after a sparsity step: the scale's statistic ove
 ROUNDINGS = ("nearest", "stochastic")  # stochastic: up with probability the distance to the lower level over the gap
 
 
+def divide(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor by IEEE division on every device. PyTorch's CUDA kernel divides by a Python number as a times its
+    reciprocal (one bit off, `BinaryDivTrueKernel.cu`), which moved CUDA's block scales off the CPU's; a tensor divisor
+    takes the true division there too (on the CPU both are the same division)."""
+    return t / torch.tensor(divisor, dtype=t.dtype, device=t.device)
+
+
 def row_rms(v: torch.Tensor) -> torch.Tensor:
     """RMS along the last dimension in one pass, without a squared copy (the trainer's trust radius uses it too)."""
     return torch.linalg.vector_norm(v, dim=-1, keepdim=True) * v.shape[-1] ** -0.5
@@ -129,7 +136,7 @@ class ScaledQuantizer(Component):
         if policy == "none":
             return torch.ones_like(xg[:, :1])
         if policy == "absmax":
-            s = (xg.abs() if w is None else xg.abs() * w).amax(-1, keepdim=True) / self.top
+            s = divide((xg.abs() if w is None else xg.abs() * w).amax(-1, keepdim=True), self.top)
         elif policy == "absmean":
             s = _masked_mean(xg.abs(), w)
         else:
@@ -152,7 +159,7 @@ class ScaledQuantizer(Component):
             amax = s * self.top
             return torch.exp2(torch.floor(torch.log2(amax)) - math.floor(math.log2(self.top)))
         if fmt == "e4m3":  # NVFP4: E4M3 block scales under an FP32 per-tensor scale
-            tensor_scale = (x.abs().amax() / (self.top * 448.0)).clamp_min(1e-30)
+            tensor_scale = divide(x.abs().amax(), self.top * 448.0).clamp_min(1e-30)
             wanted = (s / tensor_scale).clamp(max=448.0)
             block = wanted.to(torch.float8_e4m3fn).float()
             if up:  # E4M3 steps are at most 1/8 relative: 9/8 of the wanted scale rounds to one at or above it
