@@ -4,15 +4,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import textwrap
 import time
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
 
 from capscale.capacity import InputError
 from capscale.capacity.provenance import invoked_command
+from capscale.trainers.compression_config import Compression
 from capscale.trainers.config import TrainConfig
 from capscale.trainers.threads import MAX_THREADS
 
@@ -20,6 +23,50 @@ from .options import renamed, whole
 from capscale.capacity.paths import strict_json
 
 from .output import emit_json, print_table
+
+
+# How `capscale train --help` groups the settings (every TrainConfig field in exactly one group; a test checks it).
+OPTION_GROUPS = {
+    "the model": ("params", "exact_params", "n_layer", "n_head", "n_embd", "tie_embeddings", "init", "norm_eps",
+                  "mlp_multiple", "context", "vocab_size"),
+    "data and budget": ("tokens", "data", "eval_tokens", "seed", "sampling", "data_seed", "step_rounding"),
+    "optimiser and schedule": ("batch_size", "lr", "warmup", "schedule", "weight_decay", "decay", "grad_clip"),
+    "where and how it runs (not in the run's key)": ("device", "memory", "micro_batch_size", "compile", "checkpoint",
+                                                     "checkpoint_every"),
+}
+
+
+def _add_field_options(cls, group_of) -> None:
+    """One option per field of a settings dataclass, from the field's metadata (its help, argparse keywords, and
+    `flag` where the option's name is not the field's): the dataclass is the single source, the command line
+    only presents it."""
+    for f in fields(cls):
+        if f.name == "compression":
+            continue
+        default = f.default if f.default is not MISSING else None
+        meta = dict(f.metadata)
+        meta["help"] = re.sub(r"%(?!\()", "%%", meta["help"])  # a literal "10%" is not a format
+        if default not in (None, False) and "default" not in meta["help"]:
+            meta["help"] += " (default: %(default)s)"
+        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+        group_of(f.name).add_argument(flag, dest=f.name, default=default, **meta)
+
+
+def add_train_options(parser) -> None:
+    """Every training and compression setting as an option (--params, --w-format, ...), in the help's groups."""
+    formats = parser.add_argument_group("formats and the training recipe")
+    _add_field_options(Compression, lambda name: formats)
+    groups = {}
+    for title, names in OPTION_GROUPS.items():
+        group = parser.add_argument_group(title)
+        groups.update(dict.fromkeys(names, group))
+    _add_field_options(TrainConfig, groups.__getitem__)
+
+
+def train_config_from(args) -> TrainConfig:
+    settings = {f.name: getattr(args, f.name) for cls in (TrainConfig, Compression) for f in fields(cls)
+                if f.name != "compression" and hasattr(args, f.name)}
+    return TrainConfig.from_flat(**settings)
 
 
 def _say_shape(cfg: TrainConfig) -> None:
@@ -39,7 +86,7 @@ def _train_command(args) -> None:
     for name in ("g_format", "gw_format", "gx_format"):  # --bwd-format: all three backward operands, unless given
         if args.bwd_format and getattr(args, name) is None:
             setattr(args, name, args.bwd_format)
-    cfg = TrainConfig.from_options(args)
+    cfg = train_config_from(args)
     if args.threads or not cfg.device.startswith("cuda"):
         torch.set_num_threads(args.threads or default_threads(cfg.params))
     if args.plan:
@@ -94,7 +141,7 @@ def add_train_command(sub) -> None:
                                    "and append it to --output (JSON lines). Every training setting is an option "
                                    "below (the same names, with underscores, are a sweep file's [train] keys). "
                                    "Multi-GPU: torchrun --nproc-per-node K -m capscale train ... --device cuda")
-    TrainConfig.add_options(p)
+    add_train_options(p)
     p.add_argument("--bwd-format", metavar="SPEC", default=None,
                    help="backward pass: one format for dL/dY and both re-quantized operands (sets --g-format, "
                         "--gw-format and --gx-format where they are not given)")

@@ -96,7 +96,7 @@ class Compression:
         "--g-format and --gx-format override their operand"))
     keep_dense: float = field(default=0.0, metadata=_option(
         "fraction of the model's blocks, counted from the last, whose linear layers stay uncompressed (rounded up "
-        "to whole blocks): NVIDIA's NVFP4 recipe keeps about 16%% of its linear layers in BF16", type=float))
+        "to whole blocks): NVIDIA's NVFP4 recipe keeps about 16% of its linear layers in BF16", type=float))
     recipe: str | None = field(default=None, metadata=_option(
         "a named recipe (`capscale recipes`): its formats and settings; options given beside it override them"))
     bwd_hadamard_block: int = field(default=0, metadata=_option(
@@ -277,16 +277,6 @@ class Compression:
         names = {f.name for f in fields(cls)}
         return cls(**{**{k: v for k, v in RECORDED_BEFORE.items() if k in names},
                       **{k: record[k] for k in names if k in record}})
-
-    @classmethod
-    def add_options(cls, parser) -> None:
-        """One command-line option per setting: --w-format, --estimator, ..."""
-        for f in fields(cls):
-            parser.add_argument("--" + f.name.replace("_", "-"), default=f.default, **f.metadata)
-
-    @classmethod
-    def from_options(cls, args) -> "Compression":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
     @classmethod
     def names(cls) -> set:

@@ -12,8 +12,7 @@ import argparse
 import hashlib
 import json
 import math
-import re
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 from capscale import capacity
 
@@ -197,37 +196,3 @@ class TrainConfig:
 
     def resolved_lr(self, n_params: int) -> float:
         return self.lr if self.lr else min(6e-3, 3e-3 * (n_params / 1e6) ** -0.2)
-
-    # How `capscale train --help` groups the settings (every field in exactly one group; a test checks it).
-    OPTION_GROUPS = {
-        "the model": ("params", "exact_params", "n_layer", "n_head", "n_embd", "tie_embeddings", "init", "norm_eps",
-                      "mlp_multiple", "context", "vocab_size"),
-        "data and budget": ("tokens", "data", "eval_tokens", "seed", "sampling", "data_seed", "step_rounding"),
-        "optimiser and schedule": ("batch_size", "lr", "warmup", "schedule", "weight_decay", "decay", "grad_clip"),
-        "where and how it runs (not in the run's key)": ("device", "memory", "micro_batch_size", "compile",
-                                                         "checkpoint", "checkpoint_every"),
-    }
-
-    @classmethod
-    def add_options(cls, parser) -> None:
-        """One command-line option per setting (--params, --micro-batch-size, ...), the compression's included, in
-        the help's groups (OPTION_GROUPS)."""
-        Compression.add_options(parser.add_argument_group("formats and the training recipe"))
-        groups = {}
-        for title, names in cls.OPTION_GROUPS.items():
-            group = parser.add_argument_group(title)
-            groups.update(dict.fromkeys(names, group))
-        for f in fields(cls):
-            if f.name != "compression":
-                default = f.default if f.default is not MISSING else None
-                meta = dict(f.metadata)
-                meta["help"] = re.sub(r"%(?!\()", "%%", meta["help"])  # a literal "10%" is not a format
-                if default not in (None, False) and "default" not in meta["help"]:
-                    meta["help"] += " (default: %(default)s)"
-                flag = meta.pop("flag", "--" + f.name.replace("_", "-"))  # a flag other than the field's name
-                groups[f.name].add_argument(flag, dest=f.name, default=default, **meta)
-
-    @classmethod
-    def from_options(cls, args) -> "TrainConfig":
-        values = {f.name: getattr(args, f.name) for f in fields(cls) if f.name != "compression" and hasattr(args, f.name)}
-        return cls(compression=Compression.from_options(args), **values)
