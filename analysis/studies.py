@@ -198,11 +198,12 @@ def published_comparison(fit, validation, published: pd.DataFrame) -> pd.DataFra
     """Per published format: the fitted efficiency with its interval, the leave-one-format-out capacity
     prediction with its interval, the published value (or range) and how far the fit lies outside it."""
     pred = validation.table.set_index("format") if validation is not None else None
+    intervals = fit.conf_int() if fit.has_intervals else None  # once: each call summarises every replicate
     rows = []
     for r in published.itertuples():
         if r.format not in fit.eff:
             continue
-        lo, hi = (fit.conf_int().loc[eff_key(r.format), ["lo", "hi"]] if fit.has_intervals and r.format != fit.baseline
+        lo, hi = (intervals.loc[eff_key(r.format), ["lo", "hi"]] if intervals is not None and r.format != fit.baseline
                   else (float("nan"), float("nan")))
         value = fit.eff[r.format]
         has_pred = pred is not None and r.format in pred.index

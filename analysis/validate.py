@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy import optimize
 
-from capscale.capacity.rho import RHO_C, RHO_F, RHO_L, pair_rho, rho
+from capscale.capacity.rho import RHO_C, RHO_F, RHO_L, pair_rho, quarter_log, rho, rho_of_quarter_log
 from capscale.capacity import BASELINE, InputError, is_uncompressed, spec_gmse
 from capscale.capacity.results import Summary
 
@@ -98,12 +98,10 @@ class CapacityRegression:
 def _tanh_log_eff(parts):
     """(log eff, d log eff / d (L, F, C)) of the tanh form as functions of the constants: log eff sums log L +
     C log tanh(F q) over the compressed sides (q = log_1/4 GMSE, as `rho` computes it)."""
-    sides = [(~uncompressed, np.clip(np.log(g) / np.log(0.25), 0.0, None)) for uncompressed, g in parts]
+    sides = [(~uncompressed, quarter_log(g)) for uncompressed, g in parts]
 
     def log_eff(c):
-        L, F, C = c
-        return sum(compressed * (np.log(L) + C * np.log(np.maximum(np.tanh(F * q), 1e-300)))
-                   for compressed, q in sides)
+        return sum(compressed * np.log(np.maximum(rho_of_quarter_log(q, *c), 1e-300)) for compressed, q in sides)
 
     def jacobian(c, *_):
         L, F, C = c
@@ -304,9 +302,10 @@ def check_constants(fit, constants: str = "published") -> pd.DataFrame:
         raise InputError(f"--constants: expected 'published', got {constants!r}")
     info = format_table(fit.runs)
     require_capacity(info.drop(index=fit.baseline, errors="ignore"), "checking against the published constants")
+    intervals = fit.conf_int() if fit.has_intervals else None  # once: each call summarises every replicate
     rows = []
     for name, r in info.drop(index=fit.baseline, errors="ignore").iterrows():
-        lo, hi = fit.conf_int().loc[eff_key(name), ["lo", "hi"]] if fit.has_intervals else (np.nan, np.nan)
+        lo, hi = intervals.loc[eff_key(name), ["lo", "hi"]] if intervals is not None else (np.nan, np.nan)
         predicted = pair_rho(r["w_gmse"], r["a_gmse"])
         rows.append({"format": name, "w_gmse": r["w_gmse"], "a_gmse": r["a_gmse"], "fitted": fit.eff[name],
                      "fitted_lo": lo, "fitted_hi": hi, "predicted": predicted,

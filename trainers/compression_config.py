@@ -274,7 +274,7 @@ class Compression:
     def from_record(cls, record: dict) -> "Compression":
         """The settings a run record was trained with (the inverse of `to_record`); a record older than a setting
         was trained with that setting's behaviour in RECORDED_BEFORE."""
-        names = {f.name for f in fields(cls)}
+        names = cls.names()
         return cls(**{**{k: v for k, v in RECORDED_BEFORE.items() if k in names},
                       **{k: record[k] for k in names if k in record}})
 

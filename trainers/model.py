@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
 def _linear(in_features: int, out_features: int) -> nn.Linear:
     """A bias-free linear whose weight Decoder._init draws: building it consumes no random numbers."""
     return nn.Linear(in_features, out_features, bias=False, device="meta").to_empty(device="cpu")
